@@ -1,0 +1,66 @@
+"""Settings from the environment; every variable has a default that works on one machine."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str | None = None
+    data_dir: Path = Path(".model-trainer")
+    corpus_root: Path = Path(".model-trainer/corpus")
+    prefix: str = "mt"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    api_key: str | None = None
+    data_bank_url: str | None = None
+    data_bank_key: str | None = None
+    discord_token: str | None = None
+    discord_api: str = "https://discord.com/api/v10"
+    events_channel: str = "trainer:events"
+    consumer: str | None = None  # base consumer name; default host-actor-index
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        e = dict(os.environ) if env is None else env
+        data_dir = Path(e.get("MT_DATA_DIR") or ".model-trainer").absolute()
+        return cls(
+            redis_url=e.get("REDIS_URL") or None,
+            data_dir=data_dir,
+            corpus_root=Path(e.get("MT_CORPUS_ROOT") or data_dir / "corpus").absolute(),
+            prefix=e.get("MT_PREFIX") or "mt",
+            http_host=e.get("MT_HTTP_HOST") or "127.0.0.1",
+            http_port=int(e.get("MT_HTTP_PORT") or 8000),
+            api_key=e.get("MT_API_KEY") or None,
+            data_bank_url=e.get("MT_DATA_BANK_URL") or None,
+            data_bank_key=e.get("MT_DATA_BANK_KEY") or None,
+            discord_token=e.get("MT_DISCORD_TOKEN") or None,
+            discord_api=e.get("MT_DISCORD_API") or "https://discord.com/api/v10",
+            events_channel=e.get("MT_EVENTS_CHANNEL") or "trainer:events",
+            consumer=e.get("MT_CONSUMER") or None,
+        )
+
+    def consumer_name(self, actor: str, index: int = 0) -> str:
+        """Stable across restarts, so a restarted actor reads its own pending entries first."""
+        base = self.consumer or socket.gethostname()
+        return f"{base}-{actor}-{index}"
+
+    # Layout of the data dir, one place.
+    def run_dir(self, run_id: str) -> Path:
+        return self.data_dir / "runs" / run_id
+
+    def corpus_dir(self, corpus_id: str) -> Path:
+        return self.data_dir / "corpora" / corpus_id
+
+    def tokenizer_dir(self, tokenizer_id: str) -> Path:
+        return self.data_dir / "tokenizers" / tokenizer_id
+
+    def artifact_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    def cancel_dir(self) -> Path:
+        return self.data_dir / "cancel"

@@ -1,0 +1,698 @@
+"""The actor runtime: the one module that owns XREADGROUP, XACK, XAUTOCLAIM and dead letters.
+
+An actor is a small class with a name, the commands it accepts (protocol.codec decoders)
+and an async `handle`. The runtime gives it, per command:
+
+- its own pending entries first after a restart (stable consumer name), then new ones,
+  and XAUTOCLAIM of entries whose consumer stopped renewing its lease;
+- a fencing attempt number (INCR on start); every write of the handler is a WATCHed
+  MULTI/EXEC that fails once another consumer has taken the command over;
+- lease renewal while the handler is alive (idle reset of its own entry, in Lua, only while
+  it still owns the entry and the attempt), so a live job is never stolen;
+- idempotency by command_id: a finished command that comes back is acknowledged and
+  reported as a duplicate;
+- the error policy: undecodable payload → dead letter at once; UserError → failed at once;
+  anything else → retried with backoff, dead-lettered after `max_tries` (or after
+  `max_deliveries` deliveries, when the consumers handling it keep dying);
+- events and the run-state hash written in one MULTI/EXEC;
+- an orderly stop: stop reading, let running handlers finish within the grace period,
+  cancel the rest (their entries stay pending for another consumer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import msgspec
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import ResponseError, WatchError
+
+from actors import log
+from protocol.codec import FIELD, decode_command, encode
+from protocol.commands import (
+    ArtifactUpload,
+    Base,
+    ChainCommand,
+    CorpusIngest,
+    ModelChat,
+    ModelEvaluate,
+    ModelGenerate,
+    ModelScore,
+    ModelTrain,
+    RunCancel,
+    TokenizerTrain,
+    actor_of,
+)
+from protocol.events import (
+    AnyEvent,
+    CancelRequested,
+    CommandDuplicate,
+    ErrorKind,
+    ResultReady,
+    RunCancelled,
+    RunFailed,
+    StepCompleted,
+    StepStarted,
+)
+from protocol.keys import ActorName, Keys
+from protocol.state import state_fields
+from trainer.errors import UserError
+
+Redis = aioredis.Redis
+
+# Reset the idle time of our own pending entry, but only while we still own both the entry
+# and the current attempt: a renewal must never take a command back from its new owner.
+_RENEW = """
+if redis.call('GET', KEYS[2]) ~= ARGV[4] then return 0 end
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+return 1
+"""
+
+
+class Fenced(Exception):
+    """Another consumer took the command over; this one must not write anything more."""
+
+
+class Cancelled(Exception):
+    """The run was cancelled; raised by handlers that noticed it (the runtime records it)."""
+
+
+@dataclass
+class Outcome:
+    """What a successful handler leaves behind: committed atomically with the ack."""
+
+    events: list[AnyEvent] = field(default_factory=list)
+    send: list[Base] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    lease_s: float = 30.0
+    block_ms: int = 1000
+    max_tries: int = 3  # handler failures (transient) before the dead letter
+    max_deliveries: int = 5  # deliveries (consumers died) before the dead letter
+    backoff_s: float = 0.5
+    backoff_max_s: float = 30.0
+    grace_s: float = 30.0
+    done_ttl_s: int = 14 * 24 * 3600
+
+
+def request_id_of(cmd: Base) -> str:
+    """Request-style commands answer under a request id instead of moving a run along."""
+    if isinstance(cmd, ModelScore | ModelGenerate | ModelChat | ModelEvaluate):
+        return cmd.request_id
+    return ""
+
+
+def run_id_of(cmd: Base) -> str:
+    if isinstance(
+        cmd,
+        CorpusIngest
+        | TokenizerTrain
+        | ModelTrain
+        | ModelEvaluate
+        | ModelScore
+        | ModelGenerate
+        | ModelChat
+        | ArtifactUpload
+        | RunCancel,
+    ):
+        return cmd.run_id
+    return ""
+
+
+def is_chain_step(cmd: Base) -> bool:
+    return isinstance(cmd, ChainCommand) and not request_id_of(cmd)
+
+
+def next_in_chain(cmd: Base) -> list[Base]:
+    """The next step of the run, carrying the rest of the chain."""
+    if not isinstance(cmd, ChainCommand) or not cmd.rest:
+        return []
+    nxt = cmd.rest[0]
+    nxt.rest = list(cmd.rest[1:])
+    return [nxt]
+
+
+def add_event(pipe: Redis, keys: Keys, event: AnyEvent) -> None:
+    """Queue an event and the run-state change it implies on a MULTI pipeline."""
+    if not event.at:
+        event.at = time.time()
+    pipe.xadd(keys.events, {FIELD: encode(event)})
+    fields = state_fields(event)
+    if event.run_id and fields:
+        pipe.hset(keys.run(event.run_id), mapping=fields)  # type: ignore[arg-type]  # redis-py's mapping type is invariant
+
+
+def add_command(pipe: Redis, keys: Keys, cmd: Base) -> None:
+    pipe.xadd(keys.cmd(actor_of(cmd)), {FIELD: encode(cmd)})
+
+
+class Actor:
+    """Subclasses set `name` and implement `handle`; `start`/`stop` own their resources."""
+
+    name: ClassVar[ActorName]
+    concurrency: int = 1
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def handle(self, cmd: Base, ctx: Context) -> Outcome | None:
+        raise NotImplementedError
+
+
+class Context:
+    """What a handler sees of the runtime while it handles one command."""
+
+    def __init__(self, runtime: Runtime, cmd: Base, entry_id: str, attempt: int) -> None:
+        self.runtime = runtime
+        self.cmd = cmd
+        self.entry_id = entry_id
+        self.attempt = attempt
+        self.run_id = run_id_of(cmd)
+        self.log = runtime.log.bind(command_id=cmd.command_id, attempt=attempt)
+        if self.run_id:
+            self.log = self.log.bind(run_id=self.run_id)
+
+    @property
+    def redis(self) -> Redis:
+        return self.runtime.redis
+
+    @property
+    def keys(self) -> Keys:
+        return self.runtime.keys
+
+    async def emit(self, *events: AnyEvent, send: Sequence[Base] = ()) -> None:
+        """Write events (and their run-state change) now, fenced by the attempt number."""
+        await self.runtime.commit(self, list(events), list(send), finish=False)
+
+    async def cancel_requested(self) -> bool:
+        if not self.run_id:
+            return False
+        return bool(await self.redis.exists(self.keys.cancel(self.run_id)))
+
+    def fill(self, event: AnyEvent) -> AnyEvent:
+        if not event.run_id:
+            event.run_id = self.run_id
+        if not event.user_id:
+            event.user_id = self.cmd.user_id
+        return event
+
+
+class Runtime:
+    """Runs one actor as one consumer of its command stream."""
+
+    def __init__(
+        self,
+        actor: Actor,
+        redis: Redis,
+        *,
+        keys: Keys | None = None,
+        consumer: str,
+        config: RuntimeConfig | None = None,
+        blocking_redis: Redis | None = None,
+    ) -> None:
+        self.actor = actor
+        self.redis = redis
+        # Blocking reads get their own connection: its socket timeout must exceed BLOCK.
+        self.blocking = blocking_redis or redis
+        self.keys = keys or Keys()
+        self.consumer = consumer
+        self.config = config or RuntimeConfig()
+        self.stream = self.keys.cmd(actor.name)
+        self.group = actor.name
+        self.log = log.get("runtime").bind(actor=actor.name, consumer=consumer)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._stopping = asyncio.Event()
+        self._renew = self.redis.register_script(_RENEW)
+        self._last_claim = 0.0
+
+    # ----------------------------------------------------------------- reading
+    async def ensure_group(self) -> None:
+        try:
+            # From id 0: commands XADDed before the first actor started are not skipped.
+            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    async def _read(
+        self, entry_id: str, count: int, block: int | None
+    ) -> list[tuple[str, dict[bytes, bytes]]]:
+        try:
+            reply = await self.blocking.xreadgroup(
+                self.group, self.consumer, {self.stream: entry_id}, count=count, block=block
+            )
+        except ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            self.log.warning("group missing, recreating", stream=self.stream)
+            await self.ensure_group()
+            return []
+        return _entries(reply)
+
+    async def _claim(self) -> list[tuple[str, dict[bytes, bytes]]]:
+        """Entries idle past the lease: their consumer is dead (a live one renews)."""
+        self._last_claim = time.monotonic()
+        try:
+            reply = await self.redis.xautoclaim(
+                self.stream, self.group, self.consumer,
+                min_idle_time=int(self.config.lease_s * 1000), start_id="0-0", count=10,
+            )  # fmt: skip
+        except ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            await self.ensure_group()
+            return []
+        claimed = _entries([[self.stream, reply[1]]])
+        if claimed:
+            self.log.info("claimed idle entries", ids=[i for i, _ in claimed])
+        return claimed
+
+    def _free(self) -> int:
+        return max(0, self.actor.concurrency - len(self._tasks))
+
+    async def run(self, *, until_idle: bool = False) -> None:
+        """Read and handle until stopped; with until_idle, handle what is queued and return."""
+        await self.ensure_group()
+        await self.actor.start()
+        heartbeat = asyncio.create_task(self._heartbeat())
+        try:
+            await self._loop(until_idle)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            await self._drain()
+            await self.actor.stop()
+
+    async def _loop(self, until_idle: bool) -> None:
+        # Our own pending entries first (a restart with the same consumer name).
+        backlog = True
+        while not self._stopping.is_set():
+            if self._free() == 0:
+                await self._wait_for_slot()
+                continue
+            if backlog:
+                entries = await self._read("0", self._free(), None)
+                # Entries we are already handling come back in our PEL: skip those.
+                entries = [(i, f) for i, f in entries if i not in self._tasks]
+                backlog = bool(entries)
+            elif time.monotonic() - self._last_claim > self.config.lease_s / 3:
+                entries = await self._claim()
+            else:
+                block = 50 if until_idle else self.config.block_ms
+                entries = await self._read(">", self._free(), block)
+            for entry_id, fields in entries:
+                self._start(entry_id, fields)
+            if until_idle and not entries and not self._tasks and not backlog:
+                # One last look for idle entries and new ones, then return.
+                claimed = await self._claim()
+                fresh = await self._read(">", max(1, self._free()), None)
+                if not claimed and not fresh:
+                    return
+                for entry_id, fields in claimed + fresh:
+                    self._start(entry_id, fields)
+
+    async def _wait_for_slot(self) -> None:
+        stopping = asyncio.create_task(self._stopping.wait())
+        try:
+            await asyncio.wait(
+                [*self._tasks.values(), stopping], return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            stopping.cancel()
+
+    def _start(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
+        task = asyncio.create_task(self._process(entry_id, fields))
+        self._tasks[entry_id] = task
+        task.add_done_callback(lambda _t: self._tasks.pop(entry_id, None))
+
+    def stop(self) -> None:
+        """Stop reading; `run` then drains running handlers within the grace period."""
+        self._stopping.set()
+
+    async def _drain(self) -> None:
+        if not self._tasks:
+            return
+        self.log.info(
+            "waiting for running handlers", count=len(self._tasks), grace_s=self.config.grace_s
+        )
+        _, pending = await asyncio.wait(list(self._tasks.values()), timeout=self.config.grace_s)
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if pending:
+            self.log.warning(
+                "handlers cancelled at shutdown; entries stay pending", count=len(pending)
+            )
+
+    async def _heartbeat(self) -> None:
+        key = self.keys.heartbeat(self.actor.name, self.consumer)
+        ttl = max(2, int(self.config.lease_s))
+        while True:
+            with contextlib.suppress(Exception):
+                await self.redis.set(key, str(time.time()), ex=ttl)
+            await asyncio.sleep(max(0.5, self.config.lease_s / 3))
+
+    # ---------------------------------------------------------------- handling
+    async def _process(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
+        raw = fields.get(FIELD.encode(), b"")
+        try:
+            cmd = decode_command(self.actor.name, raw)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            await self._dead_letter_raw(entry_id, raw, f"undecodable payload: {e}", 1)
+            return
+        structlog.contextvars.bind_contextvars(command_id=cmd.command_id)
+        if rid := run_id_of(cmd):
+            structlog.contextvars.bind_contextvars(run_id=rid)
+        try:
+            await self._process_command(entry_id, raw, cmd)
+        except Fenced:
+            self.log.warning(
+                "fenced out: another consumer owns the command", command_id=cmd.command_id
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the runtime itself must never die of one entry
+            self.log.exception("runtime error while processing entry", entry_id=entry_id)
+
+    async def _process_command(self, entry_id: str, raw: bytes, cmd: Base) -> None:
+        if await self.redis.exists(self.keys.done(cmd.command_id)):
+            ctx = Context(self, cmd, entry_id, attempt=0)
+            ctx.log.info("duplicate command acknowledged")
+            dup = ctx.fill(CommandDuplicate(step=self.actor.name, command_id=cmd.command_id))
+            await self._finish_unfenced(entry_id, [dup])
+            return
+        deliveries = await self._deliveries(entry_id)
+        if deliveries > self.config.max_deliveries:
+            reason = f"delivered {deliveries} times; its consumers kept dying"
+            await self._dead_letter(Context(self, cmd, entry_id, 0), raw, reason, deliveries)
+            return
+        attempt = int(await self.redis.incr(self.keys.attempt(cmd.command_id)))
+        await self.redis.expire(self.keys.attempt(cmd.command_id), self.config.done_ttl_s)
+        ctx = Context(self, cmd, entry_id, attempt)
+
+        if isinstance(cmd, RunCancel):
+            await self.redis.set(self.keys.cancel(cmd.run_id), "1", ex=self.config.done_ttl_s)
+            await self.commit(ctx, [CancelRequested()], [], finish=True)
+            return
+        if is_chain_step(cmd) and await ctx.cancel_requested():
+            await self.commit(
+                ctx,
+                [RunCancelled(step=self.actor.name, message="cancelled before it started")],
+                [],
+                finish=True,
+            )
+            return
+
+        renewer = asyncio.create_task(self._renew_lease(ctx, asyncio.current_task()))
+        try:
+            await self._handle_with_retries(ctx, raw, deliveries)
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+
+    async def _handle_with_retries(self, ctx: Context, raw: bytes, deliveries: int) -> None:
+        cmd = ctx.cmd
+        chain = is_chain_step(cmd)
+        if chain:
+            await ctx.emit(
+                StepStarted(
+                    step=self.actor.name,
+                    command_id=cmd.command_id,
+                    attempt=ctx.attempt,
+                    consumer=self.consumer,
+                )
+            )
+        started = time.monotonic()
+        while True:
+            try:
+                ctx.log.info("handling", kind=type(cmd).__struct_config__.tag)
+                outcome = await self.actor.handle(cmd, ctx) or Outcome()
+            except (Fenced, asyncio.CancelledError):
+                raise
+            except Cancelled as e:
+                await self.commit(
+                    ctx,
+                    [RunCancelled(step=self.actor.name, message=str(e) or "cancelled")],
+                    [],
+                    finish=True,
+                )
+                return
+            except UserError as e:
+                ctx.log.info("user error", error=str(e))
+                await self._fail(ctx, "user", str(e))
+                return
+            except Exception as e:
+                tries = int(await self.redis.incr(self.keys.tries(cmd.command_id)))
+                await self.redis.expire(self.keys.tries(cmd.command_id), self.config.done_ttl_s)
+                message = f"{type(e).__name__}: {e}"
+                if tries >= self.config.max_tries:
+                    ctx.log.error("giving up after retries", tries=tries, error=message)
+                    await self._dead_letter(
+                        ctx, raw, message, deliveries, tb=traceback.format_exc()
+                    )
+                    return
+                delay = min(self.config.backoff_max_s, self.config.backoff_s * 2 ** (tries - 1))
+                ctx.log.warning(
+                    "transient failure, retrying", tries=tries, delay_s=delay, error=message
+                )
+                await asyncio.sleep(delay)
+                continue
+            events = list(outcome.events)
+            send = list(outcome.send)
+            if chain:
+                events.append(
+                    StepCompleted(
+                        step=self.actor.name,
+                        command_id=cmd.command_id,
+                        duration_s=round(time.monotonic() - started, 3),
+                    )
+                )
+            await self.commit(ctx, events, send, finish=True)
+            return
+
+    async def _fail(self, ctx: Context, kind: ErrorKind, message: str) -> None:
+        events: list[AnyEvent] = []
+        if rid := request_id_of(ctx.cmd):
+            body = msgspec.json.encode({"ok": False, "error_kind": kind, "message": message})
+            await self.redis.set(self.keys.result(rid), body, ex=self.config.done_ttl_s)
+            events.append(
+                ResultReady(request_id=rid, what=_what(ctx.cmd), ok=False, message=message)
+            )
+        elif ctx.run_id:
+            events.append(RunFailed(step=self.actor.name, error_kind=kind, message=message))
+        await self.commit(ctx, events, [], finish=True)
+
+    async def _deliveries(self, entry_id: str) -> int:
+        info = await self.redis.xpending_range(
+            self.stream, self.group, min=entry_id, max=entry_id, count=1
+        )
+        return int(info[0]["times_delivered"]) if info else 1
+
+    # --------------------------------------------------------------- writing
+    async def commit(
+        self, ctx: Context, events: list[AnyEvent], send: list[Base], *, finish: bool
+    ) -> None:
+        """Events + state (+ next commands, done record and XACK when finishing), atomically,
+        and only while this consumer's attempt is still the current one."""
+        events = [ctx.fill(e) for e in events]
+        attempt_key = self.keys.attempt(ctx.cmd.command_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(attempt_key)
+                current = await pipe.get(attempt_key)
+                if ctx.attempt and (current is None or int(current) != ctx.attempt):
+                    raise Fenced(ctx.cmd.command_id)
+                pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves multi() untyped
+                for event in events:
+                    add_event(pipe, self.keys, event)
+                for cmd in send:
+                    add_command(pipe, self.keys, cmd)
+                if finish:
+                    pipe.set(self.keys.done(ctx.cmd.command_id), b"1", ex=self.config.done_ttl_s)
+                    pipe.delete(self.keys.tries(ctx.cmd.command_id))
+                    pipe.xack(self.stream, self.group, ctx.entry_id)
+                await pipe.execute()
+            except WatchError as e:
+                raise Fenced(ctx.cmd.command_id) from e
+        for event in events:
+            ctx.log.info("event", kind=type(event).__struct_config__.tag)
+
+    async def _finish_unfenced(self, entry_id: str, events: list[AnyEvent]) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for event in events:
+                add_event(pipe, self.keys, event)
+            pipe.xack(self.stream, self.group, entry_id)
+            await pipe.execute()
+
+    async def _dead_letter(
+        self, ctx: Context, raw: bytes, reason: str, deliveries: int, tb: str = ""
+    ) -> None:
+        """Dead letter, a failed run (system error) and the ack, in one transaction."""
+        letter = self._letter(ctx.entry_id, raw, reason, deliveries, tb)
+        events: list[AnyEvent] = []
+        if rid := request_id_of(ctx.cmd):
+            body = msgspec.json.encode({"ok": False, "error_kind": "system", "message": reason})
+            await self.redis.set(self.keys.result(rid), body, ex=self.config.done_ttl_s)
+            events.append(
+                ResultReady(request_id=rid, what=_what(ctx.cmd), ok=False, message=reason)
+            )
+        elif ctx.run_id:
+            events.append(RunFailed(step=self.actor.name, error_kind="system", message=reason))
+        events = [ctx.fill(e) for e in events]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.keys.dead, letter)  # type: ignore[arg-type]  # redis-py's field type is invariant
+            for event in events:
+                add_event(pipe, self.keys, event)
+            pipe.set(self.keys.done(ctx.cmd.command_id), b"dead", ex=self.config.done_ttl_s)
+            pipe.xack(self.stream, self.group, ctx.entry_id)
+            await pipe.execute()
+        ctx.log.error("dead-lettered", reason=reason)
+
+    async def _dead_letter_raw(
+        self, entry_id: str, raw: bytes, reason: str, deliveries: int
+    ) -> None:
+        letter = self._letter(entry_id, raw, reason, deliveries, "")
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.keys.dead, letter)  # type: ignore[arg-type]  # redis-py's field type is invariant
+            pipe.xack(self.stream, self.group, entry_id)
+            await pipe.execute()
+        self.log.error("dead-lettered undecodable payload", entry_id=entry_id, reason=reason)
+
+    def _letter(
+        self, entry_id: str, raw: bytes, reason: str, deliveries: int, tb: str
+    ) -> dict[str, bytes | str | int]:
+        return {
+            "data": raw,
+            "error": reason,
+            "stream": self.stream,
+            "entry_id": entry_id,
+            "deliveries": deliveries,
+            "actor": self.actor.name,
+            "consumer": self.consumer,
+            "traceback": tb[-4000:],
+            "at": str(time.time()),
+        }
+
+    async def _renew_lease(self, ctx: Context, handler: asyncio.Task[None] | None) -> None:
+        """Keep our entry's idle time low while the handler lives; lose it → stop the handler."""
+        attempt_key = self.keys.attempt(ctx.cmd.command_id)
+        while True:
+            await asyncio.sleep(self.config.lease_s / 3)
+            owned = await self._renew(
+                keys=[self.stream, attempt_key],
+                args=[self.group, self.consumer, ctx.entry_id, str(ctx.attempt)],
+            )
+            if not owned:
+                ctx.log.warning("lease lost: another consumer took the command over")
+                if handler is not None:
+                    handler.cancel()
+                return
+            if ctx.run_id:
+                await self.redis.hset(
+                    self.keys.run(ctx.run_id), "last_heartbeat_ts", str(time.time())
+                )
+
+
+def _what(cmd: Base) -> Literal["score", "generate", "chat", "evaluate"]:
+    match cmd:
+        case ModelScore():
+            return "score"
+        case ModelGenerate():
+            return "generate"
+        case ModelChat():
+            return "chat"
+        case _:
+            return "evaluate"
+
+
+def _entries(reply: object) -> list[tuple[str, dict[bytes, bytes]]]:
+    """XREADGROUP / XAUTOCLAIM replies (RESP2) → [(entry id, fields)]; deleted entries dropped."""
+    out: list[tuple[str, dict[bytes, bytes]]] = []
+    if not isinstance(reply, list):
+        return out
+    for _stream, entries in reply:
+        for entry_id, fields in entries:
+            if fields is None:  # trimmed/deleted while pending
+                continue
+            eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+            out.append((eid, dict(fields)))
+    return out
+
+
+def connect(url: str, *, blocking: bool = False, block_ms: int = 1000) -> Redis:
+    """RESP2 (predictable reply shapes); blocking clients get a timeout longer than BLOCK."""
+    timeout = block_ms / 1000 + 10 if blocking else 10.0
+    return aioredis.Redis.from_url(
+        url, protocol=2, socket_timeout=timeout, socket_connect_timeout=5.0,
+        health_check_interval=30, retry_on_timeout=False,
+    )  # fmt: skip
+
+
+async def run_actors(
+    actors: Sequence[Actor],
+    url: str,
+    *,
+    keys: Keys,
+    consumer_name: Callable[[ActorName], str],
+    config: RuntimeConfig | None = None,
+    on_ready: Callable[[], Awaitable[None]] | None = None,
+    until_idle: bool = False,
+    install_signals: bool = True,
+) -> None:
+    """Run several actors in this process until SIGTERM/SIGINT (or until idle)."""
+    cfg = config or RuntimeConfig()
+    redis = connect(url)
+    runtimes: list[Runtime] = []
+    blockers: list[Redis] = []
+    for actor in actors:
+        blocking = connect(url, blocking=True, block_ms=cfg.block_ms)
+        blockers.append(blocking)
+        runtimes.append(
+            Runtime(
+                actor,
+                redis,
+                keys=keys,
+                consumer=consumer_name(actor.name),
+                config=cfg,
+                blocking_redis=blocking,
+            )
+        )
+    loop = asyncio.get_running_loop()
+
+    def stop_all() -> None:
+        for rt in runtimes:
+            rt.stop()
+
+    if install_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_all)
+    try:
+        tasks = [asyncio.create_task(rt.run(until_idle=until_idle)) for rt in runtimes]
+        if on_ready is not None:
+            await on_ready()
+        await asyncio.gather(*tasks)
+    finally:
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        for client in [*blockers, redis]:
+            await client.aclose()

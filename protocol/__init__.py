@@ -1,0 +1,1 @@
+"""The contract other programs code against: commands, events, stream and key names, codec."""

@@ -1,0 +1,169 @@
+"""Every event of every run, in order, on the events stream; tagged by `kind`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from protocol.keys import ActorName
+
+ErrorKind = Literal["user", "system"]
+RunStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
+
+
+class Event(msgspec.Struct, kw_only=True, tag_field="kind"):
+    run_id: str = ""
+    user_id: int = 0
+    at: float = 0.0
+
+
+class RunQueued(Event, kw_only=True, tag="run.queued"):
+    steps: list[ActorName] = []
+    model_family: str = ""
+    model_size: str = ""
+    corpus: str = ""
+    tokenizer_id: str = ""
+
+
+class StepStarted(Event, kw_only=True, tag="step.started"):
+    step: ActorName
+    command_id: str
+    attempt: int = 1
+    consumer: str = ""
+
+
+class StepCompleted(Event, kw_only=True, tag="step.completed"):
+    step: ActorName
+    command_id: str
+    duration_s: float = 0.0
+
+
+class CommandDuplicate(Event, kw_only=True, tag="command.duplicate"):
+    step: ActorName
+    command_id: str
+
+
+class CorpusReady(Event, kw_only=True, tag="corpus.ready"):
+    corpus_id: str
+    chars: dict[str, int] = {}
+    lines: dict[str, int] = {}
+    sha256: str = ""
+
+
+class TokenizerReady(Event, kw_only=True, tag="tokenizer.ready"):
+    tokenizer_id: str
+    tokenizer_kind: str = ""
+    stats: dict[str, float] = {}
+
+
+class TrainStarted(Event, kw_only=True, tag="train.started"):
+    model_family: str
+    model_size: str
+    total_epochs: int
+    total_steps: int = 0
+    batch_size: int = 0
+    learning_rate: float = 0.0
+    threads: int = 0
+    cpu_cores: int = 0
+    memory_mb: int = 0
+    device: str = ""
+    precision: str = ""
+    parameters: int = 0
+    resumed_from_step: int = 0
+
+
+class TrainProgress(Event, kw_only=True, tag="train.progress"):
+    step: int
+    epoch: int
+    total_epochs: int
+    total_steps: int = 0
+    loss: float
+    lr: float = 0.0
+    grad_norm: float = 0.0
+    tokens_per_s: float = 0.0
+    samples_per_s: float = 0.0
+    val_loss: float | None = None
+    val_ppl: float | None = None
+
+
+class TrainCompleted(Event, kw_only=True, tag="train.completed"):
+    status: str = "completed"
+    steps: int = 0
+    tokens: int = 0
+    train_loss: float | None = None
+    val_loss: float | None = None
+    test_loss: float | None = None
+    test_ppl: float | None = None
+    best_step: int = 0
+    early_stopped: bool = False
+    tokens_per_s: float = 0.0
+
+
+class EvalCompleted(Event, kw_only=True, tag="eval.completed"):
+    request_id: str = ""
+    split: str = ""
+    loss: float | None = None
+    ppl: float | None = None
+    metrics: dict[str, float] = {}
+
+
+class ResultReady(Event, kw_only=True, tag="result.ready"):
+    """A score / generate / chat request finished; its body is under the result key."""
+
+    request_id: str
+    what: Literal["score", "generate", "chat", "evaluate"]
+    ok: bool = True
+    message: str = ""
+
+
+class ArtifactStored(Event, kw_only=True, tag="artifact.stored"):
+    storage: Literal["local", "data-bank"]
+    target: Literal["run", "tokenizer"] = "run"
+    uri: str = ""
+    file_id: str = ""
+    size: int = 0
+    sha256: str = ""
+
+
+class RunCompleted(Event, kw_only=True, tag="run.completed"):
+    message: str = ""
+
+
+class RunFailed(Event, kw_only=True, tag="run.failed"):
+    step: ActorName
+    error_kind: ErrorKind
+    message: str
+
+
+class RunCancelled(Event, kw_only=True, tag="run.cancelled"):
+    step: ActorName | Literal[""] = ""
+    message: str = ""
+
+
+class CancelRequested(Event, kw_only=True, tag="run.cancel_requested"):
+    pass
+
+
+AnyEvent = (
+    RunQueued
+    | StepStarted
+    | StepCompleted
+    | CommandDuplicate
+    | CorpusReady
+    | TokenizerReady
+    | TrainStarted
+    | TrainProgress
+    | TrainCompleted
+    | EvalCompleted
+    | ResultReady
+    | ArtifactStored
+    | RunCompleted
+    | RunFailed
+    | RunCancelled
+    | CancelRequested
+)
+
+
+def event_kind(event: Event) -> str:
+    return str(type(event).__struct_config__.tag)

@@ -1,0 +1,64 @@
+"""Stream and key names. One prefix so that tests and replays can use their own namespace."""
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+ActorName = Literal["ingest", "tokenizer", "trainer", "evaluator", "uploader", "notifier"]
+ACTOR_NAMES: tuple[ActorName, ...] = get_args(ActorName)
+# Actors that read a command stream of their own (the notifier reads the events stream).
+COMMAND_ACTORS: tuple[ActorName, ...] = ("ingest", "tokenizer", "trainer", "evaluator", "uploader")
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "mt"
+
+    def cmd(self, actor: ActorName) -> str:
+        return f"{self.prefix}:cmd:{actor}"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}:events"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}:dead"
+
+    @property
+    def runs(self) -> str:
+        """Sorted set of run ids scored by submission time (newest last)."""
+        return f"{self.prefix}:runs"
+
+    def run(self, run_id: str) -> str:
+        return f"{self.prefix}:run:{run_id}"
+
+    def cancel(self, run_id: str) -> str:
+        return f"{self.prefix}:cancel:{run_id}"
+
+    def done(self, command_id: str) -> str:
+        return f"{self.prefix}:done:{command_id}"
+
+    def attempt(self, command_id: str) -> str:
+        """Fencing token: incremented by every consumer that starts the command."""
+        return f"{self.prefix}:attempt:{command_id}"
+
+    def tries(self, command_id: str) -> str:
+        """Failed attempts so far, for the transient-error retry budget."""
+        return f"{self.prefix}:tries:{command_id}"
+
+    def tokenizer(self, tokenizer_id: str) -> str:
+        return f"{self.prefix}:tokenizer:{tokenizer_id}"
+
+    def result(self, request_id: str) -> str:
+        """Outcome of a score / generate / evaluate / chat request, JSON."""
+        return f"{self.prefix}:result:{request_id}"
+
+    def chat(self, session_id: str) -> str:
+        return f"{self.prefix}:chat:{session_id}"
+
+    def heartbeat(self, actor: ActorName, consumer: str) -> str:
+        """Liveness of one consumer, with a TTL; /readyz looks for one per actor kind."""
+        return f"{self.prefix}:alive:{actor}:{consumer}"
+
+    def alive_pattern(self, actor: ActorName) -> str:
+        return f"{self.prefix}:alive:{actor}:*"
