@@ -33,7 +33,9 @@ from typing import ClassVar, Literal
 import msgspec
 import redis.asyncio as aioredis
 import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors import log
 from protocol.codec import FIELD, decode_command, encode
@@ -58,6 +60,7 @@ from protocol.events import (
     ErrorKind,
     ResultReady,
     RunCancelled,
+    RunCompleted,
     RunFailed,
     StepCompleted,
     StepStarted,
@@ -89,7 +92,10 @@ class Cancelled(Exception):
 
 @dataclass
 class Outcome:
-    """What a successful handler leaves behind: committed atomically with the ack."""
+    """What a successful handler leaves behind: committed atomically with the ack.
+
+    For a chain step the runtime adds step.completed and queues the next step of the chain
+    (or records run.completed after the last one); `send` is for anything extra."""
 
     events: list[AnyEvent] = field(default_factory=list)
     send: list[Base] = field(default_factory=list)
@@ -257,7 +263,8 @@ class Runtime:
                 self.group, self.consumer, {self.stream: entry_id}, count=count, block=block
             )
         except ResponseError as e:
-            if "NOGROUP" not in str(e):
+            # Redis 7.0/7.1 answer a reader blocked on a deleted stream with UNBLOCKED.
+            if "NOGROUP" not in str(e) and "UNBLOCKED" not in str(e):
                 raise
             self.log.warning("group missing, recreating", stream=self.stream)
             await self.ensure_group()
@@ -270,14 +277,16 @@ class Runtime:
         try:
             reply = await self.redis.xautoclaim(
                 self.stream, self.group, self.consumer,
-                min_idle_time=int(self.config.lease_s * 1000), start_id="0-0", count=10,
+                min_idle_time=int(self.config.lease_s * 1000), start_id="0-0",
+                count=max(1, self._free()),
             )  # fmt: skip
         except ResponseError as e:
             if "NOGROUP" not in str(e):
                 raise
             await self.ensure_group()
             return []
-        claimed = _entries([[self.stream, reply[1]]])
+        # Never our own running entries (a renewal that came late), never more than we can run.
+        claimed = [(i, f) for i, f in _entries([[self.stream, reply[1]]]) if i not in self._tasks]
         if claimed:
             self.log.info("claimed idle entries", ids=[i for i, _ in claimed])
         return claimed
@@ -302,30 +311,43 @@ class Runtime:
     async def _loop(self, until_idle: bool) -> None:
         # Our own pending entries first (a restart with the same consumer name).
         backlog = True
+        outages = 0
         while not self._stopping.is_set():
-            if self._free() == 0:
-                await self._wait_for_slot()
-                continue
-            if backlog:
-                entries = await self._read("0", self._free(), None)
-                # Entries we are already handling come back in our PEL: skip those.
-                entries = [(i, f) for i, f in entries if i not in self._tasks]
-                backlog = bool(entries)
-            elif time.monotonic() - self._last_claim > self.config.lease_s / 3:
-                entries = await self._claim()
-            else:
-                block = 50 if until_idle else self.config.block_ms
-                entries = await self._read(">", self._free(), block)
-            for entry_id, fields in entries:
-                self._start(entry_id, fields)
-            if until_idle and not entries and not self._tasks and not backlog:
-                # One last look for idle entries and new ones, then return.
-                claimed = await self._claim()
-                fresh = await self._read(">", max(1, self._free()), None)
-                if not claimed and not fresh:
-                    return
-                for entry_id, fields in claimed + fresh:
+            try:
+                if self._free() == 0:
+                    await self._wait_for_slot()
+                    continue
+                if backlog:
+                    entries = await self._read("0", self._free(), None)
+                    # Entries we are already handling come back in our PEL: skip those.
+                    entries = [(i, f) for i, f in entries if i not in self._tasks]
+                    backlog = bool(entries)
+                elif time.monotonic() - self._last_claim > self.config.lease_s / 3:
+                    entries = await self._claim()
+                else:
+                    block = 50 if until_idle else self.config.block_ms
+                    entries = await self._read(">", self._free(), block)
+                for entry_id, fields in entries:
                     self._start(entry_id, fields)
+                if until_idle and not entries and not self._tasks and not backlog:
+                    # One last look for idle entries and new ones, then return.
+                    claimed = await self._claim()
+                    room = self._free() - len(claimed)
+                    fresh = await self._read(">", room, None) if room > 0 else []
+                    if not claimed and not fresh:
+                        return
+                    for entry_id, fields in claimed + fresh:
+                        self._start(entry_id, fields)
+                outages = 0
+            except (RedisConnectionError, RedisTimeoutError) as e:
+                # Redis restarting must not end the actor: wait, reconnect, and re-read our
+                # own pending entries (a read's reply, or a handler's commit, may be lost).
+                outages += 1
+                delay = min(5.0, 0.05 * 2**outages)
+                self.log.warning("redis unavailable, retrying", error=str(e), delay_s=delay)
+                backlog = True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
 
     async def _wait_for_slot(self) -> None:
         stopping = asyncio.create_task(self._stopping.wait())
@@ -479,6 +501,8 @@ class Runtime:
             events = list(outcome.events)
             send = list(outcome.send)
             if chain:
+                # The chain moves on from here, in the same transaction as the ack: the next
+                # step is queued exactly when this one is recorded as done.
                 events.append(
                     StepCompleted(
                         step=self.actor.name,
@@ -486,13 +510,19 @@ class Runtime:
                         duration_s=round(time.monotonic() - started, 3),
                     )
                 )
+                nxt = next_in_chain(cmd)
+                send.extend(nxt)
+                if not nxt:
+                    events.append(RunCompleted(message=f"completed ({self.actor.name} was last)"))
             await self.commit(ctx, events, send, finish=True)
             return
 
     async def _fail(self, ctx: Context, kind: ErrorKind, message: str) -> None:
         events: list[AnyEvent] = []
         if rid := request_id_of(ctx.cmd):
-            body = msgspec.json.encode({"ok": False, "error_kind": kind, "message": message})
+            body = msgspec.json.encode(
+                {"ok": False, "what": _what(ctx.cmd), "error_kind": kind, "message": message}
+            )
             await self.redis.set(self.keys.result(rid), body, ex=self.config.done_ttl_s)
             events.append(
                 ResultReady(request_id=rid, what=_what(ctx.cmd), ok=False, message=message)
@@ -550,7 +580,9 @@ class Runtime:
         letter = self._letter(ctx.entry_id, raw, reason, deliveries, tb)
         events: list[AnyEvent] = []
         if rid := request_id_of(ctx.cmd):
-            body = msgspec.json.encode({"ok": False, "error_kind": "system", "message": reason})
+            body = msgspec.json.encode(
+                {"ok": False, "what": _what(ctx.cmd), "error_kind": "system", "message": reason}
+            )
             await self.redis.set(self.keys.result(rid), body, ex=self.config.done_ttl_s)
             events.append(
                 ResultReady(request_id=rid, what=_what(ctx.cmd), ok=False, message=reason)
@@ -597,19 +629,24 @@ class Runtime:
         attempt_key = self.keys.attempt(ctx.cmd.command_id)
         while True:
             await asyncio.sleep(self.config.lease_s / 3)
-            owned = await self._renew(
-                keys=[self.stream, attempt_key],
-                args=[self.group, self.consumer, ctx.entry_id, str(ctx.attempt)],
-            )
+            try:
+                owned = await self._renew(
+                    keys=[self.stream, attempt_key],
+                    args=[self.group, self.consumer, ctx.entry_id, str(ctx.attempt)],
+                )
+                if owned and ctx.run_id:
+                    await self.redis.hset(
+                        self.keys.run(ctx.run_id), "last_heartbeat_ts", str(time.time())
+                    )
+            except (RedisConnectionError, RedisTimeoutError) as e:
+                # A blip must not end the renewals of a job that is still running.
+                ctx.log.warning("lease renewal failed, retrying", error=str(e))
+                continue
             if not owned:
                 ctx.log.warning("lease lost: another consumer took the command over")
                 if handler is not None:
                     handler.cancel()
                 return
-            if ctx.run_id:
-                await self.redis.hset(
-                    self.keys.run(ctx.run_id), "last_heartbeat_ts", str(time.time())
-                )
 
 
 def _what(cmd: Base) -> Literal["score", "generate", "chat", "evaluate"]:
@@ -657,8 +694,9 @@ async def run_actors(
     on_ready: Callable[[], Awaitable[None]] | None = None,
     until_idle: bool = False,
     install_signals: bool = True,
+    stop: asyncio.Event | None = None,
 ) -> None:
-    """Run several actors in this process until SIGTERM/SIGINT (or until idle)."""
+    """Run several actors in this process until SIGTERM/SIGINT, `stop` (or until idle)."""
     cfg = config or RuntimeConfig()
     redis = connect(url)
     runtimes: list[Runtime] = []
@@ -685,12 +723,20 @@ async def run_actors(
     if install_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop_all)
+
+    async def stop_on_event(event: asyncio.Event) -> None:
+        await event.wait()
+        stop_all()
+
+    watcher = asyncio.create_task(stop_on_event(stop)) if stop is not None else None
     try:
         tasks = [asyncio.create_task(rt.run(until_idle=until_idle)) for rt in runtimes]
         if on_ready is not None:
             await on_ready()
         await asyncio.gather(*tasks)
     finally:
+        if watcher is not None:
+            watcher.cancel()
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)

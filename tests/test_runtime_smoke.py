@@ -21,7 +21,7 @@ async def test_a_command_is_handled_once_and_acknowledged(
     await rt.run(until_idle=True)
     events = [decode_event(f[FIELD.encode()]) for _, f in await redis.xrange(keys.events)]
     kinds = [type(e).__struct_config__.tag for e in events]
-    assert kinds == ["step.started", "corpus.ready", "step.completed"]
+    assert kinds == ["step.started", "corpus.ready", "step.completed", "run.completed"]
     assert await redis.xpending(keys.cmd("ingest"), "ingest") == {
         "pending": 0, "min": None, "max": None, "consumers": []
     }

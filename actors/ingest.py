@@ -1,0 +1,114 @@
+"""ingest: `corpus.ingest` — a path under the corpus root, a named corpus or a Data Bank file,
+normalized and split by trainer.corpus in the actor's process pool."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from actors.config import Settings
+from actors.pool import Pool
+from actors.runtime import Actor, Context, Outcome
+from protocol.commands import Base, CorpusIngest
+from protocol.events import CorpusReady
+from trainer.errors import UserError
+
+if TYPE_CHECKING:
+    from trainer.corpus import CorpusManifest
+
+
+def prepare(
+    source: str,
+    named: bool,
+    out_dir: str,
+    root: str | None,
+    lowercase: bool,
+    validation: float,
+    test: float,
+    seed: int,
+) -> CorpusManifest:
+    """Runs in a pool child: the corpus work never blocks the event loop."""
+    from trainer.corpus import CorpusConfig, prepare_corpus
+
+    config = CorpusConfig(
+        lowercase=lowercase, validation_fraction=validation, test_fraction=test, seed=seed
+    )
+    src: Path | str = source if named else Path(source)
+    return prepare_corpus(src, Path(out_dir), config, root=Path(root) if root else None)
+
+
+class IngestActor(Actor):
+    name = "ingest"
+    concurrency = 2
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pool = Pool(1)
+
+    async def stop(self) -> None:
+        self.pool.shutdown(wait=False)
+
+    async def handle(self, cmd: Base, ctx: Context) -> Outcome | None:
+        match cmd:
+            case CorpusIngest():
+                return await self.ingest(cmd, ctx)
+            case _:
+                return None
+
+    async def ingest(self, cmd: CorpusIngest, ctx: Context) -> Outcome:
+        s = self.settings
+        out_dir = s.corpus_dir(cmd.corpus_id)
+        root: str | None = None
+        if cmd.file_id:
+            source = str(await self.download(cmd.file_id, ctx))
+        elif cmd.named:
+            from trainer.corpus import NAMED_CORPORA
+
+            if cmd.named not in NAMED_CORPORA:
+                known = ", ".join(sorted(NAMED_CORPORA))
+                raise UserError(f"unknown named corpus {cmd.named!r} (known: {known})")
+            source = cmd.named
+        elif cmd.path:
+            source, root = cmd.path, str(s.corpus_root)
+        else:
+            raise UserError("no corpus given: set path, named or file_id")
+        ctx.log.info("preparing corpus", source=source, corpus_id=cmd.corpus_id)
+        manifest = await self.pool.run(
+            prepare, source, bool(cmd.named), str(out_dir), root, cmd.lowercase,
+            cmd.validation_fraction, cmd.test_fraction, cmd.seed,
+        )  # fmt: skip
+        chars = {name: split.chars for name, split in manifest.splits.items()}
+        lines = {name: split.lines for name, split in manifest.splits.items()}
+        return Outcome(
+            events=[
+                CorpusReady(
+                    corpus_id=cmd.corpus_id, chars=chars, lines=lines, sha256=manifest.source_sha256
+                )
+            ]
+        )
+
+    async def download(self, file_id: str, ctx: Context) -> Path:
+        s = self.settings
+        if not (s.data_bank_url and s.data_bank_key):
+            raise UserError(
+                "corpus_file_id given but no Data Bank is configured "
+                "(MT_DATA_BANK_URL / MT_DATA_BANK_KEY)"
+            )
+        import aiohttp
+
+        from actors.databank import download
+
+        dest_dir = s.data_dir / "downloads"
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        dest = dest_dir / f"{file_id}.txt"
+        ctx.log.info("downloading corpus from the Data Bank", file_id=file_id)
+        async with aiohttp.ClientSession() as session:
+            await download(
+                session,
+                s.data_bank_url,
+                s.data_bank_key,
+                file_id,
+                dest,
+                expected_sha256=file_id if len(file_id) == 64 else None,
+            )
+        return dest

@@ -1,0 +1,153 @@
+"""Submitting work: every id of a run is fixed here, and the whole chain is built up front.
+
+Each command carries the rest of the chain, so each actor starts the next step itself.
+The control endpoint, the CLI and replay all submit through these functions.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from actors.runtime import Redis, add_command, add_event
+from protocol.commands import (
+    ArtifactUpload,
+    ChainCommand,
+    CorpusIngest,
+    ModelEvaluate,
+    ModelTrain,
+    TokenizerTrain,
+    actor_of,
+)
+from protocol.events import RunQueued
+from protocol.keys import ActorName, Keys
+from protocol.requests import RunCreated, TokenizerFields, TokenizerTrainRequest, TrainRequest
+from trainer.errors import UserError
+
+
+def new_id(kind: str) -> str:
+    """Sortable by time and unique within a second (64 random bits)."""
+    return f"{kind}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
+
+
+def _ingest(req: TokenizerFields, run_id: str, corpus_id: str, now: float) -> CorpusIngest:
+    sources = [s for s in (req.corpus_path, req.corpus_name, req.corpus_file_id) if s]
+    if len(sources) != 1:
+        raise UserError("give exactly one of corpus_path, corpus_name, corpus_file_id")
+    return CorpusIngest(
+        command_id=f"{run_id}.ingest", run_id=run_id, corpus_id=corpus_id,
+        user_id=req.user_id, requested_at=now, path=req.corpus_path,
+        named=req.corpus_name, file_id=req.corpus_file_id, lowercase=req.lowercase,
+        validation_fraction=req.holdout_fraction, test_fraction=req.test_split_ratio,
+        seed=req.seed,
+    )  # fmt: skip
+
+
+def _tokenizer(
+    req: TokenizerFields, run_id: str, corpus_id: str, tok_id: str, now: float
+) -> TokenizerTrain:
+    return TokenizerTrain(
+        command_id=f"{run_id}.tokenizer", run_id=run_id, tokenizer_id=tok_id,
+        corpus_id=corpus_id, user_id=req.user_id, requested_at=now,
+        tokenizer_kind=req.tokenizer_kind, vocab_size=req.vocab_size,
+        min_frequency=req.min_frequency, spm_model_type=req.spm_model_type,
+    )  # fmt: skip
+
+
+def plan_train(req: TrainRequest, run_id: str | None = None) -> list[ChainCommand]:
+    """The chain of a training run: ingest → tokenizer (unless given) → trainer → evaluator
+    → uploader."""
+    run_id = run_id or new_id("run")
+    now = time.time()
+    corpus_id = f"{run_id}-corpus"
+    chain: list[ChainCommand] = [_ingest(req, run_id, corpus_id, now)]
+    tok_id = req.tokenizer_id
+    if not tok_id:
+        tok_id = f"{run_id}-tok"
+        chain.append(_tokenizer(req, run_id, corpus_id, tok_id, now))
+    chain.append(
+        ModelTrain(
+            command_id=f"{run_id}.trainer", run_id=run_id, corpus_id=corpus_id,
+            tokenizer_id=tok_id, user_id=req.user_id, requested_at=now,
+            model_family=req.model_family, model_size=req.model_size,
+            max_seq_len=req.max_seq_len, num_epochs=req.num_epochs, max_steps=req.max_steps,
+            batch_size=req.batch_size, learning_rate=req.learning_rate,
+            optimizer=req.optimizer, weight_decay=req.weight_decay,
+            warmup_steps=req.warmup_steps, gradient_clipping=req.gradient_clipping,
+            grad_accum_steps=req.grad_accum_steps, dropout=req.dropout,
+            eval_every=req.eval_every, checkpoint_every=req.checkpoint_every,
+            early_stopping_patience=req.early_stopping_patience,
+            pretrained_run_id=req.pretrained_run_id, freeze_embed=req.freeze_embed,
+            finetune_lr_cap=req.finetune_lr_cap, device=req.device,
+            precision=req.precision, threads=req.threads, seed=req.seed,
+        )
+    )  # fmt: skip
+    chain.append(
+        ModelEvaluate(
+            command_id=f"{run_id}.evaluator",
+            run_id=run_id,
+            user_id=req.user_id,
+            requested_at=now,
+            split="test",
+        )
+    )
+    if req.upload:
+        chain.append(
+            ArtifactUpload(
+                command_id=f"{run_id}.uploader",
+                run_id=run_id,
+                user_id=req.user_id,
+                requested_at=now,
+            )
+        )
+    return chain
+
+
+def plan_tokenizer(req: TokenizerTrainRequest, run_id: str | None = None) -> list[ChainCommand]:
+    """A tokenizer job is a short run of its own: ingest → tokenizer."""
+    run_id = run_id or new_id("tokjob")
+    now = time.time()
+    corpus_id = f"{run_id}-corpus"
+    return [
+        _ingest(req, run_id, corpus_id, now),
+        _tokenizer(req, run_id, corpus_id, f"{run_id}-tok", now),
+    ]
+
+
+def created(chain: list[ChainCommand]) -> RunCreated:
+    first = chain[0]
+    tok = next((c.tokenizer_id for c in chain if isinstance(c, ModelTrain | TokenizerTrain)), "")
+    corpus = first.corpus_id if isinstance(first, CorpusIngest) else ""
+    return RunCreated(
+        run_id=first.run_id,
+        job_id=first.run_id,
+        corpus_id=corpus,
+        tokenizer_id=tok,
+        steps=[actor_of(c) for c in chain],
+    )
+
+
+async def submit(redis: Redis, keys: Keys, chain: list[ChainCommand]) -> RunCreated:
+    """Queue a run: its run.queued event, its index entry and its first command, atomically."""
+    first = chain[0]
+    first.rest = list(chain[1:])
+    info = created(chain)
+    steps: list[ActorName] = [actor_of(c) for c in chain]
+    train = next((c for c in chain if isinstance(c, ModelTrain)), None)
+    corpus = ""
+    if isinstance(first, CorpusIngest):
+        corpus = (
+            first.named or first.path or (f"data-bank:{first.file_id}" if first.file_id else "")
+        )
+    now = time.time()
+    event = RunQueued(
+        run_id=info.run_id, user_id=first.user_id, at=now, steps=steps, corpus=corpus,
+        model_family=train.model_family if train else "",
+        model_size=train.model_size if train else "", tokenizer_id=info.tokenizer_id,
+    )  # fmt: skip
+    async with redis.pipeline(transaction=True) as pipe:
+        add_event(pipe, keys, event)
+        pipe.zadd(keys.runs, {info.run_id: now})
+        add_command(pipe, keys, first)
+        await pipe.execute()
+    return info

@@ -1,0 +1,91 @@
+"""tokenizer: `tokenizer.train` — trains on the corpus's train split in the actor's pool and
+stores the tokenizer under tokenizers/<tokenizer_id>/ with its stats; the record
+`mt:tokenizer:<id>` makes status and stats readable by id."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from actors.config import Settings
+from actors.pool import Pool
+from actors.runtime import Actor, Context, Outcome
+from protocol.commands import Base, TokenizerTrain
+from protocol.events import TokenizerReady
+from trainer.errors import UserError
+
+if TYPE_CHECKING:
+    from trainer.tokenizer import TokenizerStats
+
+
+def train(
+    corpus_dir: str,
+    out_dir: str,
+    kind: str,
+    vocab_size: int,
+    min_frequency: int,
+    spm_model_type: str,
+    threads: int,
+) -> TokenizerStats:
+    """Runs in a pool child."""
+    from trainer.tokenizer import TokenizerConfig, train_tokenizer
+
+    config = TokenizerConfig.from_dict({
+        "kind": kind, "vocab_size": vocab_size, "min_frequency": min_frequency,
+        "spm_model_type": spm_model_type, "threads": threads,
+    })  # fmt: skip
+    return train_tokenizer(Path(corpus_dir), Path(out_dir), config)
+
+
+class TokenizerActor(Actor):
+    name = "tokenizer"
+    concurrency = 1
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pool = Pool(1)
+
+    async def stop(self) -> None:
+        self.pool.shutdown(wait=False)
+
+    async def handle(self, cmd: Base, ctx: Context) -> Outcome | None:
+        match cmd:
+            case TokenizerTrain():
+                return await self.train(cmd, ctx)
+            case _:
+                return None
+
+    async def train(self, cmd: TokenizerTrain, ctx: Context) -> Outcome:
+        s = self.settings
+        corpus_dir = s.corpus_dir(cmd.corpus_id)
+        if not (corpus_dir / "corpus.json").is_file():
+            raise UserError(f"corpus {cmd.corpus_id!r} has not been ingested")
+        record = ctx.keys.tokenizer(cmd.tokenizer_id)
+        await ctx.redis.hset(record, mapping={
+            "status": "training", "kind": cmd.tokenizer_kind, "run_id": cmd.run_id,
+            "path": str(s.tokenizer_dir(cmd.tokenizer_id)), "created_at": str(time.time()),
+        })  # fmt: skip
+        try:
+            stats = await self.pool.run(
+                train, str(corpus_dir), str(s.tokenizer_dir(cmd.tokenizer_id)),
+                cmd.tokenizer_kind, cmd.vocab_size, cmd.min_frequency, cmd.spm_model_type,
+                cmd.threads,
+            )  # fmt: skip
+        except Exception as e:  # recorded, then handled by the runtime's error policy
+            await ctx.redis.hset(record, mapping={"status": "failed", "message": str(e)})
+            raise
+        numbers = {k: float(v) for k, v in asdict(stats).items() if isinstance(v, int | float)}
+        await ctx.redis.hset(record, mapping={
+            "status": "ready", "stats": msgspec.json.encode(numbers).decode(),
+        })  # fmt: skip
+        return Outcome(
+            events=[
+                TokenizerReady(
+                    tokenizer_id=cmd.tokenizer_id, tokenizer_kind=cmd.tokenizer_kind, stats=numbers
+                )
+            ]
+        )

@@ -1,0 +1,272 @@
+"""trainer: `model.train` — runs trainer.train in a child process of its own, one per job.
+
+Progress comes back over a multiprocessing queue and leaves as rate-limited events; the
+runtime renews the lease while the child lives. Cancellation reaches the child through a
+flag file it checks between steps (it saves a checkpoint and returns). A redelivered or
+taken-over command starts a new child on the same run dir, and trainer.train resumes from
+the last checkpoint instead of starting over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import queue as queue_mod
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.queues import Queue
+from pathlib import Path
+
+import msgspec
+
+from actors.config import Settings
+from actors.pool import CancelFlag, WorkerDied
+from actors.runtime import Actor, Cancelled, Context, Outcome
+from protocol.commands import Base, ModelTrain
+from protocol.events import TrainCompleted, TrainProgress, TrainStarted
+from trainer.errors import UserError
+
+PROGRESS_EVERY_S = 1.0  # events; the notifier rate-limits further for chat clients
+
+# Messages from the child: ("progress", dict) | ("result", dict) | ("user_error", str)
+# | ("error", str, traceback)
+Message = tuple[str, dict[str, object]] | tuple[str, str] | tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything the child needs, as plain picklable values."""
+
+    config: dict[str, object]
+    corpus_dir: str
+    tokenizer_dir: str
+    run_dir: str
+    cancel_path: str
+    stop_path: str
+
+
+def train_child(job: TrainJob, out: Queue[Message]) -> None:
+    """Entry point of the child process."""
+    from dataclasses import asdict
+
+    from trainer.train import Progress, TrainConfig, train
+
+    cancel, stop = CancelFlag(Path(job.cancel_path)), CancelFlag(Path(job.stop_path))
+
+    def on_progress(p: Progress) -> None:
+        out.put(("progress", asdict(p)))
+
+    try:
+        cfg = msgspec.convert(job.config, TrainConfig)
+        result = train(
+            cfg,
+            Path(job.corpus_dir),
+            Path(job.tokenizer_dir),
+            Path(job.run_dir),
+            on_progress=on_progress,
+            should_stop=lambda: cancel.is_set() or stop.is_set(),
+        )
+        summary = asdict(result)
+        summary.pop("losses", None)  # the full curve is in metrics.jsonl
+        summary.pop("val_history", None)
+        out.put(("result", summary))
+    except UserError as e:
+        out.put(("user_error", str(e)))
+    except BaseException as e:
+        out.put(("error", f"{type(e).__name__}: {e}", traceback.format_exc()))
+
+
+def _get(q: Queue[Message], timeout: float) -> Message | None:
+    try:
+        return q.get(timeout=timeout)
+    except queue_mod.Empty:
+        return None
+
+
+def _memory_mb() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20)
+    except (ValueError, OSError):
+        return 0
+
+
+def _float(d: dict[str, object], key: str) -> float:
+    v = d.get(key)
+    return float(v) if isinstance(v, int | float) else 0.0
+
+
+def _opt_float(d: dict[str, object], key: str) -> float | None:
+    v = d.get(key)
+    return float(v) if isinstance(v, int | float) else None
+
+
+def _int(d: dict[str, object], key: str) -> int:
+    v = d.get(key)
+    return int(v) if isinstance(v, int | float) else 0
+
+
+class TrainerActor(Actor):
+    name = "trainer"
+    concurrency = 1
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    async def handle(self, cmd: Base, ctx: Context) -> Outcome | None:
+        match cmd:
+            case ModelTrain():
+                return await self.train(cmd, ctx)
+            case _:
+                return None
+
+    def job(self, cmd: ModelTrain) -> TrainJob:
+        s = self.settings
+        corpus_dir = s.corpus_dir(cmd.corpus_id)
+        if not (corpus_dir / "corpus.json").is_file():
+            raise UserError(f"corpus {cmd.corpus_id!r} has not been ingested")
+        tokenizer_dir = s.tokenizer_dir(cmd.tokenizer_id)
+        if not (tokenizer_dir / "mt_tokenizer.json").is_file():
+            raise UserError(f"unknown tokenizer {cmd.tokenizer_id!r}")
+        pretrained: str | None = None
+        if cmd.pretrained_run_id:
+            src = s.run_dir(cmd.pretrained_run_id)
+            if not (src / "config.json").is_file() and not (src / "mt_model.json").is_file():
+                raise UserError(f"pretrained run {cmd.pretrained_run_id!r} has no model")
+            pretrained = str(src)
+        elif cmd.pretrained_path:
+            from trainer.corpus import resolve_corpus_path
+
+            # Local HF model dirs are read from under the data dir only.
+            pretrained = str(resolve_corpus_path(s.data_dir, cmd.pretrained_path))
+        config: dict[str, object] = {
+            "family": cmd.model_family, "size": cmd.model_size, "max_seq_len": cmd.max_seq_len,
+            "dropout": cmd.dropout, "pretrained": pretrained, "freeze_embed": cmd.freeze_embed,
+            "num_epochs": cmd.num_epochs, "max_steps": cmd.max_steps,
+            "batch_size": cmd.batch_size, "learning_rate": cmd.learning_rate,
+            "finetune_lr_cap": cmd.finetune_lr_cap, "optimizer": cmd.optimizer,
+            "weight_decay": cmd.weight_decay, "warmup_steps": cmd.warmup_steps,
+            "gradient_clipping": cmd.gradient_clipping, "grad_accum_steps": cmd.grad_accum_steps,
+            "eval_every": cmd.eval_every, "checkpoint_every": cmd.checkpoint_every,
+            "early_stopping_patience": cmd.early_stopping_patience, "seed": cmd.seed,
+            "device": cmd.device, "precision": cmd.precision, "threads": cmd.threads,
+        }  # fmt: skip
+        flags = s.cancel_dir()
+        return TrainJob(
+            config=config, corpus_dir=str(corpus_dir), tokenizer_dir=str(tokenizer_dir),
+            run_dir=str(s.run_dir(cmd.run_id)),
+            cancel_path=str(flags / f"{cmd.run_id}.cancel"),
+            stop_path=str(flags / f"{cmd.run_id}.{os.getpid()}.stop"),
+        )  # fmt: skip
+
+    async def train(self, cmd: ModelTrain, ctx: Context) -> Outcome:
+        job = self.job(cmd)
+        cancel, stop = CancelFlag(Path(job.cancel_path)), CancelFlag(Path(job.stop_path))
+        stop.clear()
+        if await ctx.cancel_requested():
+            raise Cancelled("cancelled before training started")
+        cancel.clear()
+        resumed = _latest_step(Path(job.run_dir) / "checkpoints")
+        await ctx.emit(TrainStarted(
+            model_family=cmd.model_family, model_size=cmd.model_size,
+            total_epochs=cmd.num_epochs, total_steps=cmd.max_steps or 0,
+            batch_size=cmd.batch_size, learning_rate=cmd.learning_rate,
+            threads=cmd.threads or (os.cpu_count() or 1), cpu_cores=os.cpu_count() or 1,
+            memory_mb=_memory_mb(), device=cmd.device, precision=cmd.precision,
+            resumed_from_step=resumed,
+        ))  # fmt: skip
+        if resumed:
+            ctx.log.info("resuming from checkpoint", step=resumed)
+
+        mp = multiprocessing.get_context("spawn")
+        out: Queue[Message] = mp.Queue()
+        child = mp.Process(target=train_child, args=(job, out), name=f"train-{cmd.run_id}")
+        child.start()
+        ctx.log.info("training child started", pid=child.pid)
+        try:
+            result = await self.follow(cmd, ctx, child, out, cancel)
+        finally:
+            await _stop_child(child, stop)
+            stop.clear()
+        if result.get("status") == "cancelled":
+            raise Cancelled(f"cancelled at step {_int(result, 'steps')}; checkpoint kept")
+        cancel.clear()
+        return Outcome(events=[TrainCompleted(
+            status=str(result.get("status", "completed")), steps=_int(result, "steps"),
+            tokens=_int(result, "tokens"), train_loss=_opt_float(result, "train_loss"),
+            val_loss=_opt_float(result, "val_loss"), test_loss=_opt_float(result, "test_loss"),
+            test_ppl=_opt_float(result, "test_ppl"), best_step=_int(result, "best_step"),
+            early_stopped=result.get("status") == "early_stopped",
+            tokens_per_s=_float(result, "tokens_per_s"),
+        )])  # fmt: skip
+
+    async def follow(
+        self, cmd: ModelTrain, ctx: Context, child: multiprocessing.process.BaseProcess,
+        out: Queue[Message], cancel: CancelFlag,
+    ) -> dict[str, object]:  # fmt: skip
+        """Forward progress until the child reports its result; watch the cancel flag."""
+        last_emit = 0.0
+        pending: dict[str, object] | None = None
+        while True:
+            msg = await asyncio.to_thread(_get, out, 0.5)
+            if not cancel.is_set() and await ctx.cancel_requested():
+                ctx.log.info("cancel requested; telling the training child")
+                cancel.set()
+            if msg is None:
+                if pending is not None and time.monotonic() - last_emit >= PROGRESS_EVERY_S:
+                    await ctx.emit(_progress_event(pending))
+                    last_emit, pending = time.monotonic(), None
+                if not child.is_alive():
+                    msg = _get(out, 0.1)
+                    if msg is None:
+                        raise WorkerDied(f"training process exited with code {child.exitcode}")
+                else:
+                    continue
+            match msg:
+                case ("progress", dict() as p):
+                    validated = p.get("val_loss") is not None
+                    if validated or time.monotonic() - last_emit >= PROGRESS_EVERY_S:
+                        await ctx.emit(_progress_event(p))
+                        last_emit, pending = time.monotonic(), None
+                    else:
+                        pending = p
+                case ("result", dict() as result):
+                    if pending is not None:
+                        await ctx.emit(_progress_event(pending))
+                    return result
+                case ("user_error", str() as message):
+                    raise UserError(message)
+                case ("error", str() as message, str() as tb):
+                    ctx.log.error("training failed", error=message, traceback=tb[-2000:])
+                    raise RuntimeError(message)
+                case _:
+                    raise RuntimeError(f"unexpected message from the training child: {msg!r}")
+
+
+def _progress_event(p: dict[str, object]) -> TrainProgress:
+    return TrainProgress(
+        step=_int(p, "step"), epoch=_int(p, "epoch"), total_epochs=_int(p, "total_epochs"),
+        total_steps=_int(p, "total_steps"), loss=_float(p, "loss"), lr=_float(p, "lr"),
+        grad_norm=_float(p, "grad_norm"), tokens_per_s=_float(p, "tokens_per_s"),
+        samples_per_s=_float(p, "samples_per_s"), val_loss=_opt_float(p, "val_loss"),
+        val_ppl=_opt_float(p, "val_ppl"),
+    )  # fmt: skip
+
+
+def _latest_step(ckpt_dir: Path) -> int:
+    steps = [int(p.name[5:]) for p in ckpt_dir.glob("step-*") if p.name[5:].isdigit()]
+    return max(steps, default=0)
+
+
+async def _stop_child(child: multiprocessing.process.BaseProcess, stop: CancelFlag) -> None:
+    """Ask the child to checkpoint and exit (it checks between steps); kill it if it won't."""
+    if child.is_alive():
+        stop.set()
+        await asyncio.to_thread(child.join, 30.0)
+    if child.is_alive():
+        child.kill()
+        await asyncio.to_thread(child.join, 5.0)
+    with contextlib.suppress(ValueError):
+        child.close()
