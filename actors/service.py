@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from actors import log
 from actors.config import Settings
 from actors.embedded import EmbeddedRedis
+from actors.evaluator import EvaluatorActor
 from actors.ingest import IngestActor
 from actors.tokenizer import TokenizerActor
 from actors.trainer import TrainerActor
@@ -20,6 +21,7 @@ ACTORS: dict[ActorName, Callable[[Settings], Actor]] = {
     "ingest": IngestActor,
     "tokenizer": TokenizerActor,
     "trainer": TrainerActor,
+    "evaluator": EvaluatorActor,
 }
 
 

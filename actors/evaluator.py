@@ -1,0 +1,244 @@
+"""evaluator: `model.evaluate`, `model.score`, `model.generate`, `model.chat`.
+
+The work runs in the actor's pool; each pool child keeps its two most recently used models
+loaded (trainer.evaluate.MODEL_CACHE), so a chat does not reload the model every turn.
+Request-style commands answer under `mt:result:<request_id>`; chat sessions live in Redis
+with a TTL. A run whose model is not on this machine is fetched through its artifact
+pointer first.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+import uuid
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from actors.config import Settings
+from actors.pool import Pool
+from actors.runtime import Actor, Context, Outcome
+from protocol.commands import Base, ModelChat, ModelEvaluate, ModelGenerate, ModelScore
+from protocol.events import EvalCompleted, ResultReady
+from trainer.errors import UserError
+
+Answer = Literal["score", "generate", "chat", "evaluate"]
+RESULT_TTL_S = 7 * 24 * 3600
+CHAT_TTL_S = 24 * 3600
+MODEL_FILES = ("config.json", "mt_model.json")
+
+
+def evaluate_job(run_dir: str, split: str, path: str | None, out_name: str) -> dict[str, object]:
+    from trainer.evaluate import evaluate
+
+    return evaluate(
+        Path(run_dir),
+        split="test" if split == "test" else "validation",
+        path=Path(path) if path else None,
+        out_name=out_name,
+    )
+
+
+def score_job(run_dir: str, text: str, detail: bool, top_k: int) -> dict[str, object]:
+    from trainer.evaluate import score
+
+    return score(Path(run_dir), text, detail=detail, top_k=top_k)
+
+
+def generate_job(
+    run_dir: str,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    stop: list[str],
+    seed: int,
+    n: int,
+) -> list[str]:
+    from trainer.evaluate import generate
+
+    return generate(
+        Path(run_dir),
+        prompt,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop=stop,
+        seed=seed,
+        num_return_sequences=n,
+    )
+
+
+def chat_job(
+    run_dir: str,
+    history: list[tuple[str, str]],
+    message: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int,
+) -> str:
+    from trainer.evaluate import chat
+
+    return chat(
+        Path(run_dir),
+        history,
+        message,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+    )
+
+
+class Turn(msgspec.Struct):
+    role: str
+    content: str
+
+
+def _numbers(d: dict[str, object]) -> dict[str, float]:
+    return {
+        k: float(v) for k, v in d.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
+class EvaluatorActor(Actor):
+    name = "evaluator"
+    concurrency = 2
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pool = Pool(1)
+
+    async def stop(self) -> None:
+        self.pool.shutdown(wait=False)
+
+    async def handle(self, cmd: Base, ctx: Context) -> Outcome | None:
+        match cmd:
+            case ModelEvaluate():
+                return await self.evaluate(cmd, ctx)
+            case ModelScore():
+                run_dir = await self.run_dir(cmd.run_id, ctx)
+                result = await self.pool.run(
+                    score_job, str(run_dir), cmd.text, cmd.detail, cmd.top_k
+                )
+                return await self.answer(ctx, cmd.request_id, "score", result)
+            case ModelGenerate():
+                run_dir = await self.run_dir(cmd.run_id, ctx)
+                samples = await self.pool.run(
+                    generate_job, str(run_dir), cmd.prompt, cmd.max_new_tokens, cmd.temperature,
+                    cmd.top_k, cmd.top_p, list(cmd.stop), cmd.seed, cmd.num_return_sequences,
+                )  # fmt: skip
+                result = {"prompt": cmd.prompt, "samples": samples}
+                return await self.answer(ctx, cmd.request_id, "generate", result)
+            case ModelChat():
+                return await self.chat(cmd, ctx)
+            case _:
+                return None
+
+    async def evaluate(self, cmd: ModelEvaluate, ctx: Context) -> Outcome:
+        run_dir = await self.run_dir(cmd.run_id, ctx)
+        path: str | None = None
+        if cmd.path:
+            from trainer.corpus import resolve_corpus_path
+
+            path = str(resolve_corpus_path(self.settings.corpus_root, cmd.path))
+        out_name = "metrics" if not cmd.request_id else f"eval-{cmd.request_id}"
+        metrics = await self.pool.run(evaluate_job, str(run_dir), cmd.split, path, out_name)
+        loss, ppl = metrics.get("loss"), metrics.get("perplexity")
+        event = EvalCompleted(
+            request_id=cmd.request_id, split=cmd.path or cmd.split,
+            loss=float(loss) if isinstance(loss, int | float) else None,
+            ppl=float(ppl) if isinstance(ppl, int | float) else None, metrics=_numbers(metrics),
+        )  # fmt: skip
+        if cmd.request_id:
+            outcome = await self.answer(ctx, cmd.request_id, "evaluate", metrics)
+            outcome.events.insert(0, event)
+            return outcome
+        return Outcome(events=[event])
+
+    async def chat(self, cmd: ModelChat, ctx: Context) -> Outcome:
+        run_dir = await self.run_dir(cmd.run_id, ctx)
+        key = ctx.keys.chat(cmd.session_id)
+        raw = await ctx.redis.get(key)
+        turns = msgspec.json.decode(raw, type=list[Turn]) if raw else []
+        reply = await self.pool.run(
+            chat_job, str(run_dir), [(t.role, t.content) for t in turns], cmd.message,
+            cmd.max_new_tokens, cmd.temperature, cmd.top_k, cmd.top_p, cmd.seed,
+        )  # fmt: skip
+        turns += [Turn("user", cmd.message), Turn("assistant", reply)]
+        await ctx.redis.set(key, msgspec.json.encode(turns), ex=CHAT_TTL_S)
+        history = [{"role": t.role, "content": t.content} for t in turns]
+        result = {"reply": reply, "session_id": cmd.session_id, "history": history}
+        return await self.answer(ctx, cmd.request_id, "chat", result)
+
+    async def answer(self, ctx: Context, request_id: str, what: Answer, result: object) -> Outcome:
+        body = msgspec.json.encode({"ok": True, "what": what, "result": result})
+        await ctx.redis.set(ctx.keys.result(request_id), body, ex=RESULT_TTL_S)
+        return Outcome(events=[ResultReady(request_id=request_id, what=what)])
+
+    async def run_dir(self, run_id: str, ctx: Context) -> Path:
+        """The run's model dir on this machine, fetched through its artifact pointer if absent."""
+        run_dir = self.settings.run_dir(run_id)
+        if any((run_dir / f).is_file() for f in MODEL_FILES):
+            return run_dir
+        raw = await ctx.redis.hget(ctx.keys.run(run_id), "artifact")
+        if not raw:
+            raise UserError(f"run {run_id!r} has no model on this machine and no artifact")
+        pointer = msgspec.json.decode(raw, type=dict[str, str | int])
+        archive = await self.fetch(pointer, ctx)
+        ctx.log.info("unpacking the run's artifact", archive=str(archive))
+        await self.pool.run(unpack, str(archive), str(run_dir))
+        return run_dir
+
+    async def fetch(self, pointer: dict[str, str | int], ctx: Context) -> Path:
+        s = self.settings
+        if pointer.get("storage") == "local":
+            path = Path(str(pointer.get("uri", "")))
+            if not path.is_file():
+                raise UserError(f"the run's local artifact {path} is missing")
+            return path
+        if not (s.data_bank_url and s.data_bank_key):
+            raise UserError("the run's model is in the Data Bank, which is not configured")
+        import aiohttp
+
+        from actors.databank import download
+
+        file_id = str(pointer.get("file_id", ""))
+        dest = s.data_dir / "downloads" / f"{file_id}.tar.gz"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        async with aiohttp.ClientSession() as session:
+            await download(
+                session,
+                s.data_bank_url,
+                s.data_bank_key,
+                file_id,
+                dest,
+                expected_sha256=str(pointer.get("sha256") or "") or None,
+            )
+        return dest
+
+
+def unpack(archive: str, run_dir: str) -> None:
+    """Extract a run archive into run_dir (temp dir, then rename; tar's data filter refuses
+    absolute paths, links out of the tree and device files)."""
+    dest = Path(run_dir)
+    tmp = dest.parent / f".{dest.name}.unpack-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            tar.extractall(tmp, filter="data")
+        # Archives hold the run dir's files at the top, or under one folder named after it.
+        entries = list(tmp.iterdir())
+        src = entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp
+        if dest.exists():
+            shutil.rmtree(dest)
+        src.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

