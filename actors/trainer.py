@@ -46,6 +46,7 @@ class TrainJob:
     run_dir: str
     cancel_path: str
     stop_path: str
+    inductor_cache: str
 
 
 def train_child(job: TrainJob, out: Queue[Message]) -> None:
@@ -55,6 +56,8 @@ def train_child(job: TrainJob, out: Queue[Message]) -> None:
     from trainer.train import Progress, TrainConfig, train
 
     cancel, stop = CancelFlag(Path(job.cancel_path)), CancelFlag(Path(job.stop_path))
+    # torch.compile's cache inside the data dir: a later run of the same shape compiles fast.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", job.inductor_cache)
 
     def on_progress(p: Progress) -> None:
         out.put(("progress", asdict(p)))
@@ -159,6 +162,7 @@ class TrainerActor(Actor):
             run_dir=str(s.run_dir(cmd.run_id)),
             cancel_path=str(flags / f"{cmd.run_id}.cancel"),
             stop_path=str(flags / f"{cmd.run_id}.{os.getpid()}.stop"),
+            inductor_cache=str(s.data_dir / "inductor-cache"),
         )  # fmt: skip
 
     async def train(self, cmd: ModelTrain, ctx: Context) -> Outcome:

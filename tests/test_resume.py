@@ -1,0 +1,123 @@
+"""Exact resume: a run stopped at a checkpoint and resumed in a new process ends with
+bit-identical weights and the same loss curve as a run never stopped (CPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers_ml import char_tokenizer, small_corpus, tiny_config
+from trainer.checkpoint import LATEST, checkpoint_name
+from trainer.model import ModelFamily
+from trainer.train import train
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parent.parent
+# Dropout on, so the resumed run must restore the RNG; accumulation and a shuffled multi-
+# epoch order, so it must restore the data position; warmup + cosine, so the schedule.
+CHANGES: dict[str, object] = {
+    "max_steps": 40, "dropout": 0.1, "grad_accum_steps": 2, "eval_every": 7,
+    "checkpoint_every": 10, "keep_checkpoints": 10, "warmup_steps": 5,
+}
+FAMILIES: tuple[ModelFamily, ...] = ("gpt2", "llama", "char_lstm")
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def train_curve(run: Path) -> list[tuple[str, int, float]]:
+    out = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out.append((r["kind"], r["step"], r.get("loss", r.get("val_loss", r.get("test_loss")))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("data")
+    corpus = small_corpus(root / "corpus", repeat=2)
+    return corpus, char_tokenizer(corpus, root / "tok")
+
+
+def test_resume_in_a_new_process_is_exact(data: tuple[Path, Path], tmp_path: Path) -> None:
+    corpus, tok_dir = data
+    uninterrupted = {f: train(tiny_config(f, **CHANGES), corpus, tok_dir, tmp_path / f"{f}-a")
+                     for f in FAMILIES}
+    for family in FAMILIES:
+        calls = 0
+
+        def stop() -> bool:
+            nonlocal calls
+            calls += 1
+            return calls > 13  # between checkpoints: cancel saves its own at step 13
+
+        first = train(tiny_config(family, **CHANGES), corpus, tok_dir, tmp_path / f"{family}-b",
+                      should_stop=stop)
+        assert first.status == "cancelled" and first.steps == 13
+
+    script = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from tests.helpers_ml import tiny_config\n"
+        "from trainer.train import train\n"
+        "corpus, tok, tmp, changes = sys.argv[1:5]\n"
+        "out = {}\n"
+        f"for f in {list(FAMILIES)!r}:\n"
+        "    r = train(tiny_config(f, **json.loads(changes)), Path(corpus), Path(tok),\n"
+        "              Path(tmp) / f'{f}-b')\n"
+        "    out[f] = [r.status, r.resumed_from_step, r.losses, r.val_history, r.test_loss]\n"
+        "print(json.dumps(out))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(corpus), str(tok_dir), str(tmp_path),
+         json.dumps(CHANGES)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = json.loads(proc.stdout.strip().splitlines()[-1])
+    for family, a in uninterrupted.items():
+        status, from_step, losses, val_history, test_loss = resumed[family]
+        assert (status, from_step) == ("completed", 13)
+        assert losses == a.losses and len(losses) == 40  # the whole curve, bit for bit
+        assert [tuple(v) for v in val_history] == a.val_history
+        assert test_loss == a.test_loss
+        run_a, run_b = tmp_path / f"{family}-a", tmp_path / f"{family}-b"
+        assert same_weights(run_a, run_b)  # final (best) model
+        last = checkpoint_name(40)
+        assert same_weights(run_a / "checkpoints" / last, run_b / "checkpoints" / last)
+        assert same_weights(run_a / "best", run_b / "best")
+        assert train_curve(run_a) == train_curve(run_b)
+
+
+def test_resume_after_a_crash_redoes_the_lost_steps(data: tuple[Path, Path],
+                                                    tmp_path: Path) -> None:
+    """A run killed after step 27 (last checkpoint 20) leaves metrics and best/ from steps
+    past its checkpoint; the resumed run redoes them and ends exactly as a clean run."""
+    corpus, tok_dir = data
+    clean = train(tiny_config("gpt2", **CHANGES), corpus, tok_dir, tmp_path / "clean")
+    crashed = tmp_path / "crashed"
+    shutil.copytree(tmp_path / "clean", crashed)
+    for step in (30, 40):
+        shutil.rmtree(crashed / "checkpoints" / checkpoint_name(step))
+    (crashed / "checkpoints" / LATEST).write_text(checkpoint_name(20) + "\n")
+    for name in ("model.safetensors", "manifest.json"):
+        (crashed / name).unlink()
+    metrics = (crashed / "metrics.jsonl").read_text().splitlines()
+    cut = [line for line in metrics if json.loads(line)["step"] <= 27]
+    (crashed / "metrics.jsonl").write_text("\n".join(cut) + '\n{"kind": "tra')  # torn line
+
+    resumed = train(tiny_config("gpt2", **CHANGES), corpus, tok_dir, crashed)
+    assert resumed.resumed_from_step == 20
+    assert resumed.losses == clean.losses and resumed.val_history == clean.val_history
+    assert same_weights(crashed, tmp_path / "clean")
+    assert train_curve(crashed) == train_curve(tmp_path / "clean")

@@ -1,0 +1,449 @@
+"""Model families: gpt2, llama, qwen (transformers configs) and char_lstm (our own module).
+
+Every family is built from ONE size table (SIZES) plus optional per-dimension overrides,
+trained from scratch or fine-tuned from an earlier run dir / a local HF model dir, and
+saved so that it loads back bit for bit: HF families with save_pretrained (safetensors,
+so `AutoModelForCausalLM.from_pretrained(dir)` works), char_lstm in a small versioned
+safetensors format of its own.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, get_args
+
+import torch
+from torch import nn
+
+from trainer.errors import UserError
+
+if TYPE_CHECKING:  # transformers costs seconds to import: only where a model is built
+    from transformers import PretrainedConfig, PreTrainedModel
+
+ModelFamily = Literal["gpt2", "llama", "qwen", "char_lstm"]
+ModelSize = Literal["tiny", "small", "medium", "large"]
+FAMILIES: tuple[ModelFamily, ...] = get_args(ModelFamily)
+SIZE_NAMES: tuple[ModelSize, ...] = get_args(ModelSize)
+
+# n_layer / n_embd / n_head everywhere; llama and qwen add grouped-query kv heads and the
+# MLP width (~2.7x, rounded to a multiple of 16); char_lstm has an embedding and a hidden width.
+SIZES: dict[ModelFamily, dict[ModelSize, dict[str, int]]] = {
+    "gpt2": {
+        "tiny": {"n_layer": 4, "n_embd": 256, "n_head": 4},
+        "small": {"n_layer": 12, "n_embd": 768, "n_head": 12},  # the real GPT-2 small
+        "medium": {"n_layer": 24, "n_embd": 1024, "n_head": 16},
+        "large": {"n_layer": 36, "n_embd": 1280, "n_head": 20},
+    },
+    "llama": {
+        "tiny": {"n_layer": 4, "n_embd": 256, "n_head": 4, "n_kv_head": 2, "intermediate": 688},
+        "small": {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_kv_head": 4, "intermediate": 2048},
+        "medium": {
+            "n_layer": 24, "n_embd": 1024, "n_head": 16, "n_kv_head": 8, "intermediate": 2816,
+        },
+    },
+    "qwen": {
+        "tiny": {"n_layer": 4, "n_embd": 256, "n_head": 4, "n_kv_head": 2, "intermediate": 688},
+        "small": {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_kv_head": 4, "intermediate": 2048},
+        "medium": {
+            "n_layer": 24, "n_embd": 1024, "n_head": 16, "n_kv_head": 8, "intermediate": 2816,
+        },
+    },
+    "char_lstm": {
+        "tiny": {"n_layer": 2, "n_embd": 128, "hidden": 256},
+        "small": {"n_layer": 3, "n_embd": 256, "hidden": 512},
+        "medium": {"n_layer": 3, "n_embd": 512, "hidden": 1024},
+    },
+}
+
+CHAR_LSTM_FORMAT = "mt-char-lstm"
+CHAR_LSTM_VERSION = 1
+MT_MODEL_FILE = "mt_model.json"  # our ModelConfig next to an HF model's own config.json
+MT_MODEL_VERSION = 1
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", MT_MODEL_FILE)
+_HF_MODEL_TYPES: dict[str, ModelFamily] = {"gpt2": "gpt2", "llama": "llama", "qwen2": "qwen"}
+
+
+@dataclass
+class ModelConfig:
+    family: ModelFamily
+    size: ModelSize = "tiny"
+    vocab_size: int = 4096
+    max_seq_len: int = 256
+    dropout: float = 0.0  # 0 for from-scratch pre-training of small models (faster, usual)
+    pad_id: int = 0
+    bos_id: int = 2
+    eos_id: int = 3
+    pretrained: str | None = None  # earlier run dir or local HF model dir; size is then ignored
+    freeze_embed: bool = False
+    # Replace entries of the size table (e.g. {"n_layer": 2}); a label-free custom size.
+    overrides: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> ModelConfig:
+        family = d.get("family")
+        size = d.get("size", "tiny")
+        if family not in FAMILIES:
+            raise UserError(f"unknown model family {family!r}; choose one of {FAMILIES}")
+        if size not in SIZE_NAMES:
+            raise UserError(f"unknown model size {size!r}; choose one of {SIZE_NAMES}")
+        overrides = d.get("overrides") or {}
+        pretrained = d.get("pretrained")
+        if not isinstance(overrides, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) for k, v in overrides.items()
+        ):
+            raise UserError("model overrides must map dimension names to integers")
+        return cls(
+            family=family,
+            size=size,
+            vocab_size=_int(d, "vocab_size", 4096),
+            max_seq_len=_int(d, "max_seq_len", 256),
+            dropout=_float(d, "dropout", 0.0),
+            pad_id=_int(d, "pad_id", 0),
+            bos_id=_int(d, "bos_id", 2),
+            eos_id=_int(d, "eos_id", 3),
+            pretrained=str(pretrained) if pretrained is not None else None,
+            freeze_embed=bool(d.get("freeze_embed", False)),
+            overrides=dict(overrides),
+        )
+
+
+def _int(d: dict[str, object], key: str, default: int) -> int:
+    v = d.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise UserError(f"{key} must be an integer, got {v!r}")
+    return v
+
+
+def _float(d: dict[str, object], key: str, default: float) -> float:
+    v = d.get(key, default)
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        raise UserError(f"{key} must be a number, got {v!r}")
+    return float(v)
+
+
+def model_dims(cfg: ModelConfig) -> dict[str, int]:
+    """The size-table entry for (family, size) with cfg.overrides applied."""
+    table = SIZES.get(cfg.family)
+    if table is None:
+        raise UserError(f"unknown model family {cfg.family!r}; choose one of {FAMILIES}")
+    if cfg.size not in table:
+        raise UserError(
+            f"size {cfg.size!r} does not exist for {cfg.family}; choose one of {tuple(table)}"
+        )
+    dims = dict(table[cfg.size])
+    unknown = set(cfg.overrides) - set(dims)
+    if unknown:
+        raise UserError(f"unknown {cfg.family} dimensions in overrides: {sorted(unknown)}")
+    dims.update(cfg.overrides)
+    if any(v < 1 for v in dims.values()):
+        raise UserError(f"model dimensions must be positive: {dims}")
+    if "n_head" in dims and dims["n_embd"] % dims["n_head"]:
+        raise UserError(f"n_embd {dims['n_embd']} is not divisible by n_head {dims['n_head']}")
+    if "n_kv_head" in dims and dims["n_head"] % dims["n_kv_head"]:
+        raise UserError(
+            f"n_head {dims['n_head']} is not divisible by n_kv_head {dims['n_kv_head']}"
+        )
+    return dims
+
+
+class CharLSTM(nn.Module):
+    """Embedding -> multi-layer LSTM -> linear: a next-character model."""
+
+    def __init__(
+        self, vocab_size: int, n_embd: int, hidden: int, n_layer: int, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.dims = {"n_layer": n_layer, "n_embd": n_embd, "hidden": hidden}
+        self.embed = nn.Embedding(vocab_size, n_embd)
+        self.drop = nn.Dropout(dropout)
+        # nn.LSTM applies its dropout between layers only, hence the extra Dropout around it.
+        self.lstm = nn.LSTM(
+            n_embd, hidden, num_layers=n_layer, batch_first=True,
+            dropout=dropout if n_layer > 1 else 0.0,
+        )
+        self.head = nn.Linear(hidden, vocab_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h, _ = self.lstm(self.drop(self.embed(input_ids)))
+        out: torch.Tensor = self.head(self.drop(h))
+        return out
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
+
+def _hf() -> None:
+    # Saving/loading prints per-shard progress bars: noise in a worker's logs.
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # untyped in transformers
+
+
+def _as_hf(model: nn.Module) -> PreTrainedModel:
+    from transformers import PreTrainedModel
+
+    assert isinstance(model, PreTrainedModel), f"not a transformers model: {type(model)}"
+    return model
+
+
+def _dropout_kwargs(family: ModelFamily, p: float) -> dict[str, float]:
+    if family == "gpt2":
+        return {"resid_pdrop": p, "embd_pdrop": p, "attn_pdrop": p}
+    return {"attention_dropout": p}  # llama/qwen have dropout in attention only
+
+
+def hf_config(cfg: ModelConfig) -> PretrainedConfig:
+    """The transformers config for an HF family (vocab and special ids from our tokenizer)."""
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    d = model_dims(cfg)
+    p = cfg.dropout
+    if cfg.family == "gpt2":
+        # GPT2Config defaults bos/eos to 50256: always set them from our tokenizer.
+        return GPT2Config(
+            vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=d["n_embd"],
+            n_layer=d["n_layer"], n_head=d["n_head"], resid_pdrop=p, embd_pdrop=p, attn_pdrop=p,
+            bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id, pad_token_id=cfg.pad_id,
+        )
+    if cfg.family in ("llama", "qwen"):
+        klass = LlamaConfig if cfg.family == "llama" else Qwen2Config
+        # Tied input/output embeddings: at these sizes the embedding is a large share of
+        # the parameters (Llama 3.2 1B and Qwen2 0.5B tie theirs too).
+        return klass(
+            vocab_size=cfg.vocab_size, hidden_size=d["n_embd"], intermediate_size=d["intermediate"],
+            num_hidden_layers=d["n_layer"], num_attention_heads=d["n_head"],
+            num_key_value_heads=d["n_kv_head"], max_position_embeddings=cfg.max_seq_len,
+            attention_dropout=p, tie_word_embeddings=True,
+            bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id, pad_token_id=cfg.pad_id,
+        )
+    raise UserError(f"{cfg.family} is not a transformers family")
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """A fresh model from the size table, or cfg.pretrained loaded for fine-tuning.
+
+    Weights are initialised from torch's global RNG: seed before calling.
+    """
+    if cfg.vocab_size < 1:
+        raise UserError(f"vocab_size must be positive, got {cfg.vocab_size}")
+    if cfg.max_seq_len < 1:
+        raise UserError(f"max_seq_len must be positive, got {cfg.max_seq_len}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise UserError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    model = _load_pretrained(cfg) if cfg.pretrained is not None else BUILDERS[cfg.family](cfg)
+    if cfg.freeze_embed:
+        freeze_input_embeddings(model)
+    return model
+
+
+def _build_hf(cfg: ModelConfig) -> nn.Module:
+    _hf()
+    from transformers import AutoModelForCausalLM
+
+    model: nn.Module = AutoModelForCausalLM.from_config(hf_config(cfg), dtype=torch.float32)  # type: ignore[no-untyped-call]  # untyped in transformers
+    return model
+
+
+def _build_char_lstm(cfg: ModelConfig) -> nn.Module:
+    d = model_dims(cfg)
+    return CharLSTM(cfg.vocab_size, d["n_embd"], d["hidden"], d["n_layer"], cfg.dropout)
+
+
+BUILDERS: dict[ModelFamily, Callable[[ModelConfig], nn.Module]] = {
+    "gpt2": _build_hf, "llama": _build_hf, "qwen": _build_hf, "char_lstm": _build_char_lstm,
+}
+
+
+def _load_pretrained(cfg: ModelConfig) -> nn.Module:
+    assert cfg.pretrained is not None
+    src = Path(cfg.pretrained)
+    if not (src / "config.json").is_file():
+        raise UserError(f"pretrained model {src} not found (no config.json there)")
+    model, pcfg = load_model(src, dropout=cfg.dropout)
+    if pcfg.family != cfg.family:
+        raise UserError(
+            f"pretrained model {src} is a {pcfg.family} model, but family {cfg.family} was asked"
+        )
+    n_vocab = input_embedding(model).num_embeddings
+    if n_vocab != cfg.vocab_size:
+        raise UserError(
+            f"tokenizer vocab size {cfg.vocab_size} does not match the pretrained model's "
+            f"vocab size {n_vocab}; fine-tune with the tokenizer the model was trained with"
+        )
+    if cfg.family != "char_lstm" and cfg.max_seq_len > pcfg.max_seq_len:
+        raise UserError(
+            f"max_seq_len {cfg.max_seq_len} exceeds the pretrained model's {pcfg.max_seq_len}"
+        )
+    return model.float()
+
+
+def input_embedding(model: nn.Module) -> nn.Embedding:
+    emb = model.embed if isinstance(model, CharLSTM) else _as_hf(model).get_input_embeddings()
+    assert isinstance(emb, nn.Embedding)
+    return emb
+
+
+def freeze_input_embeddings(model: nn.Module) -> None:
+    """Stop training the token embedding.
+
+    gpt2 (and our llama/qwen configs) tie the input embedding to the output projection:
+    it is one tensor, so freezing it freezes the LM head too. We accept that rather than
+    untie, because untying would silently turn the pretrained model into a different one
+    (and double its embedding parameters).
+    """
+    input_embedding(model).weight.requires_grad_(False)
+
+
+def logits(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[B, T] token ids -> [B, T, V] next-token logits, for every family.
+
+    attention_mask (1 = real token) only matters for padded batches of HF models; the
+    LSTM reads left to right, so padding at the end cannot change the real positions.
+    """
+    base = getattr(model, "_orig_mod", model)  # torch.compile wraps the module
+    out: torch.Tensor
+    if isinstance(base, CharLSTM):
+        out = model(input_ids)
+    else:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return out
+
+
+def save_model(model: nn.Module, cfg: ModelConfig, out_dir: Path) -> None:
+    """Write the model into out_dir (created): config.json + model.safetensors."""
+    from safetensors.torch import save_model as save_safetensors
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, CharLSTM):
+        meta = {
+            "format": CHAR_LSTM_FORMAT,
+            "version": CHAR_LSTM_VERSION,
+            "vocab_size": model.embed.num_embeddings,
+            "dims": model.dims,
+            "config": cfg.to_dict(),
+        }
+        save_safetensors(model, str(out_dir / "model.safetensors"))
+        (out_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        return
+    _hf()
+    _as_hf(model).save_pretrained(str(out_dir))
+    meta = {"format": "mt-model", "version": MT_MODEL_VERSION, "config": cfg.to_dict()}
+    (out_dir / MT_MODEL_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _read_config_json(src: Path) -> dict[str, object]:
+    try:
+        meta = json.loads((src / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"no readable model config in {src}: {e}") from e
+    if not isinstance(meta, dict):
+        raise UserError(f"{src / 'config.json'} is not a JSON object")
+    if meta.get("format") == CHAR_LSTM_FORMAT and meta.get("version") != CHAR_LSTM_VERSION:
+        raise UserError(
+            f"{src} holds char_lstm format version {meta.get('version')!r}; this trainer reads "
+            f"version {CHAR_LSTM_VERSION}"
+        )
+    return meta
+
+
+def _hf_family(src: Path, meta: dict[str, object]) -> ModelFamily:
+    model_type = meta.get("model_type")
+    family = _HF_MODEL_TYPES.get(str(model_type))
+    if family is None:
+        raise UserError(
+            f"{src} holds a {model_type!r} model; supported: {sorted(_HF_MODEL_TYPES)}"
+        )
+    return family
+
+
+def read_model_config(src: Path) -> ModelConfig:
+    """The ModelConfig of a saved model dir, from its config files only (no weights)."""
+    meta = _read_config_json(src)
+    if meta.get("format") == CHAR_LSTM_FORMAT:
+        raw = meta.get("config")
+        if not isinstance(raw, dict):
+            raise UserError(f"{src / 'config.json'} is not a valid {CHAR_LSTM_FORMAT} config")
+        return ModelConfig.from_dict(raw)
+    family = _hf_family(src, meta)
+    mt = src / MT_MODEL_FILE
+    if mt.is_file():
+        raw = json.loads(mt.read_text()).get("config")
+        if not isinstance(raw, dict):
+            raise UserError(f"{mt} is not a valid model description")
+        return ModelConfig.from_dict(raw)
+    return _config_from_hf(family, meta)
+
+
+def load_model(src: Path, dropout: float | None = None) -> tuple[nn.Module, ModelConfig]:
+    """Load a model saved by save_model, or any local gpt2/llama/qwen2 HF model dir.
+
+    dropout replaces the saved dropout probability (e.g. to fine-tune with another one).
+    """
+    cfg = read_model_config(src)
+    if dropout is not None:
+        cfg.dropout = dropout
+    meta = _read_config_json(src)
+    if meta.get("format") == CHAR_LSTM_FORMAT:
+        return _load_char_lstm(src, meta, cfg), cfg
+    _hf()
+    from transformers import AutoModelForCausalLM
+
+    family = _hf_family(src, meta)
+    kwargs: dict[str, float] = {} if dropout is None else _dropout_kwargs(family, dropout)
+    model = AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True, **kwargs)
+    return model, cfg
+
+
+def _config_from_hf(family: ModelFamily, c: dict[str, object]) -> ModelConfig:
+    """A ModelConfig describing a foreign HF model (its config.json): exact dims in overrides."""
+    if family == "gpt2":
+        keys = {"n_layer": "n_layer", "n_embd": "n_embd", "n_head": "n_head"}
+        seq, dropout = _int(c, "n_positions", 1024), _float(c, "resid_pdrop", 0.0)
+    else:
+        keys = {
+            "n_layer": "num_hidden_layers", "n_embd": "hidden_size",
+            "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads",
+            "intermediate": "intermediate_size",
+        }
+        seq, dropout = _int(c, "max_position_embeddings", 2048), _float(c, "attention_dropout", 0.0)
+    dims = {ours: _int(c, theirs, 0) for ours, theirs in keys.items()}
+    if family != "gpt2" and c.get("num_key_value_heads") is None:
+        dims["n_kv_head"] = dims["n_head"]
+    # Some models list several eos ids or none; ours are plain ints with our defaults.
+    pad, bos, eos = (
+        v if isinstance(v, int) and not isinstance(v, bool) else default
+        for v, default in zip(
+            (c.get("pad_token_id"), c.get("bos_token_id"), c.get("eos_token_id")),
+            (0, 2, 3), strict=True,
+        )
+    )
+    # With every dimension in overrides the size name is only a label.
+    return ModelConfig(
+        family=family, size="small", vocab_size=_int(c, "vocab_size", 0), max_seq_len=seq,
+        dropout=dropout, pad_id=pad, bos_id=bos, eos_id=eos, overrides=dims,
+    )
+
+
+def _load_char_lstm(src: Path, meta: dict[str, object], cfg: ModelConfig) -> nn.Module:
+    from safetensors.torch import load_model as load_safetensors
+
+    dims, vocab = meta.get("dims"), meta.get("vocab_size")
+    if not isinstance(dims, dict) or not isinstance(vocab, int):
+        raise UserError(f"{src / 'config.json'} is not a valid {CHAR_LSTM_FORMAT} config")
+    model = CharLSTM(
+        vocab, int(dims["n_embd"]), int(dims["hidden"]), int(dims["n_layer"]), cfg.dropout
+    )
+    load_safetensors(model, str(src / "model.safetensors"))
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

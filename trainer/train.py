@@ -1,0 +1,710 @@
+"""The training loop: one visible loop, nanoGPT style.
+
+train() encodes the corpus (cached), builds or loads the model, and runs AdamW/Adam/SGD
+with warmup + cosine decay, gradient accumulation and clipping, periodic validation
+(best model kept in run_dir/best/, early stopping), periodic checkpoints and cancellation
+between steps. A run_dir holding a checkpoint is resumed from it and continues exactly as
+if it had never stopped (same weights bit for bit on CPU, same loss curve). At the end the
+best-by-validation model and the tokenizer files are written directly into run_dir, so
+`AutoModelForCausalLM.from_pretrained(run_dir)` / `AutoTokenizer.from_pretrained(run_dir)`
+load them, with manifest.json beside them; metrics.jsonl gets one line per step/validation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from types import UnionType
+from typing import IO, Literal, Union, get_args, get_origin, get_type_hints
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.checkpoint import (
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    set_rng_state,
+)
+from trainer.data import IGNORE_INDEX, TokenDataInfo, TokenWindows, dir_sha256, encode_splits
+from trainer.errors import UserError
+from trainer.manifest import RunManifest, cpu_flags, write_manifest
+from trainer.model import (
+    FAMILIES,
+    MODEL_FILES,
+    SIZE_NAMES,
+    ModelConfig,
+    ModelFamily,
+    ModelSize,
+    build_model,
+    count_parameters,
+    load_model,
+    logits,
+    model_dims,
+    read_model_config,
+    save_model,
+)
+from trainer.tokenizer import load_tokenizer
+
+OptimizerName = Literal["adamw", "adam", "sgd"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
+Precision = Literal["fp32", "bf16", "fp16"]
+Status = Literal["completed", "cancelled", "early_stopped"]
+OPTIMIZERS: tuple[OptimizerName, ...] = get_args(OptimizerName)
+DEVICES: tuple[DeviceName, ...] = get_args(DeviceName)
+PRECISIONS: tuple[PrecisionName, ...] = get_args(PrecisionName)
+# Config fields that may differ when a run is resumed: they do not change the maths.
+RESUMABLE_CHANGES = frozenset({"threads", "keep_checkpoints", "compile"})
+METRICS_NAME = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    # model
+    family: ModelFamily = "gpt2"
+    size: ModelSize = "tiny"
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    pretrained: str | None = None  # earlier run dir or local HF model dir: fine-tune it
+    freeze_embed: bool = False
+    model_overrides: dict[str, int] = field(default_factory=dict)  # e.g. {"n_layer": 2}
+    # schedule
+    num_epochs: int = 1
+    max_steps: int | None = None  # overrides num_epochs when set
+    batch_size: int = 8
+    learning_rate: float = 3e-4
+    finetune_lr_cap: float | None = None  # lr = min(lr, cap) when fine-tuning
+    optimizer: OptimizerName = "adamw"
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    gradient_clipping: float = 1.0  # max grad norm; 0 = no clipping
+    grad_accum_steps: int = 1
+    # validation, checkpoints, stopping
+    eval_every: int = 100  # steps; also at every epoch end and at the last step
+    eval_batches: int = 20  # validation/test batches per evaluation
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    early_stopping_patience: int | None = None  # validations without improvement
+    # runtime
+    seed: int = 1337
+    device: DeviceName = "auto"
+    precision: PrecisionName = "auto"
+    threads: int = 0  # torch threads; 0 = leave torch's default
+    compile: bool = False  # torch.compile: pays off on longer runs only (first compile 20-50 s)
+
+    def validate(self) -> None:
+        if self.family not in FAMILIES:
+            raise UserError(f"unknown model family {self.family!r}; choose one of {FAMILIES}")
+        if self.size not in SIZE_NAMES:
+            raise UserError(f"unknown model size {self.size!r}; choose one of {SIZE_NAMES}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
+        if self.device not in DEVICES:
+            raise UserError(f"unknown device {self.device!r}; choose one of {DEVICES}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
+        positive = {
+            "max_seq_len": self.max_seq_len, "num_epochs": self.num_epochs,
+            "batch_size": self.batch_size, "grad_accum_steps": self.grad_accum_steps,
+            "eval_every": self.eval_every, "eval_batches": self.eval_batches,
+            "checkpoint_every": self.checkpoint_every, "keep_checkpoints": self.keep_checkpoints,
+        }
+        if self.max_steps is not None:
+            positive["max_steps"] = self.max_steps
+        if self.early_stopping_patience is not None:
+            positive["early_stopping_patience"] = self.early_stopping_patience
+        for name, v in positive.items():
+            if v < 1:
+                raise UserError(f"{name} must be at least 1, got {v}")
+        if not self.learning_rate > 0 or (
+            self.finetune_lr_cap is not None and not self.finetune_lr_cap > 0
+        ):
+            raise UserError("learning_rate and finetune_lr_cap must be positive")
+        if self.warmup_steps < 0 or self.threads < 0 or self.weight_decay < 0:
+            raise UserError("warmup_steps, threads and weight_decay must not be negative")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise UserError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.gradient_clipping < 0:
+            raise UserError("gradient_clipping must not be negative (0 = off)")
+        if self.pretrained is None:  # a size the family lacks, a bad override: fail early
+            model_dims(ModelConfig(family=self.family, size=self.size,
+                                   overrides=dict(self.model_overrides)))
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> TrainConfig:
+        """From JSON-like data; unknown keys and wrongly typed values are a UserError."""
+        hints = get_type_hints(cls)
+        unknown = set(d) - set(hints)
+        if unknown:
+            raise UserError(f"unknown training options: {sorted(unknown)}")
+        cfg = cls()
+        for name, value in d.items():
+            if not _matches(value, hints[name]):
+                raise UserError(f"training option {name} has a bad value: {value!r}")
+            is_float = hints[name] is float or float in get_args(hints[name])
+            setattr(cfg, name, float(value) if is_float and isinstance(value, int) else value)
+        cfg.validate()
+        return cfg
+
+
+def _matches(value: object, hint: object) -> bool:
+    """Whether a JSON value fits a TrainConfig field type (bool is not a number here)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Literal:
+        return value in args
+    if origin in (Union, UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            _matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items()
+        )
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(hint, type) and isinstance(value, hint)
+
+
+@dataclass
+class Progress:
+    step: int
+    epoch: int  # 1-based epoch of the last batch
+    total_epochs: int
+    total_steps: int
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens_per_s: float
+    samples_per_s: float
+    val_loss: float | None  # set on the steps that ran a validation
+    val_ppl: float | None
+    elapsed_s: float
+
+
+@dataclass
+class TrainResult:
+    status: Status
+    steps: int
+    total_steps: int
+    tokens: int
+    train_loss: float | None  # mean of the last (up to) 20 steps
+    val_loss: float | None  # of the final (best) model
+    val_ppl: float | None
+    test_loss: float | None
+    test_ppl: float | None
+    best_step: int | None
+    best_val_loss: float | None
+    tokens_per_s: float
+    resumed_from_step: int | None
+    elapsed_s: float
+    losses: list[float]  # every step's train loss, including steps before a resume
+    val_history: list[tuple[int, float]]
+
+
+def perplexity(loss: float | None) -> float | None:
+    if loss is None:
+        return None
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def cpu_supports_bf16(capability: str | None = None, flags: set[str] | None = None) -> bool:
+    """Whether bf16 autocast is worth it (native bf16 matmuls) on this CPU.
+
+    Needs torch's AVX512 (or AMX) kernels and the CPU's avx512_bf16/amx_bf16 instructions;
+    elsewhere bf16 is emulated and slower than fp32, so we refuse it.
+    """
+    cap = capability if capability is not None else torch.backends.cpu.get_cpu_capability()
+    found = flags if flags is not None else cpu_flags()
+    return ("AVX512" in cap or "AMX" in cap) and bool(found & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_device(name: DeviceName) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda was asked but no CUDA GPU is available")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_precision(
+    name: PrecisionName, device: torch.device, cpu_bf16: bool | None = None
+) -> Precision:
+    """fp16 only on CUDA; bf16 where the device runs it natively; auto is conservative."""
+    if device.type == "cuda":
+        bf16_ok = torch.cuda.is_bf16_supported()
+        if name == "bf16" and not bf16_ok:
+            raise UserError("this GPU does not support bf16; use fp16 or fp32")
+        if name == "auto":
+            return "bf16" if bf16_ok else "fp32"
+        return name
+    if name == "fp16":
+        raise UserError("fp16 needs a CUDA GPU; on CPU use fp32 (or bf16 where supported)")
+    if name == "bf16" and not (cpu_supports_bf16() if cpu_bf16 is None else cpu_bf16):
+        raise UserError("this CPU has no native bf16 (avx512_bf16/amx_bf16); use fp32")
+    return "fp32" if name == "auto" else name
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to min_ratio at `total`."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """Weight decay on matrices only (not biases, norms); frozen parameters left out."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.95))
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+
+
+def next_token_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean cross-entropy over the unmasked targets (y = -100 at padding)."""
+    out = logits(model, x, mask)
+    return F.cross_entropy(
+        out.float().view(-1, out.size(-1)), y.view(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+def padding_mask(y: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask of a padded batch (None when unpadded); y still on the CPU.
+
+    Padding only ever fills the end of a window, so the last column tells.
+    """
+    if not bool((y[:, -1] == IGNORE_INDEX).any()):
+        return None
+    return (y != IGNORE_INDEX).long()
+
+
+def evaluate_loss(
+    model: nn.Module, windows: TokenWindows, batches: list[npt.NDArray[np.int64]],
+    device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager[object]],
+) -> float | None:
+    """Mean next-token loss per target token over the given window batches."""
+    if not batches:
+        return None
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    with torch.no_grad():
+        for idx in batches:
+            x, y = windows.windows(idx)
+            mask = padding_mask(y)
+            count += int((y != IGNORE_INDEX).sum())  # on the CPU: no device sync
+            x, y = x.to(device), y.to(device)
+            with autocast():
+                out = logits(model, x, None if mask is None else mask.to(device))
+            total += F.cross_entropy(
+                out.float().view(-1, out.size(-1)), y.view(-1),
+                ignore_index=IGNORE_INDEX, reduction="sum",
+            ).double()
+    model.train(was_training)
+    return float(total.item()) / count
+
+
+def _copy_into(src: Path, dst_dir: Path) -> None:
+    tmp = dst_dir / f".{src.name}.tmp-{uuid.uuid4().hex[:8]}"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst_dir / src.name)
+
+
+def _save_model_dir(model: nn.Module, cfg: ModelConfig, out: Path) -> None:
+    """save_model into a temp dir renamed over `out`."""
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        save_model(model, cfg, tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+            shutil.rmtree(old)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _trim_metrics(path: Path, upto_step: int) -> None:
+    """Drop metrics lines past the checkpoint a run resumes from (they will be redone),
+    and the test line of a finished run (the final evaluation is redone too)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a crash
+        step = record.get("step", 0)
+        if isinstance(step, int) and step <= upto_step and record.get("kind") != "test":
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _log(f: IO[str], record: dict[str, object]) -> None:
+    f.write(json.dumps(record) + "\n")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def train(
+    cfg: TrainConfig,
+    data_dir: Path,
+    tokenizer_dir: Path,
+    run_dir: Path,
+    on_progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    token_dir: Path | None = None,
+) -> TrainResult:
+    """Train (or resume) the model of cfg on the prepared corpus in data_dir.
+
+    data_dir holds {train,validation,test}.txt; their token encoding is cached in token_dir
+    (default data_dir/tokens/<tokenizer hash>). should_stop is checked between steps: when
+    it answers True a checkpoint is saved and the result has status "cancelled".
+    """
+    cfg.validate()
+    t_start = time.perf_counter()
+    started_at = _now()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+
+    # ---- data
+    tok = load_tokenizer(tokenizer_dir)
+    if cfg.family == "qwen" and tok.config.kind != "bpe":
+        # transformers loads every qwen2 folder with its own byte-level Qwen2Tokenizer,
+        # whatever tokenizer_config.json says: only our byte-level BPE survives that.
+        raise UserError(
+            f"qwen models need a bpe tokenizer (got {tok.config.kind}): transformers loads "
+            "qwen2 run folders with its own byte-level BPE tokenizer"
+        )
+    if token_dir is None:
+        token_dir = data_dir / "tokens" / dir_sha256(tokenizer_dir)[:16]
+    info = encode_splits(data_dir, tokenizer_dir, token_dir, threads=cfg.threads)
+    seq = cfg.max_seq_len
+    train_w = TokenWindows(
+        info.path("train"), info.dtype, seq, cfg.batch_size, tok.pad_id, seed=cfg.seed
+    )
+    if train_w.num_windows == 0:
+        raise UserError("the train split has fewer than 2 tokens: nothing to train on")
+    val_w, test_w = (
+        TokenWindows(info.path(s), info.dtype, seq, cfg.batch_size, tok.pad_id, shuffle=False)
+        for s in ("validation", "test")
+    )
+    val_batches = val_w.eval_batches(cfg.eval_batches)
+    bpe, accum = train_w.batches_per_epoch, cfg.grad_accum_steps
+    total_steps = cfg.max_steps or -(-cfg.num_epochs * bpe // accum)
+    total_epochs = -(-total_steps * accum // bpe)
+
+    # ---- model and optimizer
+    seed_everything(cfg.seed)
+    model_cfg = ModelConfig(
+        family=cfg.family, size=cfg.size, vocab_size=tok.vocab_size, max_seq_len=seq,
+        dropout=cfg.dropout, pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id,
+        pretrained=cfg.pretrained, freeze_embed=cfg.freeze_embed,
+        overrides=dict(cfg.model_overrides),
+    )
+    model = build_model(model_cfg).to(device)
+    if cfg.pretrained is not None:  # what was loaded (its dims, its context length)
+        model_cfg = replace(
+            read_model_config(Path(cfg.pretrained)), dropout=cfg.dropout,
+            pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id,
+            pretrained=cfg.pretrained, freeze_embed=cfg.freeze_embed,
+        )
+    model.train()
+    fwd: nn.Module = model
+    if cfg.compile:
+        compiled = torch.compile(model)
+        assert isinstance(compiled, nn.Module)
+        fwd = compiled
+    lr = cfg.learning_rate
+    if cfg.pretrained is not None and cfg.finetune_lr_cap is not None:
+        lr = min(lr, cfg.finetune_lr_cap)
+    optimizer = make_optimizer(cfg, model, lr)
+    warmup, min_ratio = cfg.warmup_steps, cfg.min_lr_ratio
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup, total_steps, min_ratio)
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def autocast() -> contextlib.AbstractContextManager[object]:
+        if amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    max_norm = cfg.gradient_clipping if cfg.gradient_clipping > 0 else math.inf
+
+    # ---- resume
+    ckpt_dir = run_dir / "checkpoints"
+    metrics_path = run_dir / METRICS_NAME
+    config_dict = cfg.to_dict()
+    state = TrainState()
+    resumed_from: int | None = None
+    ckpt = latest_checkpoint(ckpt_dir)
+    if ckpt is not None:
+        loaded = load_checkpoint(ckpt, model)
+        _check_resumable(loaded.info, config_dict, info, ckpt)
+        optimizer.load_state_dict(_state_dict(loaded.states, "optimizer"))
+        scheduler.load_state_dict(_state_dict(loaded.states, "scheduler"))
+        if scaler.is_enabled() and "scaler" in loaded.states:
+            scaler.load_state_dict(_state_dict(loaded.states, "scaler"))
+        state = loaded.state
+        resumed_from = state.step
+        set_rng_state(_state_dict(loaded.states, "rng"))  # last: building the model drew numbers
+        _trim_metrics(metrics_path, state.step)
+    else:
+        metrics_path.unlink(missing_ok=True)  # left by a run that died before its 1st checkpoint
+
+    n_params = count_parameters(model)
+    manifest = RunManifest(
+        status="running", config=config_dict,
+        model={**model_cfg.to_dict(), "parameters": n_params,
+               "trainable_parameters": sum(p.numel() for p in trainable)},
+        tokenizer={"dir": str(tokenizer_dir), "vocab_size": tok.vocab_size,
+                   "sha256": info.tokenizer_sha256},
+        data={"dir": str(data_dir), "tokens": info.tokens, "fingerprint": info.fingerprint},
+        seed=cfg.seed, device=str(device), precision=precision, started_at=started_at,
+        total_steps=total_steps, resumed_from_step=resumed_from,
+    )
+    write_manifest(run_dir, manifest)
+
+    def checkpoint() -> None:
+        states: dict[str, object] = {
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        }
+        if scaler.is_enabled():
+            states["scaler"] = scaler.state_dict()
+        save_checkpoint(ckpt_dir, model, states, state,
+                        {"config": config_dict, "data_fingerprint": info.fingerprint})
+        protect = {state.best_step} if state.best_step is not None else set()
+        prune_checkpoints(ckpt_dir, cfg.keep_checkpoints, protect)
+
+    def validate(metrics: IO[str]) -> float | None:
+        val = evaluate_loss(fwd, val_w, val_batches, device, autocast)
+        if val is None:
+            return None
+        state.val_history.append((state.step, val))
+        improved = val < state.best_val_loss  # NaN never improves
+        if improved:
+            state.best_val_loss, state.best_step, state.bad_evals = val, state.step, 0
+            _save_model_dir(model, model_cfg, run_dir / "best")
+        else:
+            state.bad_evals += 1
+            patience = cfg.early_stopping_patience
+            state.early_stopped = patience is not None and state.bad_evals >= patience
+        _log(metrics, {"kind": "val", "step": state.step, "val_loss": val,
+                       "val_ppl": perplexity(val), "best": improved})
+        return val
+
+    # ---- the loop
+    cancelled = False
+    session_tokens, session_time = 0, 0.0
+    last_saved = state.step if ckpt is not None else -1
+    with metrics_path.open("a", buffering=1) as metrics:
+        while state.step < total_steps and not state.early_stopped:
+            if should_stop is not None and should_stop():
+                cancelled = True
+                break
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            step_tokens = step_samples = 0
+            for _ in range(accum):
+                epoch, index = divmod(state.micro_step, bpe)
+                x, y = train_w.batch(epoch, index)
+                mask = padding_mask(y)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if mask is not None:
+                    mask = mask.to(device, non_blocking=True)
+                with autocast():
+                    loss = next_token_loss(fwd, x, y, mask)
+                torch.autograd.backward(scaler.scale(loss / accum))
+                loss_sum += loss.detach()
+                state.micro_step += 1
+                step_tokens += x.numel()
+                step_samples += x.size(0)
+            scaler.unscale_(optimizer)  # no-op unless fp16: clip the true gradients
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step_lr = float(scheduler.get_last_lr()[0])
+            scheduler.step()
+            state.step += 1
+            # One host sync per step, for the loss history and the progress report.
+            loss_v, norm_v = torch.stack([loss_sum / accum, grad_norm.float()]).tolist()
+            if not math.isfinite(loss_v):
+                raise UserError(
+                    f"training diverged: loss is {loss_v} at step {state.step}; "
+                    "lower the learning rate (or use fp32)"
+                )
+            dt = time.perf_counter() - t0
+            state.losses.append(loss_v)
+            state.tokens += step_tokens
+            state.train_time_s += dt
+            session_tokens += step_tokens
+            session_time += dt
+            state.epoch, state.batch_index = divmod(state.micro_step, bpe)
+            tps = session_tokens / session_time if session_time > 0 else 0.0
+            elapsed = time.perf_counter() - t_start
+            epoch_no = (state.micro_step - 1) // bpe + 1
+            _log(metrics, {"kind": "train", "step": state.step, "epoch": epoch_no,
+                           "loss": loss_v, "lr": step_lr, "grad_norm": norm_v,
+                           "tokens": state.tokens, "tokens_per_s": round(tps, 1),
+                           "elapsed_s": round(elapsed, 3)})
+
+            epoch_end = state.micro_step // bpe > (state.micro_step - accum) // bpe
+            val: float | None = None
+            if state.step % cfg.eval_every == 0 or epoch_end or state.step == total_steps:
+                val = validate(metrics)
+            if on_progress is not None:
+                on_progress(Progress(
+                    step=state.step, epoch=epoch_no, total_epochs=total_epochs,
+                    total_steps=total_steps, loss=loss_v, lr=step_lr, grad_norm=norm_v,
+                    tokens_per_s=tps, samples_per_s=step_samples / dt if dt > 0 else 0.0,
+                    val_loss=val, val_ppl=perplexity(val), elapsed_s=elapsed,
+                ))
+            if state.step % cfg.checkpoint_every == 0:
+                checkpoint()
+                last_saved = state.step
+
+        if last_saved != state.step:
+            checkpoint()
+
+        status: Status = (
+            "cancelled" if cancelled else "early_stopped" if state.early_stopped else "completed"
+        )
+        test_loss: float | None = None
+        if not cancelled:
+            test_loss = _finalize(model, model_cfg, state, run_dir, tokenizer_dir, test_w,
+                                  cfg.eval_batches, device, autocast)
+            _log(metrics, {"kind": "test", "step": state.step, "test_loss": test_loss,
+                           "test_ppl": perplexity(test_loss)})
+
+    tail = state.losses[-20:]
+    train_loss = sum(tail) / len(tail) if tail else None
+    best_val = state.best_val_loss if state.best_step is not None else None
+    tokens_per_s = state.tokens / state.train_time_s if state.train_time_s > 0 else 0.0
+    elapsed = time.perf_counter() - t_start
+    manifest.status = status
+    manifest.ended_at = _now()
+    manifest.elapsed_s = round(elapsed, 3)
+    manifest.steps, manifest.tokens = state.step, state.tokens
+    manifest.tokens_per_s = round(tokens_per_s, 1)
+    manifest.train_loss, manifest.train_ppl = train_loss, perplexity(train_loss)
+    manifest.val_loss, manifest.val_ppl = best_val, perplexity(best_val)
+    manifest.test_loss, manifest.test_ppl = test_loss, perplexity(test_loss)
+    manifest.best_step, manifest.best_val_loss = state.best_step, best_val
+    manifest.early_stopped = state.early_stopped
+    write_manifest(run_dir, manifest)
+    return TrainResult(
+        status=status, steps=state.step, total_steps=total_steps, tokens=state.tokens,
+        train_loss=train_loss, val_loss=best_val, val_ppl=perplexity(best_val),
+        test_loss=test_loss, test_ppl=perplexity(test_loss), best_step=state.best_step,
+        best_val_loss=best_val, tokens_per_s=tokens_per_s, resumed_from_step=resumed_from,
+        elapsed_s=elapsed, losses=list(state.losses), val_history=list(state.val_history),
+    )
+
+
+def _finalize(
+    model: nn.Module, model_cfg: ModelConfig, state: TrainState, run_dir: Path,
+    tokenizer_dir: Path, test_w: TokenWindows, eval_batches: int, device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager[object]],
+) -> float | None:
+    """Write the final artifacts into run_dir and return the final model's test loss.
+
+    The final model is the best by validation loss (run_dir/best/, copied file by file);
+    without a validation split it is the last weights. Its test loss is measured on the
+    saved files, i.e. on exactly what users get.
+    """
+    best = run_dir / "best"
+    if state.best_step is None or not (best / "config.json").is_file():
+        _save_model_dir(model, model_cfg, best)
+    for name in MODEL_FILES:
+        (run_dir / name).unlink(missing_ok=True)  # e.g. generation_config.json of another run
+    for src in sorted(best.iterdir()):
+        if src.is_file():
+            _copy_into(src, run_dir)
+    for src in sorted(tokenizer_dir.iterdir()):
+        if src.is_file() and src.name not in MODEL_FILES:
+            _copy_into(src, run_dir)
+    final, _ = load_model(run_dir)
+    final.to(device)
+    return evaluate_loss(final, test_w, test_w.eval_batches(eval_batches), device, autocast)
+
+
+def _state_dict(states: dict[str, object], key: str) -> dict[str, object]:
+    value = states.get(key)
+    if not isinstance(value, dict):
+        raise ValueError(f"corrupt checkpoint: no {key} state")
+    return value
+
+
+def _check_resumable(
+    saved: dict[str, object], config: dict[str, object], info: TokenDataInfo, ckpt: Path
+) -> None:
+    old = saved.get("config")
+    if not isinstance(old, dict):
+        raise UserError(f"checkpoint {ckpt} has no config")
+    changed = sorted(
+        k for k in set(old) | set(config)
+        if k not in RESUMABLE_CHANGES and old.get(k) != config.get(k)
+    )
+    if changed:
+        raise UserError(
+            f"run dir holds a checkpoint of a different training config ({', '.join(changed)} "
+            f"changed); resume with the same config or use a new run dir"
+        )
+    if saved.get("data_fingerprint") != info.fingerprint:
+        raise UserError(
+            "run dir holds a checkpoint trained on other data (corpus or tokenizer changed); "
+            "use a new run dir"
+        )
