@@ -171,7 +171,11 @@ def resolve_corpus_path(root: Path, user_path: str) -> Path:
         raise UserError(f"invalid corpus path {user_path!r}: {e}") from None
     if not candidate.is_relative_to(real_root):
         raise UserError(f"corpus path {user_path!r} is outside the corpus root")
-    if not candidate.exists():
+    try:
+        exists = candidate.exists()
+    except OSError as e:  # e.g. a path component longer than the filesystem allows
+        raise UserError(f"invalid corpus path {user_path!r}: {e}") from None
+    if not exists:
         raise UserError(f"corpus path {user_path!r} does not exist")
     return candidate
 
