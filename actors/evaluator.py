@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import shutil
 import tarfile
+import urllib.parse
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Literal
@@ -200,7 +202,8 @@ class EvaluatorActor(Actor):
     async def fetch(self, pointer: dict[str, str | int], ctx: Context) -> Path:
         s = self.settings
         if pointer.get("storage") == "local":
-            path = Path(str(pointer.get("uri", "")))
+            uri = urllib.parse.urlparse(str(pointer.get("uri", "")))
+            path = Path(urllib.request.url2pathname(uri.path))
             if not path.is_file():
                 raise UserError(f"the run's local artifact {path} is missing")
             return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 from actors import log
@@ -11,17 +12,21 @@ from actors.config import Settings
 from actors.embedded import EmbeddedRedis
 from actors.evaluator import EvaluatorActor
 from actors.ingest import IngestActor
+from actors.notifier import NotifierConfig, run_notifier
+from actors.runtime import Actor, RuntimeConfig, run_actors
 from actors.tokenizer import TokenizerActor
 from actors.trainer import TrainerActor
-from actors.runtime import Actor, RuntimeConfig, run_actors
+from actors.uploader import UploaderActor
 from protocol.keys import ActorName, Keys
 
-# Registry of command actors; a kind that is not here yet is simply not started.
+# Registry of the command actors; the notifier reads the events stream and is run beside
+# them by serve().
 ACTORS: dict[ActorName, Callable[[Settings], Actor]] = {
     "ingest": IngestActor,
     "tokenizer": TokenizerActor,
     "trainer": TrainerActor,
     "evaluator": EvaluatorActor,
+    "uploader": UploaderActor,
 }
 
 
@@ -54,16 +59,42 @@ async def serve(
     stop: asyncio.Event | None = None,
     install_signals: bool = True,
 ) -> None:
+    """Run the named actors (the notifier included) in this process until SIGTERM/SIGINT or
+    `stop` — or, with until_idle, until each has handled what is queued."""
     actors = build(settings, names)
     logger = log.get("service")
-    missing = [n for n in names if n not in ACTORS]
+    missing = [n for n in names if n not in ACTORS and n != "notifier"]
     if missing:
         logger.info("actor kinds not available, not started", kinds=missing)
-    await run_actors(
-        actors, url, keys=Keys(settings.prefix),
-        consumer_name=settings.consumer_name, config=config,
-        on_ready=on_ready, until_idle=until_idle, stop=stop, install_signals=install_signals,
-    )  # fmt: skip
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    if install_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        jobs = [
+            run_actors(
+                actors, url, keys=Keys(settings.prefix), consumer_name=settings.consumer_name,
+                config=config, on_ready=on_ready, until_idle=until_idle, stop=stop,
+                install_signals=False,
+            )
+        ]  # fmt: skip
+        if "notifier" in names:
+            block_ms = config.block_ms if config else NotifierConfig().block_ms
+            jobs.append(
+                run_notifier(
+                    settings,
+                    url,
+                    stop=stop,
+                    until_idle=until_idle,
+                    config=NotifierConfig(block_ms=block_ms),
+                )
+            )
+        await asyncio.gather(*jobs)
+    finally:
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
 
 
 def run(coro: Awaitable[None]) -> None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import multiprocessing
 import os
 import queue as queue_mod
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -96,14 +98,24 @@ def _memory_mb() -> int:
         return 0
 
 
+def _finite(x: float) -> float:
+    """JSON has no NaN/Infinity (msgspec writes null, which a float field refuses): an
+    exploding grad norm must not make its event unreadable."""
+    return (
+        sys.float_info.max
+        if math.isnan(x)
+        else max(-sys.float_info.max, min(sys.float_info.max, x))
+    )
+
+
 def _float(d: dict[str, object], key: str) -> float:
     v = d.get(key)
-    return float(v) if isinstance(v, int | float) else 0.0
+    return _finite(float(v)) if isinstance(v, int | float) else 0.0
 
 
 def _opt_float(d: dict[str, object], key: str) -> float | None:
     v = d.get(key)
-    return float(v) if isinstance(v, int | float) else None
+    return _finite(float(v)) if isinstance(v, int | float) else None
 
 
 def _int(d: dict[str, object], key: str) -> int:

@@ -1,0 +1,779 @@
+"""notifier: fans the events stream out to the Discord bot's pub/sub channel and, with a bot
+token, to one direct message per run that is edited in place as the run advances.
+
+It reads `<prefix>:events` through its own consumer group "notifier" with a stable consumer
+name: its own pending entries first after a restart (id 0), then new ones; each batch is
+published, then acknowledged (at-least-once: a crash in between publishes a batch twice).
+The group is created at "$" the first time, so a notifier that starts on an old stream does
+not replay history to the bot; if Redis loses the group, it is recreated at the last entry
+handled (or "$" when none was), so nothing after that point is skipped.
+
+Messages on `Settings.events_channel` use the bot's existing shapes (the Structs below; ints
+are ints). No NaN or Infinity ever leaves: a required float that is not finite is clamped
+(NaN and +inf to the largest finite double, -inf to its negative: "diverged"), an optional
+one (val_loss, val_ppl) is left out.
+
+Progress is a percentage of the whole run: each step of the chain owns a share — ingest
+0-5, tokenizer 5-15, trainer 15-90 (by step/total_steps), evaluator 90-97, uploader 97-100.
+It is rate-limited per run by event time: at most one progress pair (job.progress +
+metrics.progress) per `progress_interval_s`, plus every event that carries a validation.
+
+What the bot hears: job.started on the first step.started of a run (queue = that step's
+actor); job.progress on later step.started and on each step's result (corpus, tokenizer,
+evaluation, artifact); metrics.config on train.started; the progress pair on train.progress;
+metrics.completed on train.completed when it has a test loss; job.completed on
+run.completed (result_id = the artifact's file id, else its uri, else the run id); job.failed
+on run.failed, and on run.cancelled as a "user" error ("cancelled: ...").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Literal
+
+import aiohttp
+import msgspec
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from actors import log
+from actors.config import Settings
+from actors.runtime import Redis, connect
+from protocol.codec import FIELD, decode_event
+from protocol.events import (
+    AnyEvent,
+    ArtifactStored,
+    CancelRequested,
+    CommandDuplicate,
+    CorpusReady,
+    ErrorKind,
+    EvalCompleted,
+    ResultReady,
+    RunCancelled,
+    RunCompleted,
+    RunFailed,
+    RunQueued,
+    StepCompleted,
+    StepStarted,
+    TokenizerReady,
+    TrainCompleted,
+    TrainProgress,
+    TrainStarted,
+)
+from protocol.keys import Keys
+
+GROUP = "notifier"
+PROGRESS_SHARE: dict[str, tuple[int, int]] = {
+    "ingest": (0, 5),
+    "tokenizer": (5, 15),
+    "trainer": (15, 90),
+    "evaluator": (90, 97),
+    "uploader": (97, 100),
+}
+MAX_RUNS = 10_000  # runs remembered at once; the oldest are forgotten first
+_BIG = sys.float_info.max
+
+
+# ------------------------------------------------------------------ the bot's contract
+class _Job(msgspec.Struct, kw_only=True, tag_field="type"):
+    domain: Literal["trainer"] = "trainer"
+    job_id: str
+    user_id: int
+
+
+class JobStarted(_Job, kw_only=True, tag="trainer.job.started.v1"):
+    queue: str  # the actor name of the step that started
+
+
+class JobProgress(_Job, kw_only=True, tag="trainer.job.progress.v1"):
+    progress: int  # 0-100 over the whole chain
+    message: str
+
+
+class JobCompleted(_Job, kw_only=True, tag="trainer.job.completed.v1"):
+    result_id: str  # the artifact's Data Bank file id or local uri (the run id without one)
+    result_bytes: int
+
+
+class JobFailed(_Job, kw_only=True, tag="trainer.job.failed.v1"):
+    error_kind: ErrorKind
+    message: str
+
+
+class _Metrics(msgspec.Struct, kw_only=True, tag_field="type"):
+    job_id: str
+    user_id: int
+
+
+class MetricsConfig(_Metrics, kw_only=True, tag="trainer.metrics.config.v1"):
+    model_family: str
+    model_size: str
+    total_epochs: int
+    queue: str
+    cpu_cores: int
+    memory_mb: int
+    optimal_threads: int
+    optimal_workers: int  # one training process per job
+    batch_size: int
+    learning_rate: float
+
+
+class MetricsProgress(
+    _Metrics, kw_only=True, omit_defaults=True, tag="trainer.metrics.progress.v1"
+):
+    epoch: int
+    total_epochs: int
+    step: int
+    train_loss: float
+    train_ppl: float
+    grad_norm: float
+    samples_per_sec: float
+    val_loss: float | None = None  # only when this step ran a validation
+    val_ppl: float | None = None
+
+
+class MetricsCompleted(_Metrics, kw_only=True, tag="trainer.metrics.completed.v1"):
+    test_loss: float
+    test_ppl: float
+    artifact_path: str  # the run dir
+
+
+BotMessage = (
+    JobStarted
+    | JobProgress
+    | JobCompleted
+    | JobFailed
+    | MetricsConfig
+    | MetricsProgress
+    | MetricsCompleted
+)
+
+
+def clamp(x: float) -> float:
+    """A required float made finite: NaN and +inf → the largest double, -inf → its negative."""
+    if math.isnan(x) or x == math.inf:
+        return _BIG
+    return -_BIG if x == -math.inf else float(x)
+
+
+def finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def ppl(loss: float) -> float:
+    return clamp(math.exp(min(loss, 709.0))) if not math.isnan(loss) else _BIG
+
+
+def percent(step: str, fraction: float) -> int:
+    """The run's progress (0-100) when `step` is `fraction` done."""
+    lo, hi = PROGRESS_SHARE.get(step, (0, 100))
+    f = min(1.0, max(0.0, fraction)) if math.isfinite(fraction) else 0.0
+    return int(lo + (hi - lo) * f)
+
+
+# ------------------------------------------------------------------ per-run view
+@dataclass
+class RunView:
+    """What the notifier knows of one run; the Discord card is drawn from it."""
+
+    run_id: str
+    user_id: int = 0
+    status: str = "queued"
+    step: str = ""
+    progress: int = 0
+    message: str = "queued"
+    started: bool = False
+    last_progress_at: float | None = None
+    epoch: int = 0
+    total_epochs: int = 0
+    train_step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    val_loss: float | None = None
+    test_loss: float | None = None
+    test_ppl: float | None = None
+    artifact: dict[str, object] | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.status in ("completed", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class NotifierConfig:
+    progress_interval_s: float = 5.0  # pub/sub progress pairs per run
+    discord_interval_s: float = 5.0  # Discord message edits per run
+    block_ms: int = 1000
+    batch: int = 200
+    grace_s: float = 10.0  # on stop: time for the last Discord edits
+    heartbeat_s: float = 10.0
+    discord_tries: int = 5
+
+
+class Translator:
+    """Protocol events → the bot's messages, with the per-run state and rate limit."""
+
+    def __init__(self, settings: Settings, config: NotifierConfig) -> None:
+        self.settings = settings
+        self.config = config
+        self.views: OrderedDict[str, RunView] = OrderedDict()
+        # Runs that ended: a stray late event (a redelivered duplicate) must not revive them.
+        self.finished: OrderedDict[str, None] = OrderedDict()
+
+    def relevant(self, event: AnyEvent) -> bool:
+        if not event.run_id or isinstance(event, CommandDuplicate | ResultReady | StepCompleted):
+            return False
+        if isinstance(event, EvalCompleted) and event.request_id:
+            return False  # an evaluate request, not a step of the run
+        if isinstance(event, RunQueued):
+            self.finished.pop(event.run_id, None)  # the same run id submitted again
+        return event.run_id not in self.finished
+
+    def finish(self, run_id: str) -> None:
+        self.views.pop(run_id, None)
+        self.finished[run_id] = None
+        while len(self.finished) > MAX_RUNS:
+            self.finished.popitem(last=False)
+
+    def view(self, run_id: str) -> RunView:
+        view = self.views.get(run_id)
+        if view is None:
+            view = self.views[run_id] = RunView(run_id)
+            while len(self.views) > MAX_RUNS:
+                self.views.popitem(last=False)
+        else:
+            self.views.move_to_end(run_id)
+        return view
+
+    def messages(self, event: AnyEvent, view: RunView) -> list[BotMessage]:
+        """Update the view with the event and say what the bot should hear of it."""
+        if event.user_id:
+            view.user_id = event.user_id
+        rid, uid = view.run_id, int(view.user_id)
+        match event:
+            case RunQueued():
+                view.status, view.message = "queued", "queued"
+                return []
+            case StepStarted(step=step):
+                view.status, view.step = "running", step
+                view.progress = max(view.progress, percent(step, 0.0))
+                suffix = f" (attempt {event.attempt})" if event.attempt > 1 else ""
+                view.message = f"{step} started{suffix}"
+                if not view.started:
+                    view.started = True
+                    return [JobStarted(job_id=rid, user_id=uid, queue=step)]
+                return [self._progress(view)]
+            case CorpusReady():
+                view.message = f"corpus ready: {sum(event.chars.values()):,} characters"
+                return [self._progress(view, done="ingest")]
+            case TokenizerReady():
+                view.message = f"tokenizer ready ({event.tokenizer_kind})"
+                return [self._progress(view, done="tokenizer")]
+            case TrainStarted():
+                view.total_epochs, view.total_steps = event.total_epochs, event.total_steps
+                view.train_step = event.resumed_from_step
+                view.message = f"training {event.model_family} {event.model_size}"
+                return [
+                    MetricsConfig(
+                        job_id=rid, user_id=uid, model_family=event.model_family,
+                        model_size=event.model_size, total_epochs=event.total_epochs,
+                        queue="trainer",
+                        cpu_cores=event.cpu_cores, memory_mb=event.memory_mb,
+                        optimal_threads=event.threads, optimal_workers=1,
+                        batch_size=event.batch_size, learning_rate=clamp(event.learning_rate),
+                    )
+                ]  # fmt: skip
+            case TrainProgress():
+                return self._train_progress(event, view)
+            case TrainCompleted():
+                view.test_loss, view.test_ppl = event.test_loss, event.test_ppl
+                view.message = f"training {event.status} after {event.steps} steps"
+                if event.test_loss is None:
+                    return []  # the bot's completed metrics need a test loss
+                test_ppl = event.test_ppl if event.test_ppl is not None else ppl(event.test_loss)
+                return [
+                    MetricsCompleted(
+                        job_id=rid, user_id=uid, test_loss=clamp(event.test_loss),
+                        test_ppl=clamp(test_ppl),
+                        artifact_path=str(self.settings.run_dir(view.run_id)),
+                    )
+                ]  # fmt: skip
+            case EvalCompleted():
+                loss = "" if event.loss is None else f": loss {event.loss:.4f}"
+                view.message = f"evaluated on {event.split or 'test'}{loss}"
+                return [self._progress(view, done="evaluator")]
+            case ArtifactStored():
+                view.artifact = {
+                    "storage": event.storage, "uri": event.uri, "file_id": event.file_id,
+                    "size": event.size,
+                }  # fmt: skip
+                view.message = f"artifact stored ({event.storage}, {event.size:,} bytes)"
+                return [self._progress(view, done="uploader")]
+            case RunCompleted():
+                view.status, view.progress = "completed", 100
+                view.message = event.message or "completed"
+                art = view.artifact or {}
+                result = str(art.get("file_id") or art.get("uri") or view.run_id)
+                size = art.get("size")
+                return [
+                    JobCompleted(
+                        job_id=rid,
+                        user_id=uid,
+                        result_id=result,
+                        result_bytes=size if isinstance(size, int) else 0,
+                    )
+                ]
+            case RunFailed():
+                view.status, view.message = "failed", f"{event.step} failed: {event.message}"
+                return [
+                    JobFailed(
+                        job_id=rid, user_id=uid, error_kind=event.error_kind, message=view.message
+                    )
+                ]
+            case RunCancelled():
+                # The bot has no "cancelled": a cancellation is the user's own doing.
+                view.status, view.message = "cancelled", event.message or "cancelled"
+                message = f"cancelled: {view.message}"
+                return [JobFailed(job_id=rid, user_id=uid, error_kind="user", message=message)]
+            case CancelRequested():
+                view.message = "cancel requested"
+                return []
+            case _:
+                return []
+
+    def _progress(self, view: RunView, done: str | None = None) -> JobProgress:
+        if done is not None:
+            view.progress = max(view.progress, percent(done, 1.0))
+        return JobProgress(
+            job_id=view.run_id, user_id=int(view.user_id), progress=view.progress,
+            message=view.message,
+        )  # fmt: skip
+
+    def _train_progress(self, event: TrainProgress, view: RunView) -> list[BotMessage]:
+        view.epoch, view.total_epochs = event.epoch, event.total_epochs or view.total_epochs
+        view.train_step = event.step
+        view.total_steps = event.total_steps or view.total_steps
+        view.loss = event.loss
+        if event.val_loss is not None:
+            view.val_loss = event.val_loss
+        if view.total_steps:
+            fraction = event.step / view.total_steps
+        elif view.total_epochs:
+            fraction = (event.epoch - 1) / view.total_epochs
+        else:
+            fraction = 0.0
+        view.progress = max(view.progress, percent("trainer", fraction))
+        total = f"/{view.total_steps}" if view.total_steps else ""
+        view.message = f"epoch {event.epoch}/{view.total_epochs} step {event.step}{total}"
+        view.message += f" loss {event.loss:.4f}"
+        if event.val_loss is not None:
+            view.message += f" val {event.val_loss:.4f}"
+        now = event.at or time.time()
+        validated = event.val_loss is not None
+        last = view.last_progress_at
+        if not validated and last is not None and now - last < self.config.progress_interval_s:
+            return []
+        view.last_progress_at = now
+        val_loss = finite_or_none(event.val_loss)
+        val_ppl = finite_or_none(event.val_ppl)
+        if val_ppl is None and val_loss is not None:
+            val_ppl = finite_or_none(ppl(val_loss))
+        return [
+            self._progress(view),
+            MetricsProgress(
+                job_id=view.run_id, user_id=int(view.user_id), epoch=event.epoch,
+                total_epochs=view.total_epochs, step=event.step, train_loss=clamp(event.loss),
+                train_ppl=ppl(event.loss), grad_norm=clamp(event.grad_norm),
+                samples_per_sec=clamp(event.samples_per_s), val_loss=val_loss, val_ppl=val_ppl,
+            ),
+        ]  # fmt: skip
+
+
+# ------------------------------------------------------------------ Discord
+class DiscordError(RuntimeError):
+    """Discord refused a request (or kept failing); the card of that run stops updating."""
+
+
+_COLORS = {
+    "queued": 0x95A5A6,
+    "running": 0x3498DB,
+    "completed": 0x2ECC71,
+    "failed": 0xE74C3C,
+    "cancelled": 0x7F8C8D,
+}
+
+
+def embed(view: RunView) -> dict[str, object]:
+    """One embed per run: the run's card in the user's direct messages."""
+    fields = [
+        ("Status", view.status),
+        ("Step", view.step or "-"),
+        ("Progress", f"{view.progress}%"),
+    ]
+    if view.total_epochs:
+        fields.append(("Epoch", f"{view.epoch}/{view.total_epochs}"))
+    if view.train_step:
+        total = f"/{view.total_steps}" if view.total_steps else ""
+        fields.append(("Train step", f"{view.train_step}{total}"))
+    for name, value in (
+        ("Loss", view.loss), ("Val loss", view.val_loss), ("Test loss", view.test_loss),
+        ("Test ppl", view.test_ppl),
+    ):  # fmt: skip
+        if value is not None:
+            fields.append((name, f"{value:.4f}"))
+    if view.artifact:
+        fields.append(("Artifact", str(view.artifact.get("file_id") or view.artifact.get("uri"))))
+    return {
+        "title": f"Run {view.run_id}"[:256],
+        "description": view.message[:4000],
+        "color": _COLORS.get(view.status, _COLORS["running"]),
+        "fields": [{"name": n, "value": v[:1024] or "-", "inline": True} for n, v in fields],
+    }
+
+
+class Discord:
+    """Just enough of Discord's REST API for direct messages, honouring rate limits."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, api: str, token: str, tries: int = 5
+    ) -> None:
+        self.session = session
+        self.api = api.rstrip("/")
+        self.headers = {"Authorization": f"Bot {token}", "Content-Type": "application/json"}
+        self.tries = tries
+        self.log = log.get("discord")
+        self._channels: dict[int, str] = {}
+        self._locks: dict[int, asyncio.Lock] = {}
+
+    async def request(self, method: str, path: str, body: object) -> dict[str, object]:
+        data = msgspec.json.encode(body)
+        for attempt in range(1, self.tries + 1):
+            try:
+                async with self.session.request(
+                    method, f"{self.api}{path}", data=data, headers=self.headers
+                ) as resp:
+                    raw = await resp.read()
+                    if resp.status == 429:
+                        wait = _retry_after(raw, resp.headers.get("Retry-After"))
+                        self.log.info("rate limited by Discord", path=path, retry_after_s=wait)
+                        await asyncio.sleep(wait)
+                        continue
+                    if resp.status < 500:
+                        if resp.status >= 400:
+                            text = raw[:300].decode("utf-8", "replace")
+                            raise DiscordError(f"{method} {path}: HTTP {resp.status} {text}")
+                        decoded = msgspec.json.decode(raw) if raw else {}
+                        return decoded if isinstance(decoded, dict) else {}
+                    problem = f"HTTP {resp.status}"
+            except aiohttp.ClientError as e:
+                problem = f"{type(e).__name__}: {e}"
+            await asyncio.sleep(min(10.0, 0.5 * 2 ** (attempt - 1)))
+            self.log.warning("Discord request failed, retrying", path=path, error=problem)
+        raise DiscordError(f"{method} {path}: gave up after {self.tries} tries")
+
+    async def dm_channel(self, user_id: int) -> str:
+        """The DM channel with a user, opened once and cached."""
+        lock = self._locks.setdefault(user_id, asyncio.Lock())
+        async with lock:
+            if user_id not in self._channels:
+                reply = await self.request(
+                    "POST", "/users/@me/channels", {"recipient_id": str(user_id)}
+                )
+                self._channels[user_id] = str(reply["id"])
+            return self._channels[user_id]
+
+    async def post(self, channel_id: str, card: dict[str, object]) -> str:
+        reply = await self.request("POST", f"/channels/{channel_id}/messages", {"embeds": [card]})
+        return str(reply["id"])
+
+    async def edit(self, channel_id: str, message_id: str, card: dict[str, object]) -> None:
+        await self.request(
+            "PATCH", f"/channels/{channel_id}/messages/{message_id}", {"embeds": [card]}
+        )
+
+
+def _retry_after(body: bytes, header: str | None) -> float:
+    """Seconds to wait after a 429: the body's `retry_after`, else the Retry-After header."""
+    with contextlib.suppress(msgspec.DecodeError):
+        decoded = msgspec.json.decode(body)
+        if isinstance(decoded, dict):
+            value = decoded.get("retry_after")
+            if isinstance(value, int | float) and math.isfinite(value):
+                return max(0.0, float(value))
+    if header:
+        with contextlib.suppress(ValueError):
+            return max(0.0, float(header))
+    return 1.0
+
+
+@dataclass
+class Card:
+    """The DM of one run: its worker sends the newest state, at most once per interval."""
+
+    view: RunView
+    version: int = 0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+class Mailer:
+    """Per-run Discord workers, fed by the reading loop without ever blocking it."""
+
+    def __init__(self, discord: Discord, config: NotifierConfig) -> None:
+        self.discord = discord
+        self.config = config
+        self.cards: dict[str, Card] = {}
+        self.flushing = asyncio.Event()
+        self.log = log.get("discord")
+
+    def update(self, view: RunView) -> None:
+        if view.user_id <= 0:
+            return
+        card = self.cards.get(view.run_id)
+        if card is None:
+            if self.flushing.is_set():
+                return
+            card = self.cards[view.run_id] = Card(view)
+            card.task = asyncio.create_task(self._work(card))
+        card.view = view
+        card.version += 1
+        card.wake.set()
+
+    async def _work(self, card: Card) -> None:
+        run_id = card.view.run_id
+        sent, last = 0, -math.inf
+        channel = message_id = ""
+        try:
+            while True:
+                await card.wake.wait()
+                card.wake.clear()
+                wait = self.config.discord_interval_s - (time.monotonic() - last)
+                if wait > 0 and not self.flushing.is_set():
+                    # Updates arriving meanwhile are folded into the next edit.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.flushing.wait(), wait)
+                if card.version != sent:
+                    version, body = card.version, embed(card.view)
+                    if not channel:
+                        channel = await self.discord.dm_channel(card.view.user_id)
+                    if not message_id:
+                        message_id = await self.discord.post(channel, body)
+                    else:
+                        await self.discord.edit(channel, message_id, body)
+                    sent, last = version, time.monotonic()
+                if card.version == sent and (card.view.final or self.flushing.is_set()):
+                    return
+                if card.version != sent:
+                    card.wake.set()
+        except DiscordError as e:
+            self.log.warning("Discord DM abandoned for this run", run_id=run_id, error=str(e))
+        finally:
+            self.cards.pop(run_id, None)
+
+    async def close(self) -> None:
+        """Send each card's last state (within the grace period), then stop the workers."""
+        self.flushing.set()
+        tasks = [c.task for c in self.cards.values() if c.task is not None]
+        for card in self.cards.values():
+            card.wake.set()
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=self.config.grace_s)
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+# ------------------------------------------------------------------ the reader
+class Notifier:
+    """Reads the events stream as consumer `consumer` of group "notifier"."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        *,
+        consumer: str,
+        keys: Keys | None = None,
+        config: NotifierConfig | None = None,
+        blocking_redis: Redis | None = None,
+    ) -> None:
+        self.redis = redis
+        self.blocking = blocking_redis or redis
+        self.settings = settings
+        self.keys = keys or Keys(settings.prefix)
+        self.consumer = consumer
+        self.config = config or NotifierConfig()
+        self.translator = Translator(settings, self.config)
+        self.log = log.get("notifier").bind(consumer=consumer)
+        self._stopping = asyncio.Event()
+        self._last_id: str | None = None
+        self._mailer: Mailer | None = None
+
+    async def ensure_group(self, start: str | None = None) -> None:
+        """Create the group: at `start`, else after the last entry handled, else at "$"."""
+        at = start or self._last_id or "$"
+        try:
+            await self.redis.xgroup_create(self.keys.events, GROUP, id=at, mkstream=True)
+        except ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self, *, until_idle: bool = False) -> None:
+        """Read and notify until stopped; with until_idle, handle what is there and return."""
+        await self.ensure_group()
+        session: aiohttp.ClientSession | None = None
+        if self.settings.discord_token:
+            session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+            discord = Discord(
+                session, self.settings.discord_api, self.settings.discord_token,
+                self.config.discord_tries,
+            )  # fmt: skip
+            self._mailer = Mailer(discord, self.config)
+        else:
+            self.log.info("Discord DMs are off (no MT_DISCORD_TOKEN)")
+        heartbeat = asyncio.create_task(self._heartbeat())
+        try:
+            await self._loop(until_idle)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            if self._mailer is not None:
+                await self._mailer.close()
+                self._mailer = None
+            if session is not None:
+                await session.close()
+
+    async def _loop(self, until_idle: bool) -> None:
+        backlog = True  # our own pending entries first (a restart with the same name)
+        outages = 0
+        while not self._stopping.is_set():
+            try:
+                if backlog:
+                    entries = await self._read("0", None)
+                    backlog = bool(entries)
+                else:
+                    entries = await self._read(">", 50 if until_idle else self.config.block_ms)
+                    if until_idle and not entries:
+                        return
+                if entries:
+                    await self._handle(entries)
+                outages = 0
+            except (RedisConnectionError, RedisTimeoutError) as e:
+                outages += 1
+                delay = min(5.0, 0.05 * 2**outages)
+                self.log.warning("redis unavailable, retrying", error=str(e), delay_s=delay)
+                backlog = True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+
+    async def _read(self, entry_id: str, block: int | None) -> list[tuple[str, bytes]]:
+        try:
+            reply: object = await self.blocking.xreadgroup(
+                GROUP, self.consumer, {self.keys.events: entry_id},
+                count=self.config.batch, block=block,
+            )  # fmt: skip
+        except ResponseError as e:
+            if "NOGROUP" not in str(e) and "UNBLOCKED" not in str(e):
+                raise
+            self.log.warning("group missing, recreating", at=self._last_id or "$")
+            await self.ensure_group()
+            return []
+        out: list[tuple[str, bytes]] = []
+        if not isinstance(reply, list):
+            return out
+        for _stream, entries in reply:  # RESP2: [[stream, [(id, {field: value})]]]
+            for raw_id, fields in entries:
+                eid = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+                raw = fields.get(FIELD.encode(), b"") if isinstance(fields, dict) else b""
+                out.append((eid, raw if isinstance(raw, bytes) else str(raw).encode()))
+        return out
+
+    async def _handle(self, entries: list[tuple[str, bytes]]) -> None:
+        """Translate a batch, then publish it and acknowledge it in one round trip."""
+        outgoing: list[bytes] = []
+        for entry_id, raw in entries:
+            try:
+                event = decode_event(raw)
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                self.log.warning("undecodable event skipped", entry_id=entry_id, error=str(e))
+                continue
+            if not self.translator.relevant(event):
+                continue
+            view = self.translator.view(event.run_id)
+            if isinstance(event, RunCompleted) and view.artifact is None:
+                view.artifact = await self._stored_pointer(event.run_id)
+            outgoing.extend(msgspec.json.encode(m) for m in self.translator.messages(event, view))
+            if self._mailer is not None:
+                self._mailer.update(view)
+            if view.final:
+                self.translator.finish(event.run_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for message in outgoing:
+                pipe.publish(self.settings.events_channel, message)
+            pipe.xack(self.keys.events, GROUP, *[i for i, _ in entries])
+            await pipe.execute()
+        self._last_id = entries[-1][0]
+
+    async def _stored_pointer(self, run_id: str) -> dict[str, object] | None:
+        """The artifact pointer from the run state (an artifact event this notifier missed)."""
+        raw = await self.redis.hget(self.keys.run(run_id), "artifact")
+        if not raw:
+            return None
+        try:
+            pointer = msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            return None
+        return pointer if isinstance(pointer, dict) else None
+
+    async def _heartbeat(self) -> None:
+        key = self.keys.heartbeat("notifier", self.consumer)
+        ttl = max(2, int(self.config.heartbeat_s * 3))
+        while True:
+            with contextlib.suppress(Exception):
+                await self.redis.set(key, str(time.time()), ex=ttl)
+            await asyncio.sleep(self.config.heartbeat_s)
+
+
+async def run_notifier(
+    settings: Settings,
+    url: str,
+    *,
+    stop: asyncio.Event | None = None,
+    until_idle: bool = False,
+    config: NotifierConfig | None = None,
+) -> None:
+    """Run one notifier on its own connections until `stop` is set (or until idle)."""
+    cfg = config or NotifierConfig()
+    redis = connect(url)
+    blocking = connect(url, blocking=True, block_ms=cfg.block_ms)
+    notifier = Notifier(
+        redis, settings, consumer=settings.consumer_name("notifier"), config=cfg,
+        blocking_redis=blocking,
+    )  # fmt: skip
+
+    async def stop_on(event: asyncio.Event) -> None:
+        await event.wait()
+        notifier.stop()
+
+    watcher = asyncio.create_task(stop_on(stop)) if stop is not None else None
+    try:
+        await notifier.run(until_idle=until_idle)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        for client in (blocking, redis):
+            await client.aclose()

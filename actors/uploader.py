@@ -1,0 +1,220 @@
+"""uploader: `artifact.upload` — archives a run dir (or a tokenizer dir) as a streamed tar.gz
+and keeps it in the local artifact store, or sends it to the Data Bank when one is set.
+
+The archive is built in the actor's process pool and streamed to disk in tar records, so a
+model of any size never sits in memory; its size and sha256 are counted on the way out.
+Local store: `artifacts/<runs|tokenizers>/<id>.tar.gz`, written under a temporary name and
+renamed into place. The pointer (`{"storage": "local"|"data-bank", ...}`) reaches the run
+state through the ArtifactStored event and is also written into the run's manifest.json.
+The uploader is normally the last step of a chain; the runtime records run.completed after
+it (and queues the next step when the chain goes on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import json
+import os
+import secrets
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+import aiohttp
+
+from actors import databank
+from actors.config import Settings
+from actors.pool import Pool
+from actors.runtime import Actor, Context, Outcome
+from protocol.commands import ArtifactUpload, Base
+from protocol.events import ArtifactStored
+from trainer.errors import UserError
+
+CONTENT_TYPE = "application/gzip"
+MANIFEST = "manifest.json"
+# Checkpoints are resume state (optimizer, RNG, data position), not the artifact: the model
+# a user downloads is the saved model in the run dir itself (and best/). They are also the
+# bulk of a run dir, so they stay out of the archive.
+RUN_EXCLUDE = ("checkpoints",)
+
+
+@dataclass(frozen=True)
+class Archive:
+    path: str  # absolute
+    size: int
+    sha256: str
+
+
+class _Counting:
+    """A write-only sink that hashes and counts what passes through to the real file."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.size = 0
+        self.digest = hashlib.sha256()
+
+    def write(self, b: bytes) -> int:
+        self.out.write(b)
+        self.digest.update(b)
+        self.size += len(b)
+        return len(b)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def _entries(src: Path, exclude: frozenset[str]) -> Iterator[Path]:
+    """Every dir and file under src in a stable order; top-level names in exclude skipped."""
+    for dirpath, dirnames, filenames in os.walk(src):
+        here = Path(dirpath)
+        if here == src:
+            dirnames[:] = [d for d in dirnames if d not in exclude]
+            filenames = [f for f in filenames if f not in exclude]
+        dirnames.sort()
+        for name in [*dirnames, *sorted(filenames)]:
+            yield here / name
+
+
+def _anonymous(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    # The server's user and group names are not part of the artifact.
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def build_archive(src_dir: str, dest: str, arc_root: str, exclude: list[str]) -> Archive:
+    """Runs in a pool child: tar `src_dir` (as `arc_root/...`) into `dest`, atomically.
+
+    Streaming tar ("w|") into gzip with a zero header mtime: the same files give the same
+    bytes. Level 1 because model weights barely compress and the time goes to deflate."""
+    src, out = Path(src_dir), Path(dest).absolute()
+    if not src.is_dir() or not any(src.iterdir()):
+        raise UserError(f"nothing to archive: {src} does not exist or is empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        with tmp.open("wb") as raw:
+            sink = _Counting(raw)
+            with (
+                gzip.GzipFile(fileobj=sink, mode="wb", mtime=0, compresslevel=1) as gz,
+                tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar,
+            ):
+                for path in _entries(src, frozenset(exclude)):
+                    arcname = f"{arc_root}/{path.relative_to(src).as_posix()}"
+                    tar.add(path, arcname=arcname, recursive=False, filter=_anonymous)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return Archive(path=str(out), size=sink.size, sha256=sink.digest.hexdigest())
+
+
+def record_in_manifest(run_dir: Path, pointer: dict[str, object]) -> bool:
+    """Read-modify-write run_dir/manifest.json with the pointer under "artifact", atomically.
+
+    Creates the manifest when the run dir has none; does nothing (False) without a run dir."""
+    if not run_dir.is_dir():
+        return False
+    path = run_dir / MANIFEST
+    manifest: dict[str, object] = {}
+    if path.is_file():
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path} is not a JSON object")
+        manifest = raw
+    manifest["artifact"] = pointer
+    tmp = run_dir / f".{MANIFEST}.tmp-{secrets.token_hex(4)}"
+    # allow_nan like trainer.manifest: a diverged loss stays readable by Python's json.
+    tmp.write_text(json.dumps(manifest, indent=2, allow_nan=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return True
+
+
+def _remove(path: str) -> None:
+    Path(path).unlink(missing_ok=True)
+
+
+class UploaderActor(Actor):
+    name = "uploader"
+    concurrency = 1
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pool = Pool(1)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        self.pool.shutdown(wait=False)
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            # No total limit: a large artifact may take long; a stalled socket may not.
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120)
+            self._session = aiohttp.ClientSession(timeout=timeout)
+        return self._session
+
+    async def handle(self, cmd: Base, ctx: Context) -> Outcome | None:
+        match cmd:
+            case ArtifactUpload():
+                return await self.upload(cmd, ctx)
+            case _:
+                return None
+
+    def source(self, cmd: ArtifactUpload) -> tuple[Path, str, Literal["runs", "tokenizers"]]:
+        """(dir to archive, archive name, store folder) for the command's target."""
+        if cmd.target == "tokenizer":
+            if not cmd.tokenizer_id:
+                raise UserError("artifact.upload with target=tokenizer needs a tokenizer_id")
+            return self.settings.tokenizer_dir(cmd.tokenizer_id), cmd.tokenizer_id, "tokenizers"
+        return self.settings.run_dir(cmd.run_id), cmd.run_id, "runs"
+
+    async def upload(self, cmd: ArtifactUpload, ctx: Context) -> Outcome:
+        s = self.settings
+        src, name, folder = self.source(cmd)
+        exclude = list(RUN_EXCLUDE) if cmd.target == "run" else []
+        bank = (s.data_bank_url, s.data_bank_key)
+        if bank[0] and bank[1]:
+            dest = s.artifact_dir() / ".upload" / f"{name}-{secrets.token_hex(4)}.tar.gz"
+        else:
+            dest = s.artifact_dir() / folder / f"{name}.tar.gz"
+        archive = await self.pool.run(build_archive, str(src), str(dest), name, exclude)
+        ctx.log.info("archived", path=archive.path, size=archive.size, sha256=archive.sha256)
+        if bank[0] and bank[1]:
+            try:
+                stored = await self.send(archive, bank[0], bank[1])
+            finally:
+                await asyncio.to_thread(_remove, archive.path)
+            event = ArtifactStored(
+                storage="data-bank", target=cmd.target,
+                uri=f"{bank[0].rstrip('/')}/files/{stored.file_id}", file_id=stored.file_id,
+                size=stored.size, sha256=stored.sha256,
+            )  # fmt: skip
+        else:
+            event = ArtifactStored(
+                storage="local", target=cmd.target, uri=Path(archive.path).as_uri(),
+                size=archive.size, sha256=archive.sha256,
+            )  # fmt: skip
+        pointer: dict[str, object] = {
+            "storage": event.storage, "target": event.target, "uri": event.uri,
+            "file_id": event.file_id, "size": event.size, "sha256": event.sha256,
+        }  # fmt: skip
+        await asyncio.to_thread(record_in_manifest, s.run_dir(cmd.run_id), pointer)
+        return Outcome(events=[event])
+
+    async def send(self, archive: Archive, url: str, key: str) -> databank.DataBankFile:
+        stored = await databank.upload(self.session(), url, key, Path(archive.path), CONTENT_TYPE)
+        if stored.size != archive.size or stored.sha256 != archive.sha256:
+            raise databank.DataBankError(
+                f"the Data Bank stored {stored.size} bytes with sha256 {stored.sha256}; "
+                f"sent {archive.size} bytes with sha256 {archive.sha256}"
+            )
+        return stored
