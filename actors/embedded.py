@@ -45,7 +45,9 @@ class EmbeddedRedis:
             "--appendfsync", "always", "--save", "", "--daemonize", "no",
             "--logfile", str((self.dir / "server.log").absolute()),
         ]  # fmt: skip
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        # Its own session: a Ctrl-C in the terminal must not stop the server while the actors
+        # are still finishing their work; we stop it ourselves, last.
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
         client = redis.Redis(port=self.port, socket_timeout=1.0)
         try:

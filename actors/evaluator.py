@@ -57,6 +57,7 @@ def generate_job(
     top_k: int,
     top_p: float,
     stop: list[str],
+    stop_on_eos: bool,
     seed: int,
     n: int,
 ) -> list[str]:
@@ -70,6 +71,7 @@ def generate_job(
         top_k=top_k,
         top_p=top_p,
         stop=stop,
+        stop_on_eos=stop_on_eos,
         seed=seed,
         num_return_sequences=n,
     )
@@ -135,7 +137,8 @@ class EvaluatorActor(Actor):
                 run_dir = await self.run_dir(cmd.run_id, ctx)
                 samples = await self.pool.run(
                     generate_job, str(run_dir), cmd.prompt, cmd.max_new_tokens, cmd.temperature,
-                    cmd.top_k, cmd.top_p, list(cmd.stop), cmd.seed, cmd.num_return_sequences,
+                    cmd.top_k, cmd.top_p, list(cmd.stop), cmd.stop_on_eos, cmd.seed,
+                    cmd.num_return_sequences,
                 )  # fmt: skip
                 result = {"prompt": cmd.prompt, "samples": samples}
                 return await self.answer(ctx, cmd.request_id, "generate", result)

@@ -72,6 +72,11 @@ class Pool:
         return [p for p in procs if p is not None]
 
     def shutdown(self, wait: bool = True) -> None:
+        """Stop the pool; without `wait`, running children are terminated too (their
+        commands stay pending in Redis and are retried elsewhere)."""
         if self._executor is not None:
+            if not wait:
+                for proc in (self._executor._processes or {}).values():
+                    proc.terminate()
             self._executor.shutdown(wait=wait, cancel_futures=True)
             self._executor = None

@@ -127,6 +127,7 @@ class ModelGenerate(SamplingBase, kw_only=True, tag="model.generate"):
         list[Annotated[str, Meta(min_length=1, max_length=64)]], Meta(max_length=8)
     ] = []
     num_return_sequences: Annotated[int, Meta(ge=1, le=8)] = 1
+    stop_on_eos: bool = True  # eos ends a line of the corpus: off, it becomes a newline
 
 
 class ModelChat(SamplingBase, kw_only=True, tag="model.chat"):

@@ -13,8 +13,8 @@ from protocol.commands import (
     Fraction,
     ModelFamily,
     ModelSize,
-    Optimizer,
     OptId,
+    Optimizer,
     Precision,
     PromptText,
     Seed,
@@ -102,8 +102,11 @@ class SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class GenerateRequest(SamplingFields, kw_only=True, forbid_unknown_fields=True):
     prompt: PromptText = ""
-    stop: Annotated[list[Annotated[str, Meta(min_length=1, max_length=64)]], Meta(max_length=8)] = []
+    stop: Annotated[
+        list[Annotated[str, Meta(min_length=1, max_length=64)]], Meta(max_length=8)
+    ] = []
     num_return_sequences: Annotated[int, Meta(ge=1, le=8)] = 1
+    stop_on_eos: bool = True  # eos ends a line of the corpus: off, it becomes a newline
 
 
 class ChatRequest(SamplingFields, kw_only=True, forbid_unknown_fields=True):

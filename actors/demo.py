@@ -1,0 +1,176 @@
+"""`model-trainer demo`: the main job end to end on the embedded service.
+
+Starts the embedded Redis, every actor and the control endpoint in this process tree,
+submits a run on the `shakespeare` corpus (byte-level BPE + GPT-2 tiny), shows it live,
+and ends with a summary: tokenizer stats, perplexity against the first evaluation, three
+generated samples, where the artifacts are and how to load the model with transformers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from collections.abc import AsyncIterator
+
+import msgspec
+
+from actors.config import Settings
+from actors.runtime import Redis, add_command, connect
+from actors.submit import new_id, plan_train, submit
+from actors.watch import renderer_for, run_history, watch
+from protocol.commands import ModelGenerate
+from protocol.events import TokenizerReady, TrainProgress
+from protocol.keys import Keys
+from protocol.requests import TrainRequest
+
+PROMPTS = ("ROMEO:\n", "To be, or not to be", "KING HENRY:\nMy lords,")
+
+
+def demo_request(quick: bool) -> TrainRequest:
+    """Sized for a few minutes on 2 CPU cores (quick: about a minute, for CI)."""
+    if quick:
+        return TrainRequest(
+            corpus_name="shakespeare", tokenizer_kind="bpe", vocab_size=1024,
+            model_family="gpt2", model_size="tiny", max_seq_len=64, batch_size=8,
+            max_steps=60, eval_every=20, checkpoint_every=30, learning_rate=1e-3,
+            warmup_steps=10,
+        )  # fmt: skip
+    return TrainRequest(
+        corpus_name="shakespeare", tokenizer_kind="bpe", vocab_size=2048,
+        model_family="gpt2", model_size="tiny", max_seq_len=128, batch_size=16,
+        max_steps=300, eval_every=50, checkpoint_every=100, learning_rate=1e-3,
+        warmup_steps=30,
+    )  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def control_endpoint(settings: Settings, url: str) -> AsyncIterator[str]:
+    """The HTTP endpoint (and dashboard) for the demo's duration; yields its URL ("" if it
+    could not start: the demo goes on without it)."""
+    from actors.control import serve
+
+    address: list[str] = []
+    started = asyncio.Event()
+
+    async def ready(bound: str) -> None:
+        address.append(bound)
+        started.set()
+
+    async def run() -> None:
+        try:
+            await serve(settings, url, settings.http_host, settings.http_port, on_ready=ready)
+        except OSError:  # the port is taken: any free one will do
+            await serve(settings, url, settings.http_host, 0, on_ready=ready)
+
+    task = asyncio.create_task(run())
+    waiting = asyncio.create_task(started.wait())
+    await asyncio.wait([task, waiting], return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    try:
+        yield address[0] if address else ""
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, OSError):
+            await task
+
+
+async def generate(redis: Redis, keys: Keys, run_id: str, timeout_s: float = 120) -> list[str]:
+    request_id = new_id("req")
+    cmd = ModelGenerate(
+        command_id=request_id, run_id=run_id, request_id=request_id, prompt="",
+        max_new_tokens=60, temperature=0.8, top_k=40, seed=7, num_return_sequences=1,
+        stop_on_eos=False,
+    )  # fmt: skip
+    samples: list[str] = []
+    for i, prompt in enumerate(PROMPTS):
+        cmd.command_id = cmd.request_id = f"{request_id}-{i}"
+        cmd.prompt = prompt
+        async with redis.pipeline(transaction=True) as pipe:
+            add_command(pipe, keys, cmd)
+            await pipe.execute()
+        deadline = time.monotonic() + timeout_s
+        while (raw := await redis.get(keys.result(cmd.request_id))) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError("no answer from the evaluator")
+            await asyncio.sleep(0.2)
+        body = msgspec.json.decode(raw, type=dict[str, object])
+        result = body.get("result")
+        if not body.get("ok") or not isinstance(result, dict):
+            raise RuntimeError(f"generation failed: {body.get('message')}")
+        texts = result.get("samples")
+        samples.append(prompt + (texts[0] if isinstance(texts, list) and texts else ""))
+    return samples
+
+
+def _fmt(x: object) -> str:
+    return f"{x:.2f}" if isinstance(x, float) else str(x)
+
+
+async def summary(settings: Settings, redis: Redis, keys: Keys, run_id: str) -> None:
+    entries, _ = await run_history(redis, keys, run_id)
+    events = [e.event for e in entries if e.event is not None]
+    tok = next((e for e in events if isinstance(e, TokenizerReady)), None)
+    val = [e for e in events if isinstance(e, TrainProgress) and e.val_ppl is not None]
+    run_dir = settings.run_dir(run_id)
+    metrics_file = run_dir / "eval" / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    out = sys.stdout
+    print("\n== summary", file=out)
+    if tok is not None:
+        st = tok.stats
+        print(f"tokenizer   {tok.tokenizer_kind}, vocab {int(st.get('vocab_size', 0))}, "
+              f"{st.get('tokens_per_char', 0):.3f} tokens/char, "
+              f"{st.get('tokens_per_word', 0):.2f} tokens/word, "
+              f"coverage {st.get('coverage', 0):.4f}", file=out)  # fmt: skip
+    if val:
+        first, last = val[0], val[-1]
+        print(f"validation  perplexity {_fmt(first.val_ppl)} at step {first.step} "
+              f"→ {_fmt(last.val_ppl)} at step {last.step}", file=out)  # fmt: skip
+    if metrics:
+        print(f"test        perplexity {_fmt(metrics.get('perplexity'))}, "
+              f"{_fmt(metrics.get('bits_per_char'))} bits/char", file=out)  # fmt: skip
+    print("samples", file=out)
+    for text in await generate(redis, keys, run_id):
+        print("  " + text.replace("\n", "\n  "), file=out)
+    pointer = await redis.hget(keys.run(run_id), "artifact")
+    print(f"run dir     {run_dir}", file=out)
+    if pointer:
+        print(
+            f"artifact    {pointer.decode() if isinstance(pointer, bytes) else pointer}", file=out
+        )
+    where = repr(str(run_dir))
+    print("load it     from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+          f"            model = AutoModelForCausalLM.from_pretrained({where})\n"
+          f"            tokenizer = AutoTokenizer.from_pretrained({where})", file=out)  # fmt: skip
+
+
+async def run_demo(settings: Settings, quick: bool) -> int:
+    from actors.cli import with_service
+
+    req = demo_request(quick)
+    async with with_service(settings) as url, control_endpoint(settings, url) as http:
+        redis = connect(url)
+        keys = Keys(settings.prefix)
+        try:
+            info = await submit(redis, keys, plan_train(req))
+            print(f"redis       {url}")
+            if http:
+                print(f"dashboard   {http}/#/runs/{info.run_id}")
+            print(f"run         {info.run_id}: shakespeare → bpe {req.vocab_size} → "
+                  f"gpt2 tiny, {req.max_steps} steps of {req.batch_size}x{req.max_seq_len} "
+                  "tokens", flush=True)  # fmt: skip
+            renderer = renderer_for()
+            try:
+                state = await watch(url, redis, keys, info.run_id, renderer)
+            finally:
+                renderer.close()
+            if state.status != "completed":
+                print(f"\nthe run ended {state.status}: {state.message}", file=sys.stderr)
+                return 1
+            await summary(settings, redis, keys, info.run_id)
+            return 0
+        finally:
+            await redis.aclose()
