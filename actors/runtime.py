@@ -23,18 +23,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import signal
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import msgspec
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors import log
@@ -78,6 +80,22 @@ if redis.call('GET', KEYS[2]) ~= ARGV[4] then return 0 end
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
 redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+return 1
+"""
+
+
+# Apply a batch of writes atomically, but only while ARGV[1] is still the command's attempt
+# number (KEYS[1]; '0' writes unfenced). ARGV[2..] holds the writes, each as its argument
+# count followed by the command and its arguments. One round trip, where WATCH + GET +
+# MULTI/EXEC took three.
+_COMMIT = """
+if ARGV[1] ~= '0' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local i = 2
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
 return 1
 """
 
@@ -150,8 +168,27 @@ def next_in_chain(cmd: Base) -> list[Base]:
     return [nxt]
 
 
+Write = tuple[str | bytes, ...]  # one Redis command and its arguments
+
+
+def event_writes(keys: Keys, event: AnyEvent) -> list[Write]:
+    """An event on the events stream and the run-state change it implies."""
+    if not event.at:
+        event.at = time.time()
+    writes: list[Write] = [("XADD", keys.events, "*", FIELD, encode(event))]
+    fields = state_fields(event)
+    if event.run_id and fields:
+        writes.append(("HSET", keys.run(event.run_id), *itertools.chain(*fields.items())))
+    return writes
+
+
+def command_writes(keys: Keys, cmd: Base) -> list[Write]:
+    return [("XADD", keys.cmd(actor_of(cmd)), "*", FIELD, encode(cmd))]
+
+
 def add_event(pipe: Redis, keys: Keys, event: AnyEvent) -> None:
-    """Queue an event and the run-state change it implies on a MULTI pipeline."""
+    """Queue an event and the run-state change it implies on a MULTI pipeline (the same
+    writes as `event_writes`, for callers outside the runtime)."""
     if not event.at:
         event.at = time.time()
     pipe.xadd(keys.events, {FIELD: encode(event)})
@@ -230,8 +267,10 @@ class Runtime:
         consumer: str,
         config: RuntimeConfig | None = None,
         blocking_redis: Redis | None = None,
+        runs_dir: Path | None = None,
     ) -> None:
         self.actor = actor
+        self.runs_dir = runs_dir  # where per-run logs.jsonl go (see actors.log)
         self.redis = redis
         # Blocking reads get their own connection: its socket timeout must exceed BLOCK.
         self.blocking = blocking_redis or redis
@@ -244,6 +283,7 @@ class Runtime:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
         self._renew = self.redis.register_script(_RENEW)
+        self._commit = self.redis.register_script(_COMMIT)
         self._last_claim = 0.0
 
     # ----------------------------------------------------------------- reading
@@ -401,6 +441,8 @@ class Runtime:
             await self._dead_letter_raw(entry_id, raw, f"undecodable payload: {e}", 1)
             return
         structlog.contextvars.bind_contextvars(command_id=cmd.command_id)
+        if self.runs_dir is not None:
+            structlog.contextvars.bind_contextvars(runs_dir=str(self.runs_dir))
         if rid := run_id_of(cmd):
             structlog.contextvars.bind_contextvars(run_id=rid)
         try:
@@ -415,26 +457,24 @@ class Runtime:
             self.log.exception("runtime error while processing entry", entry_id=entry_id)
 
     async def _process_command(self, entry_id: str, raw: bytes, cmd: Base) -> None:
-        if await self.redis.exists(self.keys.done(cmd.command_id)):
+        done, deliveries, attempt, cancelled = await self._begin(entry_id, cmd)
+        if done:
             ctx = Context(self, cmd, entry_id, attempt=0)
             ctx.log.info("duplicate command acknowledged")
             dup = ctx.fill(CommandDuplicate(step=self.actor.name, command_id=cmd.command_id))
             await self._finish_unfenced(entry_id, [dup])
             return
-        deliveries = await self._deliveries(entry_id)
         if deliveries > self.config.max_deliveries:
             reason = f"delivered {deliveries} times; its consumers kept dying"
             await self._dead_letter(Context(self, cmd, entry_id, 0), raw, reason, deliveries)
             return
-        attempt = int(await self.redis.incr(self.keys.attempt(cmd.command_id)))
-        await self.redis.expire(self.keys.attempt(cmd.command_id), self.config.done_ttl_s)
         ctx = Context(self, cmd, entry_id, attempt)
 
         if isinstance(cmd, RunCancel):
             await self.redis.set(self.keys.cancel(cmd.run_id), "1", ex=self.config.done_ttl_s)
             await self.commit(ctx, [CancelRequested()], [], finish=True)
             return
-        if is_chain_step(cmd) and await ctx.cancel_requested():
+        if is_chain_step(cmd) and cancelled:
             await self.commit(
                 ctx,
                 [RunCancelled(step=self.actor.name, message="cancelled before it started")],
@@ -531,11 +571,22 @@ class Runtime:
             events.append(RunFailed(step=self.actor.name, error_kind=kind, message=message))
         await self.commit(ctx, events, [], finish=True)
 
-    async def _deliveries(self, entry_id: str) -> int:
-        info = await self.redis.xpending_range(
-            self.stream, self.group, min=entry_id, max=entry_id, count=1
-        )
-        return int(info[0]["times_delivered"]) if info else 1
+    async def _begin(self, entry_id: str, cmd: Base) -> tuple[bool, int, int, bool]:
+        """Done record, delivery count, a new attempt number and the run's cancel flag, in
+        one round trip. The attempt is taken even for a command that turns out to be done,
+        dead or cancelled: fencing out a late worker of such a command is what we want."""
+        attempt_key = self.keys.attempt(cmd.command_id)
+        run_id = run_id_of(cmd)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(self.keys.done(cmd.command_id))
+            pipe.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1)
+            pipe.incr(attempt_key)
+            pipe.expire(attempt_key, self.config.done_ttl_s)
+            if run_id:
+                pipe.exists(self.keys.cancel(run_id))
+            done, pending, attempt, _, *cancelled = await pipe.execute()
+        deliveries = int(pending[0]["times_delivered"]) if pending else 1
+        return bool(done), deliveries, int(attempt), any(cancelled)
 
     # --------------------------------------------------------------- writing
     async def commit(
@@ -544,27 +595,22 @@ class Runtime:
         """Events + state (+ next commands, done record and XACK when finishing), atomically,
         and only while this consumer's attempt is still the current one."""
         events = [ctx.fill(e) for e in events]
-        attempt_key = self.keys.attempt(ctx.cmd.command_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            try:
-                await pipe.watch(attempt_key)
-                current = await pipe.get(attempt_key)
-                if ctx.attempt and (current is None or int(current) != ctx.attempt):
-                    raise Fenced(ctx.cmd.command_id)
-                pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves multi() untyped
-                for event in events:
-                    add_event(pipe, self.keys, event)
-                for cmd in send:
-                    add_command(pipe, self.keys, cmd)
-                if finish:
-                    pipe.set(self.keys.done(ctx.cmd.command_id), b"1", ex=self.config.done_ttl_s)
-                    pipe.delete(self.keys.tries(ctx.cmd.command_id))
-                    pipe.xack(self.stream, self.group, ctx.entry_id)
-                await pipe.execute()
-            except WatchError as e:
-                raise Fenced(ctx.cmd.command_id) from e
-        for event in events:
-            ctx.log.info("event", kind=type(event).__struct_config__.tag)
+        writes = [w for e in events for w in event_writes(self.keys, e)]
+        writes += [w for cmd in send for w in command_writes(self.keys, cmd)]
+        if finish:
+            cid = ctx.cmd.command_id
+            writes += [
+                ("SET", self.keys.done(cid), "1", "EX", str(self.config.done_ttl_s)),
+                ("DEL", self.keys.tries(cid)),
+                ("XACK", self.stream, self.group, ctx.entry_id),
+            ]
+        args: list[str | bytes] = [str(ctx.attempt)]
+        for write in writes:
+            args += [str(len(write)), *write]
+        if not await self._commit(keys=[self.keys.attempt(ctx.cmd.command_id)], args=args):
+            raise Fenced(ctx.cmd.command_id)
+        if events:  # one line per commit: a log line costs as much as a round trip
+            ctx.log.info("events", kinds=[type(e).__struct_config__.tag for e in events])
 
     async def _finish_unfenced(self, entry_id: str, events: list[AnyEvent]) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -695,6 +741,7 @@ async def run_actors(
     until_idle: bool = False,
     install_signals: bool = True,
     stop: asyncio.Event | None = None,
+    runs_dir: Path | None = None,
 ) -> None:
     """Run several actors in this process until SIGTERM/SIGINT, `stop` (or until idle)."""
     cfg = config or RuntimeConfig()
@@ -712,6 +759,7 @@ async def run_actors(
                 consumer=consumer_name(actor.name),
                 config=cfg,
                 blocking_redis=blocking,
+                runs_dir=runs_dir,
             )
         )
     loop = asyncio.get_running_loop()
