@@ -259,3 +259,10 @@ def test_config_checks(data: tuple[Path, Path], tmp_path: Path) -> None:
     assert kinds.count("train") == 3 and kinds.count("test") == 1
     torch.set_num_threads(1)
     assert os.path.exists(tmp_path / "model.safetensors")
+
+
+def test_qwen_needs_a_bpe_tokenizer(data: tuple[Path, Path], tmp_path: Path) -> None:
+    # transformers loads every qwen2 folder with its own byte-level tokenizer class.
+    corpus, tok_dir = data  # a char tokenizer
+    with pytest.raises(UserError, match="qwen models need a bpe tokenizer"):
+        train(tiny_config("qwen"), corpus, tok_dir, tmp_path / "q")

@@ -121,10 +121,14 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
         positive = {
-            "max_seq_len": self.max_seq_len, "num_epochs": self.num_epochs,
-            "batch_size": self.batch_size, "grad_accum_steps": self.grad_accum_steps,
-            "eval_every": self.eval_every, "eval_batches": self.eval_batches,
-            "checkpoint_every": self.checkpoint_every, "keep_checkpoints": self.keep_checkpoints,
+            "max_seq_len": self.max_seq_len,
+            "num_epochs": self.num_epochs,
+            "batch_size": self.batch_size,
+            "grad_accum_steps": self.grad_accum_steps,
+            "eval_every": self.eval_every,
+            "eval_batches": self.eval_batches,
+            "checkpoint_every": self.checkpoint_every,
+            "keep_checkpoints": self.keep_checkpoints,
         }
         if self.max_steps is not None:
             positive["max_steps"] = self.max_steps
@@ -146,8 +150,11 @@ class TrainConfig:
         if self.gradient_clipping < 0:
             raise UserError("gradient_clipping must not be negative (0 = off)")
         if self.pretrained is None:  # a size the family lacks, a bad override: fail early
-            model_dims(ModelConfig(family=self.family, size=self.size,
-                                   overrides=dict(self.model_overrides)))
+            model_dims(
+                ModelConfig(
+                    family=self.family, size=self.size, overrides=dict(self.model_overrides)
+                )
+            )
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -319,8 +326,11 @@ def padding_mask(y: torch.Tensor) -> torch.Tensor | None:
 
 
 def evaluate_loss(
-    model: nn.Module, windows: TokenWindows, batches: list[npt.NDArray[np.int64]],
-    device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager[object]],
+    model: nn.Module,
+    windows: TokenWindows,
+    batches: list[npt.NDArray[np.int64]],
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager[object]],
 ) -> float | None:
     """Mean next-token loss per target token over the given window batches."""
     if not batches:
@@ -338,8 +348,10 @@ def evaluate_loss(
             with autocast():
                 out = logits(model, x, None if mask is None else mask.to(device))
             total += F.cross_entropy(
-                out.float().view(-1, out.size(-1)), y.view(-1),
-                ignore_index=IGNORE_INDEX, reduction="sum",
+                out.float().view(-1, out.size(-1)),
+                y.view(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
             ).double()
     model.train(was_training)
     return float(total.item()) / count
@@ -446,17 +458,28 @@ def train(
     # ---- model and optimizer
     seed_everything(cfg.seed)
     model_cfg = ModelConfig(
-        family=cfg.family, size=cfg.size, vocab_size=tok.vocab_size, max_seq_len=seq,
-        dropout=cfg.dropout, pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id,
-        pretrained=cfg.pretrained, freeze_embed=cfg.freeze_embed,
+        family=cfg.family,
+        size=cfg.size,
+        vocab_size=tok.vocab_size,
+        max_seq_len=seq,
+        dropout=cfg.dropout,
+        pad_id=tok.pad_id,
+        bos_id=tok.bos_id,
+        eos_id=tok.eos_id,
+        pretrained=cfg.pretrained,
+        freeze_embed=cfg.freeze_embed,
         overrides=dict(cfg.model_overrides),
     )
     model = build_model(model_cfg).to(device)
     if cfg.pretrained is not None:  # what was loaded (its dims, its context length)
         model_cfg = replace(
-            read_model_config(Path(cfg.pretrained)), dropout=cfg.dropout,
-            pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id,
-            pretrained=cfg.pretrained, freeze_embed=cfg.freeze_embed,
+            read_model_config(Path(cfg.pretrained)),
+            dropout=cfg.dropout,
+            pad_id=tok.pad_id,
+            bos_id=tok.bos_id,
+            eos_id=tok.eos_id,
+            pretrained=cfg.pretrained,
+            freeze_embed=cfg.freeze_embed,
         )
     model.train()
     fwd: nn.Module = model
@@ -506,25 +529,46 @@ def train(
 
     n_params = count_parameters(model)
     manifest = RunManifest(
-        status="running", config=config_dict,
-        model={**model_cfg.to_dict(), "parameters": n_params,
-               "trainable_parameters": sum(p.numel() for p in trainable)},
-        tokenizer={"dir": str(tokenizer_dir), "vocab_size": tok.vocab_size,
-                   "sha256": info.tokenizer_sha256},
-        data={"dir": str(data_dir), "tokens": info.tokens, "fingerprint": info.fingerprint},
-        seed=cfg.seed, device=str(device), precision=precision, started_at=started_at,
-        total_steps=total_steps, resumed_from_step=resumed_from,
+        status="running",
+        config=config_dict,
+        model={
+            **model_cfg.to_dict(),
+            "parameters": n_params,
+            "trainable_parameters": sum(p.numel() for p in trainable),
+        },
+        tokenizer={
+            "dir": str(tokenizer_dir.resolve()),
+            "vocab_size": tok.vocab_size,
+            "sha256": info.tokenizer_sha256,
+        },
+        data={
+            "dir": str(data_dir.resolve()),
+            "tokens": info.tokens,
+            "fingerprint": info.fingerprint,
+        },
+        seed=cfg.seed,
+        device=str(device),
+        precision=precision,
+        started_at=started_at,
+        total_steps=total_steps,
+        resumed_from_step=resumed_from,
     )
     write_manifest(run_dir, manifest)
 
     def checkpoint() -> None:
         states: dict[str, object] = {
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
         }
         if scaler.is_enabled():
             states["scaler"] = scaler.state_dict()
-        save_checkpoint(ckpt_dir, model, states, state,
-                        {"config": config_dict, "data_fingerprint": info.fingerprint})
+        save_checkpoint(
+            ckpt_dir,
+            model,
+            states,
+            state,
+            {"config": config_dict, "data_fingerprint": info.fingerprint},
+        )
         protect = {state.best_step} if state.best_step is not None else set()
         prune_checkpoints(ckpt_dir, cfg.keep_checkpoints, protect)
 
@@ -541,8 +585,16 @@ def train(
             state.bad_evals += 1
             patience = cfg.early_stopping_patience
             state.early_stopped = patience is not None and state.bad_evals >= patience
-        _log(metrics, {"kind": "val", "step": state.step, "val_loss": val,
-                       "val_ppl": perplexity(val), "best": improved})
+        _log(
+            metrics,
+            {
+                "kind": "val",
+                "step": state.step,
+                "val_loss": val,
+                "val_ppl": perplexity(val),
+                "best": improved,
+            },
+        )
         return val
 
     # ---- the loop
@@ -596,22 +648,42 @@ def train(
             tps = session_tokens / session_time if session_time > 0 else 0.0
             elapsed = time.perf_counter() - t_start
             epoch_no = (state.micro_step - 1) // bpe + 1
-            _log(metrics, {"kind": "train", "step": state.step, "epoch": epoch_no,
-                           "loss": loss_v, "lr": step_lr, "grad_norm": norm_v,
-                           "tokens": state.tokens, "tokens_per_s": round(tps, 1),
-                           "elapsed_s": round(elapsed, 3)})
+            _log(
+                metrics,
+                {
+                    "kind": "train",
+                    "step": state.step,
+                    "epoch": epoch_no,
+                    "loss": loss_v,
+                    "lr": step_lr,
+                    "grad_norm": norm_v,
+                    "tokens": state.tokens,
+                    "tokens_per_s": round(tps, 1),
+                    "elapsed_s": round(elapsed, 3),
+                },
+            )
 
             epoch_end = state.micro_step // bpe > (state.micro_step - accum) // bpe
             val: float | None = None
             if state.step % cfg.eval_every == 0 or epoch_end or state.step == total_steps:
                 val = validate(metrics)
             if on_progress is not None:
-                on_progress(Progress(
-                    step=state.step, epoch=epoch_no, total_epochs=total_epochs,
-                    total_steps=total_steps, loss=loss_v, lr=step_lr, grad_norm=norm_v,
-                    tokens_per_s=tps, samples_per_s=step_samples / dt if dt > 0 else 0.0,
-                    val_loss=val, val_ppl=perplexity(val), elapsed_s=elapsed,
-                ))
+                on_progress(
+                    Progress(
+                        step=state.step,
+                        epoch=epoch_no,
+                        total_epochs=total_epochs,
+                        total_steps=total_steps,
+                        loss=loss_v,
+                        lr=step_lr,
+                        grad_norm=norm_v,
+                        tokens_per_s=tps,
+                        samples_per_s=step_samples / dt if dt > 0 else 0.0,
+                        val_loss=val,
+                        val_ppl=perplexity(val),
+                        elapsed_s=elapsed,
+                    )
+                )
             if state.step % cfg.checkpoint_every == 0:
                 checkpoint()
                 last_saved = state.step
@@ -624,10 +696,26 @@ def train(
         )
         test_loss: float | None = None
         if not cancelled:
-            test_loss = _finalize(model, model_cfg, state, run_dir, tokenizer_dir, test_w,
-                                  cfg.eval_batches, device, autocast)
-            _log(metrics, {"kind": "test", "step": state.step, "test_loss": test_loss,
-                           "test_ppl": perplexity(test_loss)})
+            test_loss = _finalize(
+                model,
+                model_cfg,
+                state,
+                run_dir,
+                tokenizer_dir,
+                test_w,
+                cfg.eval_batches,
+                device,
+                autocast,
+            )
+            _log(
+                metrics,
+                {
+                    "kind": "test",
+                    "step": state.step,
+                    "test_loss": test_loss,
+                    "test_ppl": perplexity(test_loss),
+                },
+            )
 
     tail = state.losses[-20:]
     train_loss = sum(tail) / len(tail) if tail else None
@@ -646,17 +734,34 @@ def train(
     manifest.early_stopped = state.early_stopped
     write_manifest(run_dir, manifest)
     return TrainResult(
-        status=status, steps=state.step, total_steps=total_steps, tokens=state.tokens,
-        train_loss=train_loss, val_loss=best_val, val_ppl=perplexity(best_val),
-        test_loss=test_loss, test_ppl=perplexity(test_loss), best_step=state.best_step,
-        best_val_loss=best_val, tokens_per_s=tokens_per_s, resumed_from_step=resumed_from,
-        elapsed_s=elapsed, losses=list(state.losses), val_history=list(state.val_history),
+        status=status,
+        steps=state.step,
+        total_steps=total_steps,
+        tokens=state.tokens,
+        train_loss=train_loss,
+        val_loss=best_val,
+        val_ppl=perplexity(best_val),
+        test_loss=test_loss,
+        test_ppl=perplexity(test_loss),
+        best_step=state.best_step,
+        best_val_loss=best_val,
+        tokens_per_s=tokens_per_s,
+        resumed_from_step=resumed_from,
+        elapsed_s=elapsed,
+        losses=list(state.losses),
+        val_history=list(state.val_history),
     )
 
 
 def _finalize(
-    model: nn.Module, model_cfg: ModelConfig, state: TrainState, run_dir: Path,
-    tokenizer_dir: Path, test_w: TokenWindows, eval_batches: int, device: torch.device,
+    model: nn.Module,
+    model_cfg: ModelConfig,
+    state: TrainState,
+    run_dir: Path,
+    tokenizer_dir: Path,
+    test_w: TokenWindows,
+    eval_batches: int,
+    device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager[object]],
 ) -> float | None:
     """Write the final artifacts into run_dir and return the final model's test loss.
@@ -695,7 +800,8 @@ def _check_resumable(
     if not isinstance(old, dict):
         raise UserError(f"checkpoint {ckpt} has no config")
     changed = sorted(
-        k for k in set(old) | set(config)
+        k
+        for k in set(old) | set(config)
         if k not in RESUMABLE_CHANGES and old.get(k) != config.get(k)
     )
     if changed:
