@@ -37,6 +37,7 @@ from redis.exceptions import RedisError, WatchError
 
 from actors import log
 from actors.config import Settings
+from actors.dashboard import add_routes as add_dashboard
 from actors.openapi import Operation, Param, Reply, build
 from actors.runtime import Redis, add_command, add_event, connect
 from actors.submit import new_id, plan_tokenizer, plan_train, submit
@@ -1169,6 +1170,7 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     app.on_response_prepare.append(_stamp_request_id)
     for op, handler in ROUTES:
         app.router.add_route(op.method, op.path, handler)
+    add_dashboard(app)
     return app
 
 

@@ -1,0 +1,949 @@
+// The model-trainer dashboard: plain JS, no build step, no network beyond this server.
+// It is a client of the control endpoint like any other: JSON routes through fetch (with
+// X-Api-Key when the user gave one) and live views through server-sent events.
+"use strict";
+
+(() => {
+  const KEY_STORE = "mt-api-key";
+  const POLL_MS = 2000;
+  const GENERATE_POLL_MS = 500;
+  const GENERATE_TIMEOUT_MS = 10 * 60 * 1000;
+  const LOG_LINES = 1000;
+  const TERMINAL = new Set(["completed", "failed", "cancelled"]);
+  const TERMINAL_KINDS = new Set(["run.completed", "run.failed", "run.cancelled"]);
+  // Every event kind of protocol/events.py: SSE messages are named by kind, and EventSource
+  // only delivers a named message to a listener registered for that name.
+  const EVENT_KINDS = [
+    "run.queued", "step.started", "step.completed", "command.duplicate", "corpus.ready",
+    "tokenizer.ready", "train.started", "train.progress", "train.completed", "eval.completed",
+    "result.ready", "artifact.stored", "run.completed", "run.failed", "run.cancelled",
+    "run.cancel_requested",
+  ];
+
+  const $ = (id) => document.getElementById(id);
+  const SVG_NS = "http://www.w3.org/2000/svg";
+
+  // ------------------------------------------------------------------ formatting
+  const pad = (n) => String(n).padStart(2, "0");
+  function fmtTime(ts) {
+    if (ts === null || ts === undefined || ts === "" || !Number.isFinite(Number(ts))) return "–";
+    const d = new Date(Number(ts) * 1000);
+    return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ` +
+      `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+  }
+  function fmtDuration(seconds) {
+    if (!Number.isFinite(seconds) || seconds < 0) return "–";
+    if (seconds < 60) return `${seconds.toFixed(seconds < 10 ? 1 : 0)} s`;
+    const m = Math.floor(seconds / 60), s = Math.round(seconds % 60);
+    if (m < 60) return `${m} min ${s} s`;
+    return `${Math.floor(m / 60)} h ${m % 60} min`;
+  }
+  function fmtNum(x, digits = 4) {
+    if (x === null || x === undefined || x === "" || !Number.isFinite(Number(x))) return "–";
+    const v = Number(x);
+    if (Number.isInteger(v) && Math.abs(v) >= 1000) return v.toLocaleString("en-US");
+    if (v !== 0 && (Math.abs(v) < 1e-3 || Math.abs(v) >= 1e6)) return v.toExponential(2);
+    return Number(v.toFixed(digits)).toString();
+  }
+  function fmtInt(x) {
+    if (x === null || x === undefined || !Number.isFinite(Number(x))) return "–";
+    return Math.round(Number(x)).toLocaleString("en-US");
+  }
+  function fmtBytes(n) {
+    if (!Number.isFinite(n)) return "–";
+    const units = ["B", "KiB", "MiB", "GiB"];
+    let i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
+    return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
+  }
+  function el(tag, attrs = {}, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs)) {
+      if (v === undefined || v === null) continue;
+      if (k === "text") node.textContent = v;
+      else if (k === "class") node.className = v;
+      else node.setAttribute(k, v);
+    }
+    for (const c of children) node.append(c);
+    return node;
+  }
+  function kvTable(table, rows) {
+    table.replaceChildren(...rows.map(([k, v, testid]) =>
+      el("tr", testid ? { "data-testid": testid } : {}, el("th", { text: k }), el("td", { text: v }))));
+  }
+
+  // ------------------------------------------------------------------ the API
+  class ApiError extends Error {
+    constructor(status, body) {
+      const b = body && typeof body === "object" ? body : { message: String(body || "") };
+      super(b.message || `HTTP ${status}`);
+      this.status = status;
+      this.body = b;
+      this.field = b.field || "";
+    }
+  }
+
+  const apiKey = () => sessionStorage.getItem(KEY_STORE) || "";
+  let keyPrompt = null; // one open prompt, shared by every call that got a 401
+
+  function askKey(reason) {
+    if (keyPrompt) return keyPrompt;
+    const dialog = $("api-key-dialog");
+    $("api-key-reason").textContent = reason;
+    const input = $("api-key-input");
+    input.value = "";
+    keyPrompt = new Promise((resolve, reject) => {
+      const onSubmit = (ev) => {
+        ev.preventDefault();
+        const key = input.value.trim();
+        if (!key) return;
+        sessionStorage.setItem(KEY_STORE, key);
+        finish();
+        dialog.close();
+        resolve(key);
+      };
+      const onCancel = () => {
+        finish();
+        reject(new ApiError(401, { code: "UNAUTHORIZED", message: "an API key is needed (use the API key button)" }));
+      };
+      const finish = () => {
+        $("api-key-form").removeEventListener("submit", onSubmit);
+        dialog.removeEventListener("cancel", onCancel);
+        keyPrompt = null;
+      };
+      $("api-key-form").addEventListener("submit", onSubmit);
+      dialog.addEventListener("cancel", onCancel);
+    });
+    if (!dialog.open) dialog.showModal();
+    input.focus();
+    return keyPrompt;
+  }
+
+  function setConn(ok) {
+    const node = $("conn-status");
+    node.textContent = ok ? "connected" : "server unreachable";
+    node.className = ok ? "muted" : "bad";
+  }
+
+  // fetch + JSON + the error format; a 401 opens the key prompt and the call is retried.
+  async function api(method, path, body) {
+    for (let attempt = 0; attempt < 4; attempt += 1) {
+      const headers = { Accept: "application/json" };
+      const key = apiKey();
+      if (key) headers["X-Api-Key"] = key;
+      if (body !== undefined) headers["Content-Type"] = "application/json";
+      let resp;
+      try {
+        resp = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+      } catch (e) {
+        setConn(false);
+        throw new ApiError(0, { code: "NETWORK", message: "the server cannot be reached" });
+      }
+      setConn(true);
+      if (resp.status === 401) {
+        await askKey(key ? "The server refused this key; enter the right one." : "This server needs an API key.");
+        continue;
+      }
+      const text = await resp.text();
+      let data = text;
+      try { data = text ? JSON.parse(text) : null; } catch (e) { /* plain text (logs) */ }
+      if (!resp.ok) throw new ApiError(resp.status, data);
+      return { status: resp.status, data };
+    }
+    throw new ApiError(401, { code: "UNAUTHORIZED", message: "the API key was refused" });
+  }
+
+  // EventSource cannot send headers: the key travels as ?api_key= on the SSE routes.
+  function withKey(path) {
+    const key = apiKey();
+    if (!key) return path;
+    return `${path}${path.includes("?") ? "&" : "?"}api_key=${encodeURIComponent(key)}`;
+  }
+
+  // ------------------------------------------------------------------ views and routing
+  let cleanups = [];
+  let viewToken = 0; // bumped on every view change: late async results of the old view are dropped
+  function onLeave(fn) { cleanups.push(fn); }
+  function leaveView() {
+    viewToken += 1;
+    for (const fn of cleanups.splice(0)) {
+      try { fn(); } catch (e) { console.error(e); }
+    }
+  }
+  function showView(name) {
+    for (const v of document.querySelectorAll(".view")) v.hidden = v.dataset.view !== name;
+    for (const a of document.querySelectorAll("header nav a")) {
+      a.classList.toggle("active", a.getAttribute("href") === (location.hash || "#/"));
+    }
+    $("global-error").hidden = true;
+  }
+  function globalError(err, source = "") {
+    const box = $("global-error");
+    box.textContent = err instanceof Error ? err.message : String(err);
+    box.dataset.source = source;
+    box.hidden = false;
+  }
+  // Call fn now and every ms until the view is left or `stop` is called; a failed poll shows
+  // its error until the next one succeeds.
+  function every(ms, fn) {
+    let stopped = false;
+    let timer = null;
+    const tick = async () => {
+      if (stopped) return;
+      try {
+        await fn();
+        const box = $("global-error");
+        if (box.dataset.source === "poll") box.hidden = true;
+      } catch (e) {
+        if (!stopped) globalError(e, "poll");
+      }
+      if (!stopped) timer = setTimeout(tick, ms);
+    };
+    tick();
+    const stop = () => { stopped = true; clearTimeout(timer); };
+    onLeave(stop);
+    return stop;
+  }
+
+  function route() {
+    leaveView();
+    const hash = location.hash || "#/";
+    let m;
+    if (hash === "#/new" || hash.startsWith("#/new?")) showNewRun(new URLSearchParams(hash.split("?")[1] || ""));
+    else if (hash === "#/tokenizers/new") showTokenizerForm(null);
+    else if ((m = hash.match(/^#\/tokenizers\/([^/]+)$/))) showTokenizerForm(decodeURIComponent(m[1]));
+    else if ((m = hash.match(/^#\/runs\/([^/]+)$/))) showRun(decodeURIComponent(m[1]));
+    else showRuns();
+  }
+
+  // ------------------------------------------------------------------ runs list
+  function statusBadge(status) {
+    return el("span", { class: `badge ${status}`, "data-testid": "run-row-status", text: status });
+  }
+
+  function runRow(r) {
+    const link = el("a", { href: `#/runs/${encodeURIComponent(r.run_id)}`, text: r.run_id });
+    const model = r.model_family ? `${r.model_family} / ${r.model_size}` : "tokenizer job";
+    const train = r.total_steps ? `${r.train_step}/${r.total_steps}` : (r.train_step ? String(r.train_step) : "–");
+    const td = (text, cls, testid) => el("td", { class: cls, "data-testid": testid, text });
+    const tr = el("tr", { "data-testid": "run-row", "data-run-id": r.run_id, "data-status": r.status },
+      el("td", {}, link),
+      el("td", {}, statusBadge(r.status)),
+      td(model, "", "run-model"),
+      td(r.corpus || "–", "ellipsis"),
+      td(r.step || "–", "", "run-step"),
+      td(train, "num", "run-train-step"),
+      td(fmtNum(r.loss), "num", "run-loss"),
+      td(fmtNum(r.val_loss), "num"),
+      td(r.tokens_per_s ? fmtInt(r.tokens_per_s) : "–", "num", "run-tps"),
+      td(fmtTime(r.started_at ?? r.created_at)),
+      td(fmtTime(r.ended_at)));
+    tr.title = r.message || "";
+    tr.addEventListener("click", (ev) => {
+      if (ev.target.tagName !== "A") location.hash = `#/runs/${encodeURIComponent(r.run_id)}`;
+    });
+    return tr;
+  }
+
+  function showRuns() {
+    showView("runs");
+    every(POLL_MS, async () => {
+      const { data } = await api("GET", "/runs?limit=50");
+      const runs = data.runs || [];
+      $("runs-body").replaceChildren(...runs.map(runRow));
+      $("runs-empty").hidden = runs.length > 0;
+      $("runs-table").hidden = runs.length === 0;
+    });
+  }
+
+  // ------------------------------------------------------------------ forms
+  let schemas = null; // components.schemas of /openapi.json: defaults and bounds as hints
+  async function loadSchemas() {
+    if (schemas) return schemas;
+    try {
+      const { data } = await api("GET", "/openapi.json");
+      schemas = (data.components && data.components.schemas) || {};
+    } catch (e) {
+      schemas = {};
+    }
+    return schemas;
+  }
+
+  function hintFields(form, schemaName) {
+    const props = (schemas[schemaName] && schemas[schemaName].properties) || {};
+    for (const input of form.querySelectorAll("input[name][data-type]")) {
+      const p = props[input.name];
+      if (!p || input.type === "checkbox") continue;
+      if (!input.placeholder && p.default !== undefined && p.default !== null && p.default !== "") {
+        input.placeholder = String(p.default);
+      }
+      const lo = p.minimum ?? p.exclusiveMinimum, hi = p.maximum ?? p.exclusiveMaximum;
+      if (lo !== undefined || hi !== undefined) input.title = `${lo ?? "…"} to ${hi ?? "…"}`;
+    }
+  }
+
+  function bindChoices(form) {
+    const sync = () => {
+      const source = form.querySelector("input[name=corpus_source]:checked");
+      for (const f of form.querySelectorAll("[data-source]")) f.hidden = !source || f.dataset.source !== source.value;
+      const tok = form.querySelector("input[name=tokenizer_source]:checked");
+      for (const f of form.querySelectorAll("[data-tokenizer]")) f.hidden = !tok || f.dataset.tokenizer !== tok.value;
+    };
+    for (const r of form.querySelectorAll("input[type=radio]")) r.addEventListener("change", sync);
+    sync();
+  }
+
+  const INT = /^[+-]?\d+$/;
+  const FLOAT = /^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/;
+
+  // The body of a form: filled fields only (the server applies its defaults to the rest);
+  // a value that does not parse is sent as typed, so the API's own 422 message names it.
+  function collect(form) {
+    const body = {};
+    for (const input of form.querySelectorAll("[name][data-type]")) {
+      const section = input.closest("[data-source],[data-tokenizer]");
+      if (section && section.hidden) continue;
+      const type = input.dataset.type;
+      if (type === "bool") { body[input.name] = input.checked; continue; }
+      const raw = input.value.trim();
+      if (input.tagName === "SELECT") { body[input.name] = raw; continue; }
+      if (raw === "") continue;
+      if (type === "int") body[input.name] = INT.test(raw) ? Number(raw) : raw;
+      else if (type === "float") body[input.name] = FLOAT.test(raw) ? Number(raw) : raw;
+      else body[input.name] = raw;
+    }
+    return body;
+  }
+
+  function clearErrors(form, box) {
+    box.hidden = true;
+    box.textContent = "";
+    for (const slot of form.querySelectorAll("[data-error-for]")) slot.textContent = "";
+    for (const input of form.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
+  }
+
+  function showErrors(form, box, err) {
+    const message = err.message || "request failed";
+    box.textContent = message;
+    box.hidden = false;
+    const field = (err.field || "").split(/[.[]/)[0];
+    if (!field) return;
+    const slot = form.querySelector(`[data-error-for="${CSS.escape(field)}"]`);
+    const input = form.querySelector(`[name="${CSS.escape(field)}"]`);
+    if (slot) slot.textContent = message;
+    if (input) {
+      input.setAttribute("aria-invalid", "true");
+      const details = input.closest("details");
+      if (details) details.open = true;
+    }
+  }
+
+  function bindForm(form, box, path, onCreated) {
+    if (form.dataset.bound) return;
+    form.dataset.bound = "1";
+    bindChoices(form);
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      clearErrors(form, box);
+      const button = form.querySelector("button[type=submit]");
+      button.disabled = true;
+      try {
+        const { data } = await api("POST", path, collect(form));
+        onCreated(data);
+      } catch (e) {
+        showErrors(form, box, e);
+      } finally {
+        button.disabled = false;
+      }
+    });
+  }
+
+  async function showNewRun(params) {
+    showView("new-run");
+    const form = $("train-form");
+    bindForm(form, $("train-form-error"), "/runs/train", (created) => {
+      location.hash = `#/runs/${encodeURIComponent(created.run_id)}`;
+    });
+    const tokenizerId = params.get("tokenizer_id");
+    if (tokenizerId) { // "train a model with this tokenizer"
+      const existing = form.querySelector("input[name=tokenizer_source][value=existing]");
+      existing.checked = true;
+      existing.dispatchEvent(new Event("change"));
+      $("train-tokenizer_id").value = tokenizerId;
+    }
+    try {
+      await loadSchemas();
+      hintFields(form, "TrainRequest");
+      const { data } = await api("GET", "/runs?limit=100");
+      const ids = new Set((data.runs || []).filter((r) => r.status === "completed" && r.tokenizer_id).map((r) => r.tokenizer_id));
+      $("known-tokenizers").replaceChildren(...[...ids].map((id) => el("option", { value: id })));
+    } catch (e) {
+      globalError(e);
+    }
+  }
+
+  async function showTokenizerForm(tokenizerId) {
+    showView("new-tokenizer");
+    const form = $("tokenizer-form");
+    bindForm(form, $("tokenizer-form-error"), "/tokenizers/train", (created) => {
+      location.hash = `#/tokenizers/${encodeURIComponent(created.tokenizer_id)}`;
+    });
+    loadSchemas().then(() => hintFields(form, "TokenizerTrainRequest"));
+    const panel = $("tokenizer-result");
+    panel.hidden = !tokenizerId;
+    if (!tokenizerId) return;
+    $("tokenizer-result-id").textContent = tokenizerId;
+    $("tokenizer-result-stats").replaceChildren();
+    const stop = every(POLL_MS, async () => {
+      let info;
+      try {
+        ({ data: info } = await api("GET", `/tokenizers/${encodeURIComponent(tokenizerId)}`));
+      } catch (e) {
+        if (e.status !== 404) throw e;
+        info = { status: "unknown" };
+      }
+      const badge = $("tokenizer-result-status");
+      badge.textContent = info.status;
+      badge.className = `badge ${info.status}`;
+      const runLink = $("tokenizer-result-run");
+      runLink.textContent = info.run_id || "–";
+      runLink.href = info.run_id ? `#/runs/${encodeURIComponent(info.run_id)}` : "#/";
+      const stats = info.stats || {};
+      kvTable($("tokenizer-result-stats"), [
+        ["kind", info.kind || "–"],
+        ...Object.entries(stats).map(([k, v]) => [k, fmtNum(v)]),
+        ["path", info.path || "–"],
+      ]);
+      const use = $("tokenizer-use");
+      use.hidden = info.status !== "ready";
+      use.href = `#/new?tokenizer_id=${encodeURIComponent(tokenizerId)}`;
+      if (["ready", "failed", "cancelled", "unknown"].includes(info.status)) stop();
+    });
+  }
+
+  // ------------------------------------------------------------------ charts (inline SVG)
+  function svgEl(tag, attrs = {}, text) {
+    const node = document.createElementNS(SVG_NS, tag);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function niceTicks(lo, hi, count, integer) {
+    const span = hi - lo;
+    if (!(span > 0)) return [lo];
+    const raw = span / count;
+    const mag = 10 ** Math.floor(Math.log10(raw));
+    const norm = raw / mag;
+    let step = (norm < 1.5 ? 1 : norm < 3 ? 2 : norm < 7 ? 5 : 10) * mag;
+    if (integer) step = Math.max(1, Math.round(step));
+    const ticks = [];
+    for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) {
+      ticks.push(Number(v.toPrecision(12)));
+    }
+    return ticks;
+  }
+
+  // series: [{key, label, color, points: [[x, y], ...] sorted by x, dots}]
+  function drawChart(svg, series, fmtY) {
+    const [, , W, H] = svg.getAttribute("viewBox").split(" ").map(Number);
+    const m = { l: 62, r: 14, t: 22, b: 26 };
+    svg.replaceChildren();
+    for (const s of series) svg.dataset[`${s.key}Points`] = String(s.points.length);
+    const all = series.flatMap((s) => s.points).filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y));
+    if (!all.length) {
+      svg.append(svgEl("text", { x: W / 2, y: H / 2, class: "empty", "text-anchor": "middle" }, "no data yet"));
+      return;
+    }
+    let x0 = Math.min(...all.map((p) => p[0])), x1 = Math.max(...all.map((p) => p[0]));
+    let y0 = Math.min(...all.map((p) => p[1])), y1 = Math.max(...all.map((p) => p[1]));
+    if (x1 === x0) { x0 -= 1; x1 += 1; }
+    if (y1 === y0) { const d = Math.abs(y0) * 0.1 || 1; y0 -= d; y1 += d; }
+    const padY = (y1 - y0) * 0.06;
+    y0 -= padY; y1 += padY;
+    const px = (x) => m.l + ((x - x0) / (x1 - x0)) * (W - m.l - m.r);
+    const py = (y) => H - m.b - ((y - y0) / (y1 - y0)) * (H - m.t - m.b);
+
+    const grid = svgEl("g", { class: "grid" });
+    for (const t of niceTicks(y0, y1, 4, false)) {
+      grid.append(svgEl("line", { x1: m.l, x2: W - m.r, y1: py(t), y2: py(t) }));
+      grid.append(svgEl("text", { x: m.l - 6, y: py(t) + 4, "text-anchor": "end" }, fmtY(t)));
+    }
+    for (const t of niceTicks(x0, x1, 6, true)) {
+      grid.append(svgEl("line", { x1: px(t), x2: px(t), y1: m.t, y2: H - m.b, class: "v" }));
+      grid.append(svgEl("text", { x: px(t), y: H - m.b + 16, "text-anchor": "middle" }, String(t)));
+    }
+    svg.append(grid);
+    svg.append(svgEl("rect", { x: m.l, y: m.t, width: W - m.l - m.r, height: H - m.t - m.b, class: "frame" }));
+
+    let legendX = m.l + 4;
+    for (const s of series) {
+      const pts = s.points.filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y));
+      if (pts.length) {
+        const d = pts.map(([x, y], i) => `${i ? "L" : "M"}${px(x).toFixed(1)},${py(y).toFixed(1)}`).join("");
+        svg.append(svgEl("path", { d, class: `line ${s.key}`, stroke: s.color, "data-series": s.key }));
+      }
+      if (s.dots) {
+        for (const [x, y] of pts) {
+          const dot = svgEl("circle", { cx: px(x), cy: py(y), r: 3.5, fill: s.color, class: `dot ${s.key}` });
+          dot.append(svgEl("title", {}, `step ${x}: ${fmtY(y)}`));
+          svg.append(dot);
+        }
+      }
+      const last = pts[pts.length - 1];
+      const label = `${s.label}${last ? ` ${fmtY(last[1])}` : ""}`;
+      svg.append(svgEl("rect", { x: legendX, y: 6, width: 10, height: 10, fill: s.color }));
+      const text = svgEl("text", { x: legendX + 14, y: 15, class: "legend" }, label);
+      svg.append(text);
+      legendX += 24 + label.length * 7;
+    }
+    // Hover read-out: the nearest step of each series.
+    const readout = svgEl("text", { x: W - m.r - 4, y: 15, class: "legend readout", "text-anchor": "end" }, "");
+    const cursor = svgEl("line", { y1: m.t, y2: H - m.b, class: "cursor", visibility: "hidden" });
+    svg.append(cursor, readout);
+    svg.onmousemove = (ev) => {
+      const box = svg.getBoundingClientRect();
+      const x = x0 + (((ev.clientX - box.left) / box.width) * W - m.l) / (W - m.l - m.r) * (x1 - x0);
+      const parts = [];
+      let snapped = null;
+      for (const s of series) {
+        let best = null;
+        for (const p of s.points) if (!best || Math.abs(p[0] - x) < Math.abs(best[0] - x)) best = p;
+        if (best) { parts.push(`${s.label} ${fmtY(best[1])}`); snapped = snapped ?? best[0]; }
+      }
+      if (snapped === null) return;
+      cursor.setAttribute("x1", px(snapped)); cursor.setAttribute("x2", px(snapped));
+      cursor.setAttribute("visibility", "visible");
+      readout.textContent = `step ${snapped} · ${parts.join(" · ")}`;
+    };
+    svg.onmouseleave = () => { cursor.setAttribute("visibility", "hidden"); readout.textContent = ""; };
+  }
+
+  // ------------------------------------------------------------------ one run
+  function newModel(id) {
+    return {
+      id, state: null, chain: [], steps: {}, loss: new Map(), val: new Map(), lr: new Map(),
+      tps: new Map(), progress: null, trainStarted: null, trainCompleted: null, tokenizer: null,
+      corpus: null, terminal: null, cancelRequested: false, evalLoaded: false, version: 0,
+    };
+  }
+
+  function applyEvent(model, kind, ev) {
+    const step = (name) => (model.steps[name] = model.steps[name] || { state: "pending" });
+    switch (kind) {
+      case "run.queued":
+        model.chain = ev.steps || [];
+        for (const s of model.chain) step(s);
+        break;
+      case "step.started":
+        Object.assign(step(ev.step), { state: "running", attempt: ev.attempt, at: ev.at });
+        break;
+      case "step.completed":
+        Object.assign(step(ev.step), { state: "done", duration: ev.duration_s });
+        break;
+      case "corpus.ready": model.corpus = ev; break;
+      case "tokenizer.ready": model.tokenizer = ev; break;
+      case "train.started": model.trainStarted = ev; break;
+      case "train.progress":
+        model.progress = ev;
+        model.loss.set(ev.step, ev.loss);
+        if (ev.lr) model.lr.set(ev.step, ev.lr);
+        if (ev.tokens_per_s) model.tps.set(ev.step, ev.tokens_per_s);
+        if (ev.val_loss !== null && ev.val_loss !== undefined) model.val.set(ev.step, ev.val_loss);
+        break;
+      case "train.completed": model.trainCompleted = ev; break;
+      case "eval.completed": if (!ev.request_id) model.evalLoaded = false; break;
+      case "artifact.stored":
+        if (model.state) {
+          const { storage, target, uri, file_id: fileId, size, sha256 } = ev;
+          model.state.artifact = JSON.stringify({ storage, target, uri, file_id: fileId, size, sha256 });
+        }
+        break;
+      case "run.cancel_requested": model.cancelRequested = true; break;
+      case "run.completed": model.terminal = ev; break;
+      case "run.failed":
+        model.terminal = ev;
+        Object.assign(step(ev.step), { state: "failed", error: ev.message });
+        break;
+      case "run.cancelled": {
+        model.terminal = ev;
+        const running = ev.step || model.chain.find((s) => model.steps[s] && model.steps[s].state === "running");
+        if (running) Object.assign(step(running), { state: "cancelled" });
+        break;
+      }
+      default: break;
+    }
+    model.version += 1;
+  }
+
+  const points = (map) => [...map.entries()].sort((a, b) => a[0] - b[0]);
+
+  const ENDED_AS = { "run.completed": "completed", "run.failed": "failed", "run.cancelled": "cancelled" };
+
+  function renderRun(model) {
+    const st = model.state || {};
+    // A terminal event arrives before the next poll of the state: believe it at once.
+    const status = (model.terminal && ENDED_AS[model.terminal.kind]) || st.status || "queued";
+    const badge = $("run-status");
+    badge.textContent = status;
+    badge.className = `badge ${status}`;
+    // The state is polled; progress events arrive sooner: say what the newest one says.
+    const p = model.progress;
+    let message = st.message || "";
+    if (p && status === "running" && st.step === "trainer" && p.step > (st.train_step || 0)) {
+      message = `step ${p.step}/${p.total_steps} loss ${p.loss.toFixed(4)}`;
+    }
+    if (model.cancelRequested && !TERMINAL.has(status)) message = "cancel requested";
+    $("run-message").textContent = message;
+    const cancel = $("cancel-button");
+    cancel.hidden = TERMINAL.has(status);
+
+    const totalSteps = (p && p.total_steps) || st.total_steps || (model.trainStarted && model.trainStarted.total_steps);
+    const trainStep = p ? p.step : st.train_step;
+    $("stat-model").textContent = st.model_family ? `${st.model_family} / ${st.model_size}` : "–";
+    $("stat-step").textContent = trainStep ? `${trainStep}${totalSteps ? ` / ${totalSteps}` : ""}` : "–";
+    const epoch = p ? p.epoch : st.epoch;
+    const epochs = (p && p.total_epochs) || st.total_epochs;
+    $("stat-epoch").textContent = epoch ? `${epoch}${epochs ? ` / ${epochs}` : ""}` : "–";
+    $("stat-loss").textContent = fmtNum(p ? p.loss : st.loss);
+    const lastVal = points(model.val).pop();
+    $("stat-val-loss").textContent = fmtNum(lastVal ? lastVal[1] : st.val_loss);
+    $("stat-lr").textContent = p && p.lr ? p.lr.toExponential(2) : "–";
+    const tps = p ? p.tokens_per_s : st.tokens_per_s;
+    $("stat-tps").textContent = tps ? fmtInt(tps) : "–";
+    const params = model.trainStarted && model.trainStarted.parameters;
+    $("stat-params").textContent = params ? fmtInt(params) : (model.params ? fmtInt(model.params) : "–");
+
+    // The chain: every step of the run, in order, with its state.
+    const chain = model.chain.length ? model.chain : Object.keys(model.steps);
+    $("chain-steps").replaceChildren(...chain.map((name) => {
+      const s = model.steps[name] || { state: "pending" };
+      let state = s.state;
+      if (state === "pending" && TERMINAL.has(status) && status !== "completed") state = "skipped";
+      const detail = state === "done" && Number.isFinite(s.duration) ? fmtDuration(s.duration)
+        : state === "running" && s.attempt > 1 ? `attempt ${s.attempt}`
+          : state === "failed" ? s.error || "" : "";
+      return el("li", { "data-step": name, "data-state": state, class: state, "data-testid": "chain-step" },
+        el("span", { class: "step-name", text: name }),
+        el("span", { class: "step-state", text: state }),
+        el("span", { class: "step-detail", text: detail }));
+    }));
+    const started = st.started_at, ended = st.ended_at;
+    kvTable($("run-facts"), [
+      ["corpus", st.corpus || "–"],
+      ["tokenizer", st.tokenizer_id || "–"],
+      ["created", fmtTime(st.created_at)],
+      ["training started", fmtTime(started)],
+      ["ended", fmtTime(ended)],
+      ["duration", ended && st.created_at ? fmtDuration(ended - st.created_at) : "–"],
+      ["attempt", st.attempt ? String(st.attempt) : "–"],
+      ["device", model.trainStarted ? `${model.trainStarted.device} · ${model.trainStarted.precision}` : "–"],
+    ]);
+
+    drawChart($("loss-chart"), [
+      { key: "train", label: "train", color: "#2563eb", points: points(model.loss) },
+      { key: "val", label: "validation", color: "#dc2626", points: points(model.val), dots: true },
+    ], (y) => fmtNum(y, 3));
+    drawChart($("lr-chart"), [{ key: "lr", label: "lr", color: "#7c3aed", points: points(model.lr) }],
+      (y) => y.toExponential(1));
+    drawChart($("tps-chart"), [{ key: "tps", label: "tokens/s", color: "#059669", points: points(model.tps) }],
+      (y) => fmtInt(y));
+
+    if (model.corpus) {
+      const c = model.corpus;
+      kvTable($("corpus-stats"), [
+        ["corpus", c.corpus_id],
+        ...Object.entries(c.chars || {}).map(([k, v]) => [`${k} chars`, fmtInt(v)]),
+        ...Object.entries(c.lines || {}).map(([k, v]) => [`${k} lines`, fmtInt(v)]),
+      ]);
+    }
+    if (model.tokenizer) {
+      const t = model.tokenizer;
+      kvTable($("tokenizer-stats"), [
+        ["tokenizer", t.tokenizer_id, "tokenizer-id"],
+        ["kind", t.tokenizer_kind || "–"],
+        ...Object.entries(t.stats || {}).map(([k, v]) => [k, fmtNum(v), `tokenizer-stat-${k}`]),
+      ]);
+    }
+    $("tokenizer-stats-empty").hidden = !!model.tokenizer;
+    if (model.trainCompleted) {
+      const t = model.trainCompleted;
+      kvTable($("train-summary"), [
+        ["status", t.status],
+        ["steps", fmtInt(t.steps)],
+        ["tokens", fmtInt(t.tokens)],
+        ["train loss", fmtNum(t.train_loss)],
+        ["val loss", fmtNum(t.val_loss)],
+        ["test loss", fmtNum(t.test_loss)],
+        ["test perplexity", fmtNum(t.test_ppl, 2)],
+        ["best step", fmtInt(t.best_step)],
+        ["early stopped", t.early_stopped ? "yes" : "no"],
+        ["tokens/s", fmtInt(t.tokens_per_s)],
+      ]);
+    }
+    $("train-summary-empty").hidden = !!model.trainCompleted;
+    renderArtifact(model);
+    const gen = $("generate-button");
+    if (!gen.dataset.busy) {
+      gen.disabled = status !== "completed";
+      if (status !== "completed") $("generate-status").textContent = "Available once the run has completed.";
+      else if ($("generate-status").textContent.startsWith("Available")) $("generate-status").textContent = "";
+    }
+  }
+
+  function renderArtifact(model) {
+    const box = $("artifact");
+    const raw = model.state && model.state.artifact;
+    if (!raw || box.dataset.raw === raw) return;
+    box.dataset.raw = raw;
+    let a;
+    try { a = JSON.parse(raw); } catch (e) { return; }
+    const rows = el("table", { class: "kv" });
+    kvTable(rows, [
+      ["storage", a.storage],
+      ["uri", a.uri || "–"],
+      ["file id", a.file_id || "–"],
+      ["size", fmtBytes(a.size)],
+      ["sha256", a.sha256 || "–"],
+    ]);
+    const parts = [rows];
+    if (a.storage === "local") {
+      const target = a.target || "run";
+      const id = target === "tokenizer" ? model.state.tokenizer_id : model.id;
+      const href = `/artifacts/${target}/${encodeURIComponent(id)}`;
+      const link = el("a", { id: "artifact-download", "data-testid": "artifact-download", href, download: `${id}.tar.gz`, class: "button", text: "Download .tar.gz" });
+      link.addEventListener("click", (ev) => {
+        if (!apiKey()) return; // a plain link works without a key
+        ev.preventDefault();
+        download(href, `${id}.tar.gz`).catch(globalError);
+      });
+      parts.push(link);
+    } else if (a.uri) {
+      parts.push(el("a", { id: "artifact-download", "data-testid": "artifact-download", href: a.uri, class: "button", text: "Open in the Data Bank" }));
+    }
+    box.replaceChildren(...parts);
+  }
+
+  // A download that needs the key header: fetch it, then hand the browser a blob URL.
+  async function download(href, name) {
+    const resp = await fetch(href, { headers: { "X-Api-Key": apiKey() } });
+    if (!resp.ok) throw new ApiError(resp.status, await resp.json().catch(() => ({})));
+    const url = URL.createObjectURL(await resp.blob());
+    const a = el("a", { href: url, download: name });
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10000);
+  }
+
+  async function loadEval(model, live) {
+    model.evalLoaded = true;
+    let data;
+    try {
+      ({ data } = await api("GET", `/runs/${encodeURIComponent(model.id)}/eval`));
+    } catch (e) {
+      if (e.status === 404) return;
+      throw e;
+    }
+    if (!live()) return;
+    const metrics = data.metrics || {};
+    const rows = [];
+    if (data.split || metrics.source) rows.push(["on", String(metrics.source || data.split)]);
+    for (const [k, v] of Object.entries(metrics)) {
+      if (typeof v === "number") rows.push([k, fmtNum(v), `eval-${k}`]);
+    }
+    if (metrics.model && metrics.model.parameters) model.params = metrics.model.parameters;
+    kvTable($("eval-metrics"), rows);
+    const samples = (data.samples || []).map((s) => el("div", { class: "sample", "data-testid": "eval-sample" },
+      el("span", { class: "prompt", text: s.prompt || "" }), document.createTextNode(s.completion || "")));
+    $("eval-samples").replaceChildren(...samples);
+    $("eval-empty").hidden = true;
+  }
+
+  function followEvents(model, render, live) {
+    let es = null;
+    let closed = false;
+    const open = () => {
+      es = new EventSource(withKey(`/runs/${encodeURIComponent(model.id)}/events`));
+      for (const kind of EVENT_KINDS) {
+        es.addEventListener(kind, (msg) => {
+          let ev;
+          try { ev = JSON.parse(msg.data); } catch (e) { return; }
+          applyEvent(model, kind, ev);
+          if (kind === "eval.completed" && !ev.request_id) loadEval(model, live).catch(globalError);
+          render();
+          if (TERMINAL_KINDS.has(kind)) { closed = true; es.close(); }
+        });
+      }
+      es.onerror = () => {
+        // The server ends the stream after the run's last event; the browser would
+        // reconnect forever, so stop once the run is over (else let it resume).
+        if (closed) return;
+        const status = model.state && model.state.status;
+        if (es.readyState === EventSource.CLOSED || TERMINAL.has(status)) {
+          es.close();
+          closed = true;
+        }
+      };
+    };
+    open();
+    onLeave(() => { closed = true; if (es) es.close(); });
+  }
+
+  function followLogs(model) {
+    const pre = $("log-tail");
+    const state = $("log-state");
+    state.textContent = "(live)";
+    const es = new EventSource(withKey(`/runs/${encodeURIComponent(model.id)}/logs/stream?tail=200&follow=true`));
+    let lines = 0;
+    es.onmessage = (msg) => {
+      const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 8;
+      pre.append(document.createTextNode(`${msg.data}\n`));
+      lines += 1;
+      while (lines > LOG_LINES && pre.firstChild) { pre.firstChild.remove(); lines -= 1; }
+      if (atBottom) pre.scrollTop = pre.scrollHeight;
+    };
+    es.addEventListener("end", () => { es.close(); state.textContent = "(run ended)"; });
+    es.onerror = () => {
+      if (es.readyState === EventSource.CLOSED) state.textContent = "(disconnected)";
+    };
+    onLeave(() => es.close());
+  }
+
+  function bindRunControls(model, render) {
+    const cancel = $("cancel-button");
+    cancel.disabled = false;
+    cancel.onclick = async () => {
+      cancel.disabled = true;
+      try {
+        await api("POST", `/runs/${encodeURIComponent(model.id)}/cancel`);
+        model.cancelRequested = true;
+        render();
+      } catch (e) {
+        $("run-error").textContent = e.message;
+        $("run-error").hidden = false;
+        cancel.disabled = false;
+      }
+    };
+    const form = $("generate-form");
+    const status = $("generate-status");
+    const button = $("generate-button");
+    delete button.dataset.busy;
+    $("generate-output").replaceChildren();
+    status.textContent = "";
+    let stopped = false;
+    onLeave(() => { stopped = true; });
+    form.onsubmit = async (ev) => {
+      ev.preventDefault();
+      const body = collect(form);
+      body.prompt = $("prompt-input").value;
+      button.disabled = true;
+      button.dataset.busy = "1";
+      status.textContent = "queued…";
+      const base = `/runs/${encodeURIComponent(model.id)}/generate`;
+      try {
+        const { data: accepted } = await api("POST", base, body);
+        const deadline = Date.now() + GENERATE_TIMEOUT_MS;
+        status.textContent = "generating…";
+        for (;;) {
+          if (stopped) return;
+          const { status: code, data } = await api("GET", `${base}/${encodeURIComponent(accepted.request_id)}`);
+          if (stopped) return;
+          if (code === 200) {
+            const result = data.result || {};
+            const out = (result.samples || []).map((s) => el("div", { class: "sample", "data-testid": "sample" },
+              el("span", { class: "prompt", text: result.prompt ?? body.prompt }), document.createTextNode(s)));
+            $("generate-output").replaceChildren(...out);
+            status.textContent = `${out.length} sample${out.length === 1 ? "" : "s"}`;
+            break;
+          }
+          if (Date.now() > deadline) throw new Error("no answer after 10 minutes");
+          await new Promise((r) => setTimeout(r, GENERATE_POLL_MS));
+        }
+      } catch (e) {
+        status.textContent = e.message;
+        status.dataset.error = "1";
+      } finally {
+        delete button.dataset.busy;
+        button.disabled = false;
+      }
+    };
+  }
+
+  // The run view is one set of elements reused for every run: nothing of the last run shown
+  // may survive into the next (the tests read the charts' data-*-points, for one).
+  function resetRunView(id) {
+    $("run-id").textContent = id;
+    $("run-error").hidden = true;
+    $("run-status").textContent = "";
+    $("run-status").className = "badge";
+    $("run-message").textContent = "";
+    $("cancel-button").hidden = true;
+    for (const card of document.querySelectorAll("#view-run .card .value")) card.textContent = "–";
+    for (const t of ["corpus-stats", "tokenizer-stats", "train-summary", "eval-metrics", "eval-samples", "log-tail", "chain-steps", "run-facts", "generate-output"]) {
+      $(t).replaceChildren();
+    }
+    for (const chart of ["loss-chart", "lr-chart", "tps-chart"]) {
+      const svg = $(chart);
+      svg.replaceChildren();
+      for (const k of Object.keys(svg.dataset)) delete svg.dataset[k];
+    }
+    $("generate-status").textContent = "";
+    delete $("generate-status").dataset.error;
+    $("eval-empty").hidden = false;
+    const art = $("artifact");
+    delete art.dataset.raw;
+    art.replaceChildren(el("p", { class: "muted", text: "Not stored yet." }));
+  }
+
+  async function showRun(id) {
+    showView("run");
+    resetRunView(id);
+    const model = newModel(id);
+    const token = viewToken;
+    const live = () => token === viewToken;
+    let pending = null;
+    const render = () => {
+      if (pending || !live()) return;
+      pending = setTimeout(() => { pending = null; if (live()) renderRun(model); }, 60);
+    };
+    onLeave(() => clearTimeout(pending));
+    let first = true;
+    // The state hash is polled until the run is over (one last read after its end gives
+    // the artifact pointer and the final message); the curves come from the events.
+    const stop = every(POLL_MS, async () => {
+      let state;
+      try {
+        ({ data: state } = await api("GET", `/runs/${encodeURIComponent(id)}`));
+      } catch (e) {
+        if (e.status === 404) {
+          stop();
+          $("run-error").textContent = e.message;
+          $("run-error").hidden = false;
+          return;
+        }
+        throw e;
+      }
+      if (!live()) return;
+      model.state = state;
+      if (first) {
+        first = false;
+        bindRunControls(model, render);
+        followEvents(model, render, live);
+        followLogs(model);
+      }
+      if (state.status === "completed" && !model.evalLoaded) await loadEval(model, live);
+      render();
+      if (TERMINAL.has(state.status)) stop();
+    });
+  }
+
+  // ------------------------------------------------------------------ start
+  document.addEventListener("DOMContentLoaded", () => {
+    $("api-key-change").addEventListener("click", () => {
+      askKey("Enter the API key of this server.").then(route, () => {});
+    });
+    window.addEventListener("hashchange", route);
+    route();
+  });
+})();

@@ -1,0 +1,505 @@
+"""The dashboard in a real browser: headless Chromium (Debian's chromium + chromedriver,
+driven by selenium) against the whole service running in-process: a run submitted through
+the form trains while its curves fill in, completes, and generates text from the prompt box;
+a second run is cancelled from its page; an API key is asked for and used.
+
+Skipped, with the reason, where the browser or its driver is not installed
+(./scripts/ensure-chromium installs them). Screenshots go to test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import random
+import shutil
+import threading
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import pytest
+
+pytest.importorskip("selenium", reason="selenium is not installed (pip install selenium)")
+
+from aiohttp import web
+from selenium import webdriver
+from selenium.common.exceptions import (
+    StaleElementReferenceException,
+    TimeoutException,
+    WebDriverException,
+)
+from selenium.webdriver.chrome.service import Service as ChromeService
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+from actors import log, service
+from actors.config import Settings
+from actors.control import bound_url, create_app
+from actors.dashboard import add_routes
+from actors.runtime import RuntimeConfig
+from protocol.keys import COMMAND_ACTORS, ActorName
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+KEY = "e2e-secret-key"
+T = TypeVar("T")
+
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="chromium/chromedriver not found: run ./scripts/ensure-chromium "
+    "(apt-get install chromium chromium-driver) to run the dashboard's browser tests",
+)
+
+
+# ------------------------------------------------------------------------ the service
+
+
+class Background:
+    """The actors (actors.service.serve) and the control app with the dashboard, on their own
+    event loop in a thread: the test itself blocks on the browser."""
+
+    def __init__(self, settings: Settings, redis_url: str, names: list[ActorName]) -> None:
+        self.settings = settings
+        self.redis_url = redis_url
+        self.names = names
+        self.url = ""
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._main, name="dashboard-e2e", daemon=True)
+
+    def __enter__(self) -> Background:
+        self._thread.start()
+        if not self._ready.wait(60):
+            raise RuntimeError("the service did not start within 60 s")
+        if self._error is not None:
+            raise RuntimeError("the service failed to start") from self._error
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(60)
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as e:  # reported to the test thread
+            self._error = e
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        app = create_app(self.settings, self.redis_url)
+        add_routes(app)
+        runner = web.AppRunner(app, shutdown_timeout=2.0)
+        await runner.setup()
+        actors: asyncio.Task[None] | None = None
+        try:
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            self.url = bound_url(runner)
+            if self.names:
+                actors = asyncio.create_task(
+                    service.serve(
+                        self.settings, self.redis_url, self.names,
+                        config=RuntimeConfig(block_ms=100, grace_s=10.0),
+                        stop=self._stop, install_signals=False,
+                    )
+                )  # fmt: skip
+            self._ready.set()
+            await self._stop.wait()
+            if actors is not None:
+                await asyncio.wait_for(actors, 30)
+        finally:
+            await runner.cleanup()
+
+
+def write_corpus(root: Path) -> None:
+    """~40 KB of simple, repetitive English: enough for a tiny BPE and 30 short steps."""
+    rng = random.Random(7)
+    subjects = ["the cat", "a dog", "the old king", "my friend", "the river", "a small bird"]
+    verbs = ["sees", "likes", "follows", "sings to", "waits for", "dreams of"]
+    objects = ["the moon", "a green field", "the quiet town", "the sea", "an open door"]
+    lines = [
+        f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}." for _ in range(1400)
+    ]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "tiny.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def prefix() -> str:
+    return f"e2e{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory, prefix: str) -> Iterator[Settings]:
+    data_dir = tmp_path_factory.mktemp("dashboard-e2e")
+    write_corpus(data_dir / "corpus")
+    previous = log._runs_dir
+    log.configure(data_dir)  # per-run logs.jsonl, which the page's log tail follows
+    try:
+        yield Settings(
+            data_dir=data_dir, corpus_root=data_dir / "corpus", prefix=prefix, consumer="e2e"
+        )
+    finally:
+        log._runs_dir = previous  # later tests log where they did before
+
+
+@pytest.fixture(scope="module")
+def names() -> list[ActorName]:
+    return [name for name in COMMAND_ACTORS if name in service.ACTORS]
+
+
+@pytest.fixture(scope="module")
+def server(settings: Settings, redis_url: str, names: list[ActorName]) -> Iterator[Background]:
+    with Background(settings, redis_url, names) as bg:
+        yield bg
+
+
+@pytest.fixture(scope="module")
+def driver() -> Iterator[webdriver.Chrome]:
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM or ""
+    for arg in (
+        "--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+        "--window-size=1400,1000", "--disable-extensions", "--no-first-run",
+    ):  # fmt: skip
+        options.add_argument(arg)
+    try:
+        browser = webdriver.Chrome(
+            options=options, service=ChromeService(executable_path=CHROMEDRIVER or "")
+        )
+    except WebDriverException as e:
+        pytest.skip(f"chromium could not be started: {e.msg}")
+    browser.set_page_load_timeout(30)
+    try:
+        yield browser
+    finally:
+        browser.quit()
+
+
+# ------------------------------------------------------------------------- helpers
+
+
+def wait_for(
+    browser: webdriver.Chrome, what: str, check: Callable[[], T | None], timeout: float = 30
+) -> T:
+    """Poll `check` until it returns something truthy; fail with `what` and a screenshot."""
+
+    def probe(_: webdriver.Chrome) -> T | Literal[False]:
+        try:
+            value = check()
+        except StaleElementReferenceException:
+            return False
+        return False if value is None else value
+
+    try:
+        result: T = WebDriverWait(browser, timeout, poll_frequency=0.2).until(probe)
+    except TimeoutException:
+        shot(browser, f"timeout-{what.replace(' ', '-')[:40]}")
+        pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+    return result
+
+
+def shot(browser: webdriver.Chrome, name: str) -> Path:
+    """A screenshot of the whole page (not only the window), from the top."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / f"dashboard-{name}.png"
+    browser.execute_script("window.scrollTo(0, 0)")
+    size = browser.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+    clip = {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}
+    png = browser.execute_cdp_cmd(
+        "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": clip}
+    )
+    path.write_bytes(base64.b64decode(png["data"]))
+    return path
+
+
+def by_id(browser: webdriver.Chrome, element_id: str) -> WebElement:
+    return browser.find_element(By.ID, element_id)
+
+
+def fill(browser: webdriver.Chrome, element_id: str, value: str) -> None:
+    field = by_id(browser, element_id)
+    field.clear()
+    field.send_keys(value)
+
+
+def status_of(browser: webdriver.Chrome) -> str:
+    return by_id(browser, "run-status").text
+
+
+def int_attr(element: WebElement, name: str) -> int:
+    return int(element.get_attribute(name) or 0)
+
+
+def api(
+    server: Background, method: str, path: str, body: object = None, key: str = ""
+) -> tuple[int, dict[str, object]]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(server.url + path, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if key:
+        req.add_header("X-Api-Key", key)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def open_page(browser: webdriver.Chrome, url: str) -> None:
+    browser.get(url)
+    wait_for(
+        browser,
+        "the page script",
+        lambda: browser.execute_script("return document.readyState") == "complete",
+    )
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_the_form_shows_the_api_s_validation_message(
+    driver: webdriver.Chrome, server: Background
+) -> None:
+    open_page(driver, f"{server.url}/#/new")
+    form = by_id(driver, "train-form")
+    wait_for(driver, "the form", form.is_displayed)
+    fill(driver, "train-corpus_path", "tiny.txt")
+    fill(driver, "train-batch_size", "0")
+    by_id(driver, "train-submit").click()
+    slot = form.find_element(By.CSS_SELECTOR, '[data-error-for="batch_size"]')
+    message = wait_for(driver, "the batch_size error", lambda: slot.text)
+    status, expected = api(
+        server, "POST", "/runs/train", {"corpus_path": "tiny.txt", "batch_size": 0}
+    )
+    assert status == 422
+    assert message == expected["message"]
+    assert by_id(driver, "train-form-error").text == expected["message"]
+    assert by_id(driver, "train-batch_size").get_attribute("aria-invalid") == "true"
+
+    # A path outside the corpus root is refused the same way, next to its own field.
+    fill(driver, "train-batch_size", "8")
+    fill(driver, "train-corpus_path", "../../etc/passwd")
+    by_id(driver, "train-submit").click()
+    path_slot = form.find_element(By.CSS_SELECTOR, '[data-error-for="corpus_path"]')
+    wait_for(driver, "the corpus_path error", lambda: "outside the corpus root" in path_slot.text)
+    assert slot.text == ""  # the earlier error is gone
+    assert driver.current_url.endswith("#/new")  # nothing was submitted
+    shot(driver, "new-run-invalid")
+
+
+def test_a_tokenizer_from_its_form_becomes_ready_with_its_stats(
+    driver: webdriver.Chrome, server: Background, names: list[ActorName]
+) -> None:
+    if "tokenizer" not in names:
+        pytest.skip("no tokenizer actor registered")
+    open_page(driver, f"{server.url}/#/tokenizers/new")
+    wait_for(driver, "the form", by_id(driver, "tokenizer-form").is_displayed)
+    fill(driver, "tok-corpus_path", "tiny.txt")
+    Select(by_id(driver, "tok-tokenizer_kind")).select_by_value("bpe")
+    fill(driver, "tok-vocab_size", "abc")
+    by_id(driver, "tokenizer-submit").click()
+    slot = by_id(driver, "tokenizer-form").find_element(
+        By.CSS_SELECTOR, '[data-error-for="vocab_size"]'
+    )
+    wait_for(driver, "the vocab_size error", lambda: "Expected `int`" in slot.text)
+    fill(driver, "tok-vocab_size", "300")
+    by_id(driver, "tokenizer-submit").click()
+    wait_for(driver, "the tokenizer page", lambda: "-tok" in driver.current_url)
+    tokenizer_id = driver.current_url.split("#/tokenizers/", 1)[1]
+    assert by_id(driver, "tokenizer-result-id").text == tokenizer_id
+    status = by_id(driver, "tokenizer-result-status")
+    wait_for(driver, "the tokenizer to be ready", lambda: status.text == "ready", 90)
+    stats = by_id(driver, "tokenizer-result-stats").text
+    assert "vocab_size" in stats
+    assert "coverage" in stats
+    assert by_id(driver, "tokenizer-result-run").text.startswith("tokjob-")
+    shot(driver, "tokenizer-ready")
+    by_id(driver, "tokenizer-use").click()  # the run form, with this tokenizer chosen
+    field = by_id(driver, "train-tokenizer_id")
+    wait_for(driver, "the run form", field.is_displayed)
+    assert field.get_attribute("value") == tokenizer_id
+    assert not by_id(driver, "train-vocab_size").is_displayed()
+
+
+def test_a_run_from_the_form_trains_live_completes_and_generates(
+    driver: webdriver.Chrome, server: Background, names: list[ActorName]
+) -> None:
+    open_page(driver, f"{server.url}/#/new")
+    wait_for(driver, "the form", by_id(driver, "train-form").is_displayed)
+    fill(driver, "train-corpus_path", "tiny.txt")
+    driver.find_element(By.CSS_SELECTOR, "input[name=tokenizer_source][value=new]").click()
+    Select(by_id(driver, "train-tokenizer_kind")).select_by_value("bpe")
+    fill(driver, "train-vocab_size", "320")
+    Select(by_id(driver, "train-model_family")).select_by_value("gpt2")
+    Select(by_id(driver, "train-model_size")).select_by_value("tiny")
+    for name, value in {
+        "max_seq_len": "32", "batch_size": "8", "num_epochs": "50", "max_steps": "30",
+        "eval_every": "10", "checkpoint_every": "10", "warmup_steps": "5",
+        "learning_rate": "0.003",
+    }.items():  # fmt: skip
+        fill(driver, f"train-{name}", value)
+    driver.find_element(By.CSS_SELECTOR, "#train-advanced summary").click()
+    fill(driver, "train-threads", "1")  # the machine is shared: one training thread
+    by_id(driver, "train-submit").click()
+    wait_for(driver, "the run page", lambda: "#/runs/" in driver.current_url)
+    run_id = driver.current_url.split("#/runs/", 1)[1]
+    wait_for(driver, "the run id", lambda: by_id(driver, "run-id").text == run_id)
+
+    chart = by_id(driver, "loss-chart")
+    wait_for(driver, "loss points", lambda: int_attr(chart, "data-train-points") >= 3, 120)
+    shot(driver, "run-training")
+    if "evaluator" not in names:
+        # The chain stops after training until the evaluator exists: check what we can.
+        wait_for(
+            driver, "training to finish", lambda: _step_state(driver, "trainer") == "done", 120
+        )
+        assert int_attr(chart, "data-val-points") >= 3
+        assert status_of(driver) == "running"
+        shot(driver, "run-trained")
+        pytest.skip("no evaluator actor registered yet: the run stops after training")
+
+    wait_for(driver, "the run to complete", lambda: status_of(driver) == "completed", 240)
+    points = int_attr(chart, "data-train-points")
+    val_points = int_attr(chart, "data-val-points")
+    assert val_points >= 3  # steps 10, 20, 30
+    assert points >= val_points
+    assert [_step_state(driver, s) for s in ("ingest", "tokenizer", "trainer")] == ["done"] * 3
+    assert by_id(driver, "cancel-button").is_displayed() is False
+    stat = driver.find_element(By.CSS_SELECTOR, '[data-testid="tokenizer-stat-vocab_size"] td')
+    assert float(stat.text) <= 320
+    wait_for(driver, "the training summary", lambda: "30" in by_id(driver, "train-summary").text)
+    wait_for(driver, "evaluation metrics", lambda: by_id(driver, "eval-metrics").text)
+    assert driver.find_elements(By.CSS_SELECTOR, '[data-testid="eval-perplexity"]')
+    if "uploader" in names:
+        link = wait_for(
+            driver, "the artifact link", lambda: driver.find_elements(By.ID, "artifact-download")
+        )
+        href = link[0].get_attribute("href") or ""
+        assert href == f"{server.url}/artifacts/run/{run_id}"
+        with urllib.request.urlopen(href, timeout=30) as resp:  # the link downloads the archive
+            assert resp.headers["Content-Type"] == "application/gzip"
+            assert resp.read(2) == b"\x1f\x8b"
+
+    # Reloading replays the recorded events: the whole curve comes back.
+    driver.refresh()
+    chart = wait_for(driver, "the chart after reload", lambda: by_id(driver, "loss-chart"))
+    wait_for(driver, "the replayed curve", lambda: int_attr(chart, "data-train-points") == points)
+    assert int_attr(chart, "data-val-points") == val_points
+    wait_for(driver, "the log tail", lambda: "trainer" in by_id(driver, "log-tail").text)
+
+    fill(driver, "prompt-input", "the cat")
+    fill(driver, "gen-max_new_tokens", "12")
+    by_id(driver, "generate-button").click()
+    sample = wait_for(
+        driver, "a generated sample",
+        lambda: driver.find_elements(By.CSS_SELECTOR, '[data-testid="sample"]'), 120,
+    )  # fmt: skip
+    assert sample[0].text.startswith("the cat")
+    shot(driver, "run-completed")
+
+    open_page(driver, f"{server.url}/#/")
+    row = wait_for(
+        driver, "the run in the list",
+        lambda: driver.find_elements(By.CSS_SELECTOR, f'tr[data-run-id="{run_id}"]'),
+    )  # fmt: skip
+    assert row[0].get_attribute("data-status") == "completed"
+    assert "gpt2 / tiny" in row[0].text
+    shot(driver, "runs")
+
+
+def _step_state(browser: webdriver.Chrome, step: str) -> str:
+    items = browser.find_elements(By.CSS_SELECTOR, f'#chain-steps li[data-step="{step}"]')
+    return (items[0].get_attribute("data-state") or "") if items else ""
+
+
+def test_a_running_run_is_cancelled_from_its_page(
+    driver: webdriver.Chrome, server: Background, names: list[ActorName]
+) -> None:
+    if "trainer" not in names:
+        pytest.skip("no trainer actor registered")
+    body = {
+        "corpus_path": "tiny.txt", "vocab_size": 300, "max_seq_len": 32, "batch_size": 8,
+        "num_epochs": 1000, "max_steps": 100_000, "eval_every": 50, "checkpoint_every": 1000,
+        "threads": 1,
+    }  # fmt: skip
+    status, created = api(server, "POST", "/runs/train", body)
+    assert status == 202
+    run_id = str(created["run_id"])
+    open_page(driver, f"{server.url}/#/runs/{run_id}")
+    chart = by_id(driver, "loss-chart")
+    wait_for(driver, "training to start", lambda: int_attr(chart, "data-train-points") >= 1, 120)
+    cancel = by_id(driver, "cancel-button")
+    assert cancel.is_displayed()
+    cancel.click()
+    wait_for(driver, "the run to be cancelled", lambda: status_of(driver) == "cancelled", 60)
+    assert _step_state(driver, "trainer") == "cancelled"
+    assert _step_state(driver, "evaluator") == "skipped"
+    assert not cancel.is_displayed()
+    state = api(server, "GET", f"/runs/{run_id}")[1]
+    assert state["status"] == "cancelled"
+    shot(driver, "run-cancelled")
+
+
+def test_an_api_key_is_asked_for_and_used(
+    driver: webdriver.Chrome, settings: Settings, redis_url: str
+) -> None:
+    """A second control endpoint with a key and a prefix of its own (no actors: its runs stay
+    queued): the page asks for the key, keeps it for the tab, and its live views (SSE, with
+    ?api_key=) work with it."""
+    keyed = Settings(
+        data_dir=settings.data_dir, corpus_root=settings.corpus_root,
+        prefix=f"{settings.prefix}k", api_key=KEY,
+    )  # fmt: skip
+    with Background(keyed, redis_url, []) as guarded:
+        status, created = api(guarded, "POST", "/runs/train", {"corpus_path": "tiny.txt"}, KEY)
+        assert status == 202  # queued: no actors behind this endpoint
+        run_id = str(created["run_id"])
+        open_page(driver, f"{guarded.url}/#/")
+        driver.execute_script("sessionStorage.clear()")
+        driver.refresh()
+        dialog = by_id(driver, "api-key-dialog")
+        wait_for(driver, "the key prompt", dialog.is_displayed)
+        fill(driver, "api-key-input", "wrong")
+        by_id(driver, "api-key-save").click()
+        reason = by_id(driver, "api-key-reason")
+        wait_for(driver, "the key to be refused", lambda: "refused" in reason.text)
+        assert dialog.is_displayed()
+        fill(driver, "api-key-input", KEY)
+        by_id(driver, "api-key-save").click()
+        wait_for(
+            driver, "the runs list",
+            lambda: driver.find_elements(By.CSS_SELECTOR, f'tr[data-run-id="{run_id}"]'),
+        )  # fmt: skip
+        assert not dialog.is_displayed()
+        assert driver.execute_script("return sessionStorage.getItem('mt-api-key')") == KEY
+
+        # The run page: state by fetch with the header, the chain by SSE with ?api_key=.
+        open_page(driver, f"{guarded.url}/#/runs/{run_id}")
+        wait_for(
+            driver,
+            "the chain from the events stream",
+            lambda: _step_state(driver, "uploader") == "pending",
+        )
+        assert _step_state(driver, "ingest") == "pending"
+        assert status_of(driver) == "queued"
+        assert not dialog.is_displayed()
+        by_id(driver, "cancel-button").click()
+        wait_for(
+            driver,
+            "the cancel request",
+            lambda: "cancel requested" in by_id(driver, "run-message").text,
+        )
+        driver.execute_script("sessionStorage.clear()")
