@@ -23,6 +23,7 @@ class Settings:
     discord_api: str = "https://discord.com/api/v10"
     events_channel: str = "trainer:events"
     consumer: str | None = None  # base consumer name; default host-actor-index
+    lease_s: float = 30.0  # a pending command idle this long is taken over by another consumer
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -42,6 +43,7 @@ class Settings:
             discord_api=e.get("MT_DISCORD_API") or "https://discord.com/api/v10",
             events_channel=e.get("MT_EVENTS_CHANNEL") or "trainer:events",
             consumer=e.get("MT_CONSUMER") or None,
+            lease_s=float(e.get("MT_LEASE_S") or 30.0),
         )
 
     def consumer_name(self, actor: str, index: int = 0) -> str:

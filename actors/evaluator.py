@@ -27,6 +27,10 @@ from protocol.events import EvalCompleted, ResultReady
 from trainer.errors import UserError
 
 Answer = Literal["score", "generate", "chat", "evaluate"]
+# The service evaluates on the first lines of a split up to this many tokens: enough for a
+# stable loss, and a big corpus does not hold the evaluator for minutes (the metrics say
+# how many tokens were used).
+EVAL_MAX_TOKENS = 50_000
 RESULT_TTL_S = 7 * 24 * 3600
 CHAT_TTL_S = 24 * 3600
 MODEL_FILES = ("config.json", "mt_model.json")
@@ -40,6 +44,7 @@ def evaluate_job(run_dir: str, split: str, path: str | None, out_name: str) -> d
         split="test" if split == "test" else "validation",
         path=Path(path) if path else None,
         out_name=out_name,
+        max_tokens=EVAL_MAX_TOKENS,
     )
 
 

@@ -22,8 +22,11 @@ def _write_run_log(
     logger: object, method: str, event_dict: MutableMapping[str, object]
 ) -> MutableMapping[str, object]:
     run_id = event_dict.get("run_id")
-    if _runs_dir is not None and isinstance(run_id, str) and run_id:
-        run_dir = _runs_dir / run_id
+    # The runtime binds its service's runs dir into the context of every handler.
+    bound = event_dict.pop("runs_dir", None)
+    runs_dir = Path(bound) if isinstance(bound, str) else _runs_dir
+    if runs_dir is not None and isinstance(run_id, str) and run_id:
+        run_dir = runs_dir / run_id
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             with (run_dir / "logs.jsonl").open("a", encoding="utf-8") as f:
@@ -31,6 +34,16 @@ def _write_run_log(
         except OSError:
             pass  # a full disk must not take the actor down; stdout still has the line
     return event_dict
+
+
+class _Stderr:
+    """Whatever sys.stderr is at the time of writing (test runners swap it per test)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def configure(data_dir: Path | None = None, *, json_logs: bool | None = None) -> None:
@@ -55,7 +68,7 @@ def configure(data_dir: Path | None = None, *, json_logs: bool | None = None) ->
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]  # structlog wants a TextIO; write/flush is all it uses
         cache_logger_on_first_use=True,
     )
 

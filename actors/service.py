@@ -61,12 +61,14 @@ async def serve(
 ) -> None:
     """Run the named actors (the notifier included) in this process until SIGTERM/SIGINT or
     `stop` — or, with until_idle, until each has handled what is queued."""
+    log.configure()
     actors = build(settings, names)
     logger = log.get("service")
     missing = [n for n in names if n not in ACTORS and n != "notifier"]
     if missing:
         logger.info("actor kinds not available, not started", kinds=missing)
     stop = stop or asyncio.Event()
+    config = config or RuntimeConfig(lease_s=settings.lease_s)
     loop = asyncio.get_running_loop()
     if install_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -76,19 +78,13 @@ async def serve(
             run_actors(
                 actors, url, keys=Keys(settings.prefix), consumer_name=settings.consumer_name,
                 config=config, on_ready=on_ready, until_idle=until_idle, stop=stop,
-                install_signals=False,
+                install_signals=False, runs_dir=settings.data_dir / "runs",
             )
         ]  # fmt: skip
         if "notifier" in names:
-            block_ms = config.block_ms if config else NotifierConfig().block_ms
+            notifier = NotifierConfig(block_ms=config.block_ms)
             jobs.append(
-                run_notifier(
-                    settings,
-                    url,
-                    stop=stop,
-                    until_idle=until_idle,
-                    config=NotifierConfig(block_ms=block_ms),
-                )
+                run_notifier(settings, url, stop=stop, until_idle=until_idle, config=notifier)
             )
         await asyncio.gather(*jobs)
     finally:

@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import queue as queue_mod
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -51,9 +52,24 @@ class TrainJob:
     inductor_cache: str
 
 
+def _exit_with_parent() -> None:
+    """A training child whose actor died (SIGKILL) must not go on writing the run dir that
+    the next trainer resumes from: it exits at once, without a checkpoint."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def train_child(job: TrainJob, out: Queue[Message]) -> None:
     """Entry point of the child process."""
     from dataclasses import asdict
+
+    _exit_with_parent()
 
     from trainer.train import Progress, TrainConfig, train
 

@@ -3,7 +3,7 @@ and keeps it in the local artifact store, or sends it to the Data Bank when one 
 
 The archive is built in the actor's process pool and streamed to disk in tar records, so a
 model of any size never sits in memory; its size and sha256 are counted on the way out.
-Local store: `artifacts/<runs|tokenizers>/<id>.tar.gz`, written under a temporary name and
+Local store: `artifacts/<run|tokenizer>/<id>.tar.gz`, written under a temporary name and
 renamed into place. The pointer (`{"storage": "local"|"data-bank", ...}`) reaches the run
 state through the ArtifactStored event and is also written into the run's manifest.json.
 The uploader is normally the last step of a chain; the runtime records run.completed after
@@ -169,13 +169,13 @@ class UploaderActor(Actor):
             case _:
                 return None
 
-    def source(self, cmd: ArtifactUpload) -> tuple[Path, str, Literal["runs", "tokenizers"]]:
+    def source(self, cmd: ArtifactUpload) -> tuple[Path, str, Literal["run", "tokenizer"]]:
         """(dir to archive, archive name, store folder) for the command's target."""
         if cmd.target == "tokenizer":
             if not cmd.tokenizer_id:
                 raise UserError("artifact.upload with target=tokenizer needs a tokenizer_id")
-            return self.settings.tokenizer_dir(cmd.tokenizer_id), cmd.tokenizer_id, "tokenizers"
-        return self.settings.run_dir(cmd.run_id), cmd.run_id, "runs"
+            return self.settings.tokenizer_dir(cmd.tokenizer_id), cmd.tokenizer_id, "tokenizer"
+        return self.settings.run_dir(cmd.run_id), cmd.run_id, "run"
 
     async def upload(self, cmd: ArtifactUpload, ctx: Context) -> Outcome:
         s = self.settings

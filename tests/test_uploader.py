@@ -96,7 +96,7 @@ async def test_local_store_archives_the_run_without_checkpoints(
     ]  # fmt: skip
     stored = events[1]
     assert isinstance(stored, ArtifactStored)
-    archive = data_dir / "artifacts" / "runs" / "r1.tar.gz"
+    archive = data_dir / "artifacts" / "run" / "r1.tar.gz"
     blob = archive.read_bytes()
     assert stored.storage == "local" and stored.target == "run" and stored.user_id == 7
     assert stored.uri == archive.as_uri()
@@ -212,7 +212,7 @@ async def test_tokenizer_target_archives_the_tokenizer_dir(
     events = await run_upload(redis, keys, settings, cmd)
     stored = events[1]
     assert isinstance(stored, ArtifactStored) and stored.target == "tokenizer"
-    with tarfile.open(data_dir / "artifacts" / "tokenizers" / "tok1.tar.gz") as tar:
+    with tarfile.open(data_dir / "artifacts" / "tokenizer" / "tok1.tar.gz") as tar:
         assert tar.getnames() == ["tok1/tokenizer.json"]
 
 
