@@ -97,20 +97,30 @@ def _rates(a: Stamp, b: Stamp, tokens_per_step: int) -> tuple[float, float]:
     return tokens / (b[1] - a[1]), tokens / (b[2] - a[2])
 
 
-def _ours(args: argparse.Namespace, corpus: Path, tok: Path, precision: str,
-          work: Path) -> tuple[tuple[float, float], float | None, float]:
+def _ours(
+    args: argparse.Namespace, corpus: Path, tok: Path, precision: str, work: Path
+) -> tuple[tuple[float, float], float | None, float]:
     """(rates over the measured steps, final validation loss, validation seconds)."""
     from trainer.train import Progress, TrainConfig, train
 
     run_dir = work / f"run-{precision}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a leftover checkpoint would be resumed
     steps = args.warmup + args.steps
-    cfg = TrainConfig.from_dict({
-        "family": "gpt2", "size": "tiny", "max_seq_len": args.seq_len,
-        "batch_size": args.batch_size, "max_steps": steps + 1, "warmup_steps": 10,
-        "learning_rate": 1e-3, "threads": args.threads, "device": "cpu",
-        "precision": precision, "seed": 1337,
-    })
+    cfg = TrainConfig.from_dict(
+        {
+            "family": "gpt2",
+            "size": "tiny",
+            "max_seq_len": args.seq_len,
+            "batch_size": args.batch_size,
+            "max_steps": steps + 1,
+            "warmup_steps": 10,
+            "learning_rate": 1e-3,
+            "threads": args.threads,
+            "device": "cpu",
+            "precision": precision,
+            "seed": 1337,
+        }
+    )
     stamps: dict[int, Stamp] = {}
 
     def on_progress(p: Progress) -> None:
@@ -134,20 +144,36 @@ def _gpt2_tiny(tok: Path, seq_len: int) -> torch.nn.Module:
 
     t = load_tokenizer(tok)
     torch.manual_seed(1337)
-    return build_model(ModelConfig(family="gpt2", size="tiny", vocab_size=t.vocab_size,
-                                   max_seq_len=seq_len, pad_id=t.pad_id, bos_id=t.bos_id,
-                                   eos_id=t.eos_id))
+    return build_model(
+        ModelConfig(
+            family="gpt2",
+            size="tiny",
+            vocab_size=t.vocab_size,
+            max_seq_len=seq_len,
+            pad_id=t.pad_id,
+            bos_id=t.bos_id,
+            eos_id=t.eos_id,
+        )
+    )
 
 
-def _train_windows(corpus: Path, tok: Path, args: argparse.Namespace,
-                   shuffle: bool = True) -> TokenWindows:
+def _train_windows(
+    corpus: Path, tok: Path, args: argparse.Namespace, shuffle: bool = True
+) -> TokenWindows:
     from trainer.data import TokenWindows, dir_sha256, encode_splits
     from trainer.tokenizer import load_tokenizer
 
     # The token cache train() uses, so every variant reads the same file.
     info = encode_splits(corpus, tok, corpus / "tokens" / dir_sha256(tok)[:16])
-    return TokenWindows(info.path("train"), info.dtype, args.seq_len, args.batch_size,
-                        load_tokenizer(tok).pad_id, seed=1337, shuffle=shuffle)
+    return TokenWindows(
+        info.path("train"),
+        info.dtype,
+        args.seq_len,
+        args.batch_size,
+        load_tokenizer(tok).pad_id,
+        seed=1337,
+        shuffle=shuffle,
+    )
 
 
 def _bare(args: argparse.Namespace, corpus: Path, tok: Path) -> tuple[float, float]:
@@ -172,8 +198,9 @@ def _bare(args: argparse.Namespace, corpus: Path, tok: Path) -> tuple[float, flo
     return _rates(start, _stamp(args.warmup + args.steps), args.batch_size * args.seq_len)
 
 
-def _hf_trainer(args: argparse.Namespace, corpus: Path, tok: Path,
-                work: Path) -> tuple[float, float]:
+def _hf_trainer(
+    args: argparse.Namespace, corpus: Path, tok: Path, work: Path
+) -> tuple[float, float]:
     """transformers.Trainer over the same model and windows; timed by a step callback."""
     import numpy as np
     import torch
@@ -197,14 +224,29 @@ def _hf_trainer(args: argparse.Namespace, corpus: Path, tok: Path,
             stamps.append(_stamp(len(stamps) + 1))
 
     targs = TrainingArguments(
-        output_dir=str(work / "hf-trainer"), per_device_train_batch_size=args.batch_size,
-        max_steps=args.warmup + args.steps, learning_rate=1e-3, warmup_steps=10,
-        weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0, lr_scheduler_type="cosine",
-        logging_steps=10_000, save_strategy="no", report_to=[], use_cpu=True,
-        dataloader_num_workers=0, disable_tqdm=True, seed=1337,
+        output_dir=str(work / "hf-trainer"),
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.warmup + args.steps,
+        learning_rate=1e-3,
+        warmup_steps=10,
+        weight_decay=0.1,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        lr_scheduler_type="cosine",
+        logging_steps=10_000,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=1337,
     )
-    trainer = Trainer(model=_gpt2_tiny(tok, args.seq_len), args=targs,
-                      train_dataset=Windows(), callbacks=[StepStamps()])
+    trainer = Trainer(
+        model=_gpt2_tiny(tok, args.seq_len),
+        args=targs,
+        train_dataset=Windows(),
+        callbacks=[StepStamps()],
+    )
     trainer.train()
     shutil.rmtree(work / "hf-trainer", ignore_errors=True)
     return _rates(stamps[args.warmup - 1], stamps[-1], args.batch_size * args.seq_len)
@@ -234,10 +276,13 @@ def bench_train(args: argparse.Namespace) -> None:
     if importlib.util.find_spec("accelerate") is None:
         hf.note = "skipped: transformers.Trainer needs `accelerate`, which is not installed"
     val_s: list[float] = []
-    print(f"train bench: gpt2 tiny (4 layers, 256 wide), seq {args.seq_len}, batch "
-          f"{args.batch_size}, {args.threads} thread(s), {args.warmup} warmup + {args.steps} "
-          f"measured steps, shakespeare / bpe {args.vocab_size}, {args.repeat} repeat(s); "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"train bench: gpt2 tiny (4 layers, 256 wide), seq {args.seq_len}, batch "
+        f"{args.batch_size}, {args.threads} thread(s), {args.warmup} warmup + {args.steps} "
+        f"measured steps, shakespeare / bpe {args.vocab_size}, {args.repeat} repeat(s); "
+        f"load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     # Interleaved repeats: a neighbour's load on the machine hits every variant alike.
     for r in range(args.repeat):
         bare.add(_bare(args, corpus, tok))
@@ -260,11 +305,15 @@ def bench_train(args: argparse.Namespace) -> None:
         if t.note:
             print(f"{t.label:38} {t.note}")
         else:
-            print(f"{t.label:38} {t.best:7,.0f} {t.best / bare.best:8.1%} "
-                  f"{t.best_cpu:10,.0f} {t.best_cpu / bare.best_cpu:8.1%}")
+            print(
+                f"{t.label:38} {t.best:7,.0f} {t.best / bare.best:8.1%} "
+                f"{t.best_cpu:10,.0f} {t.best_cpu / bare.best_cpu:8.1%}"
+            )
     print()
-    print(f"targets (best of repeats; wall, then CPU time); load average now "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores:")
+    print(
+        f"targets (best of repeats; wall, then CPU time); load average now "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores:"
+    )
     print(_verdict("ours >= 0.95 x bare", ours, bare, 0.95))
     if hf.note:
         print(f"  ours >= 1.1 x transformers.Trainer: not measured ({hf.note[9:]})")
@@ -275,22 +324,28 @@ def bench_train(args: argparse.Namespace) -> None:
         if ours.val_loss is not None and ours_bf16.val_loss is not None:
             rel = abs(ours_bf16.val_loss - ours.val_loss) / ours.val_loss
             verdict = "met" if rel <= 0.02 else "MISSED"
-            print(f"  bf16 val loss within 2% of fp32 after {args.warmup + args.steps + 1} "
-                  f"steps: fp32 {ours.val_loss:.4f}, bf16 {ours_bf16.val_loss:.4f} "
-                  f"({rel:.2%}) -> {verdict}")
+            print(
+                f"  bf16 val loss within 2% of fp32 after {args.warmup + args.steps + 1} "
+                f"steps: fp32 {ours.val_loss:.4f}, bf16 {ours_bf16.val_loss:.4f} "
+                f"({rel:.2%}) -> {verdict}"
+            )
     else:
         print(f"  bf16: {ours_bf16.note}")
     step_s = args.batch_size * args.seq_len / ours.best
     median_val = statistics.median(val_s)
-    print(f"info: one validation (20 batches, the default) took {median_val:.1f}s = "
-          f"{median_val / step_s:.1f} training steps; at the default cadence (every 100 steps) "
-          f"that adds {median_val / (100 * step_s):.1%} to a run, not counted above")
+    print(
+        f"info: one validation (20 batches, the default) took {median_val:.1f}s = "
+        f"{median_val / step_s:.1f} training steps; at the default cadence (every 100 steps) "
+        f"that adds {median_val / (100 * step_s):.1%} to a run, not counted above"
+    )
 
 
 def _verdict(what: str, a: Timing, b: Timing, target: float) -> str:
     wall, cpu = a.best / b.best, a.best_cpu / b.best_cpu
-    return (f"  {what}: {wall:.2f}x -> {'met' if wall >= target else 'MISSED'}; "
-            f"CPU time {cpu:.2f}x -> {'met' if cpu >= target else 'MISSED'}")
+    return (
+        f"  {what}: {wall:.2f}x -> {'met' if wall >= target else 'MISSED'}; "
+        f"CPU time {cpu:.2f}x -> {'met' if cpu >= target else 'MISSED'}"
+    )
 
 
 def train_arguments(p: argparse.ArgumentParser) -> None:
@@ -301,8 +356,9 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--repeat", type=int, default=1, help="interleaved repeats, best counts")
-    p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR,
-                   help="corpus and tokenizer cache")
+    p.add_argument(
+        "--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="corpus and tokenizer cache"
+    )
 
 
 # -------------------------------------------------------------------------- tokenizer
@@ -317,8 +373,12 @@ def _direct_bpe(train_file: Path, out: Path, vocab_size: int) -> None:
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
-        show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     hf.train([str(train_file)], trainer)
     hf.save(str(out / "tokenizer.json"))
 
@@ -327,13 +387,30 @@ def _direct_spm(train_file: Path, out: Path, vocab_size: int) -> None:
     import sentencepiece as spm
 
     spm.SentencePieceTrainer.train(
-        input=str(train_file), model_prefix=str(out / "spm"), model_type="unigram",
-        vocab_size=vocab_size, hard_vocab_limit=False, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
-        pad_piece="<pad>", unk_piece="<unk>", bos_piece="<bos>", eos_piece="<eos>",
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=True, byte_fallback=False, character_coverage=1.0,
-        input_sentence_size=2_000_000, shuffle_input_sentence=True,
-        max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2)
+        input=str(train_file),
+        model_prefix=str(out / "spm"),
+        model_type="unigram",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        pad_piece="<pad>",
+        unk_piece="<unk>",
+        bos_piece="<bos>",
+        eos_piece="<eos>",
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        byte_fallback=False,
+        character_coverage=1.0,
+        input_sentence_size=2_000_000,
+        shuffle_input_sentence=True,
+        max_sentence_length=1 << 16,
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+    )
 
 
 def _timed(fn: Callable[[Path], object], work: Path) -> float:
@@ -356,10 +433,14 @@ def bench_tokenizer(args: argparse.Namespace) -> None:
     corpus = _prepare_corpus(work)
     train_file = split_path(corpus, "train")
     size = train_file.stat().st_size
-    print(f"tokenizer bench: shakespeare train split ({size / 1e6:.1f} MB), vocab "
-          f"{args.vocab_size}, {os.cpu_count()} core(s), {args.repeat} repeat(s)", flush=True)
+    print(
+        f"tokenizer bench: shakespeare train split ({size / 1e6:.1f} MB), vocab "
+        f"{args.vocab_size}, {os.cpu_count()} core(s), {args.repeat} repeat(s)",
+        flush=True,
+    )
     kinds: dict[str, tuple[TokenizerKind, Callable[[Path, Path, int], None]]] = {
-        "bpe": ("bpe", _direct_bpe), "sentencepiece": ("sentencepiece", _direct_spm),
+        "bpe": ("bpe", _direct_bpe),
+        "sentencepiece": ("sentencepiece", _direct_spm),
     }
     rows: list[tuple[str, float, float, float]] = []
     for name in args.kinds:
@@ -367,8 +448,9 @@ def bench_tokenizer(args: argparse.Namespace) -> None:
         cfg = TokenizerConfig(kind=kind, vocab_size=args.vocab_size)
         train_only: list[float] = []
 
-        def ours(out: Path, cfg: TokenizerConfig = cfg, train_only: list[float] = train_only
-                 ) -> None:
+        def ours(
+            out: Path, cfg: TokenizerConfig = cfg, train_only: list[float] = train_only
+        ) -> None:
             train_only.append(train_tokenizer(corpus, out / "tok", cfg).train_seconds)
 
         def lib(out: Path, direct: Callable[[Path, Path, int], None] = direct) -> None:
@@ -379,27 +461,37 @@ def bench_tokenizer(args: argparse.Namespace) -> None:
         for r in range(args.repeat):  # interleaved, best of each counts
             lib_s.append(_timed(lib, work))
             ours_s.append(_timed(ours, work))
-            print(f"  [{r + 1}] {name}: library {lib_s[-1]:.2f}s, ours {ours_s[-1]:.2f}s "
-                  f"(training {train_only[-1]:.2f}s)", flush=True)
+            print(
+                f"  [{r + 1}] {name}: library {lib_s[-1]:.2f}s, ours {ours_s[-1]:.2f}s "
+                f"(training {train_only[-1]:.2f}s)",
+                flush=True,
+            )
         rows.append((name, min(lib_s), min(ours_s), min(train_only)))
 
     print()
     print(f"{'':14} {'library s':>10} {'ours s':>8} {'ours train s':>13} {'ratio':>6}")
     for name, lib_best, ours_best, train_best in rows:
-        print(f"{name:14} {lib_best:10.2f} {ours_best:8.2f} {train_best:13.2f} "
-              f"{lib_best / ours_best:6.2f}")
+        print(
+            f"{name:14} {lib_best:10.2f} {ours_best:8.2f} {train_best:13.2f} "
+            f"{lib_best / ours_best:6.2f}"
+        )
     print()
-    print("target: library time / our time >= 0.9 (ours end to end: train, stats on the "
-          "validation split, HF files)")
+    print(
+        "target: library time / our time >= 0.9 (ours end to end: train, stats on the "
+        "validation split, HF files)"
+    )
     for name, lib_best, ours_best, train_best in rows:
         ratio = lib_best / ours_best
-        print(f"  {name}: {ratio:.2f} -> {'met' if ratio >= 0.9 else 'MISSED'} "
-              f"(training alone {lib_best / train_best:.2f})")
+        print(
+            f"  {name}: {ratio:.2f} -> {'met' if ratio >= 0.9 else 'MISSED'} "
+            f"(training alone {lib_best / train_best:.2f})"
+        )
 
 
 def tokenizer_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kinds", nargs="+", choices=("bpe", "sentencepiece"),
-                   default=["bpe", "sentencepiece"])
+    p.add_argument(
+        "--kinds", nargs="+", choices=("bpe", "sentencepiece"), default=["bpe", "sentencepiece"]
+    )
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--repeat", type=int, default=1, help="interleaved repeats, best counts")
     p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="corpus cache")

@@ -52,7 +52,9 @@ class ScriptedActor(Actor):
                 if verb == "sleep":
                     await asyncio.sleep(float(arg))
                 elif verb == "fail":
-                    tries = int(await ctx.redis.incr(f"{ctx.keys.prefix}:test-fails:{cmd.command_id}"))
+                    tries = int(
+                        await ctx.redis.incr(f"{ctx.keys.prefix}:test-fails:{cmd.command_id}")
+                    )
                     if tries <= int(arg):
                         raise RuntimeError(f"transient failure number {tries}")
                 elif verb == "user":

@@ -188,9 +188,7 @@ class FakeDiscord(_Server):
         self._next_id = 1000
         self.app.router.add_post("/users/@me/channels", self.open_dm)
         self.app.router.add_post("/channels/{channel_id}/messages", self.post_message)
-        self.app.router.add_patch(
-            "/channels/{channel_id}/messages/{message_id}", self.edit_message
-        )
+        self.app.router.add_patch("/channels/{channel_id}/messages/{message_id}", self.edit_message)
 
     def _snowflake(self) -> str:
         self._next_id += 1

@@ -63,10 +63,20 @@ TINY_DIMS: dict[ModelFamily, dict[str, int]] = {
 def tiny_config(family: ModelFamily, **changes: object) -> TrainConfig:
     """size "tiny" shrunk further through model_overrides, seq 32, batch 4, one thread."""
     base: dict[str, object] = {
-        "family": family, "size": "tiny", "model_overrides": dict(TINY_DIMS[family]),
-        "max_seq_len": 32, "batch_size": 4, "max_steps": 30, "learning_rate": 3e-3,
-        "warmup_steps": 3, "eval_every": 10, "eval_batches": 4, "checkpoint_every": 10,
-        "threads": 1, "device": "cpu", "precision": "fp32",
+        "family": family,
+        "size": "tiny",
+        "model_overrides": dict(TINY_DIMS[family]),
+        "max_seq_len": 32,
+        "batch_size": 4,
+        "max_steps": 30,
+        "learning_rate": 3e-3,
+        "warmup_steps": 3,
+        "eval_every": 10,
+        "eval_batches": 4,
+        "checkpoint_every": 10,
+        "threads": 1,
+        "device": "cpu",
+        "precision": "fp32",
     }
     base.update(changes)
     return TrainConfig.from_dict(base)

@@ -49,8 +49,9 @@ def text_file(root: Path) -> Path:
     return f
 
 
-def test_single_file_gives_three_disjoint_nonempty_splits(root: Path, text_file: Path,
-                                                         tmp_path: Path) -> None:
+def test_single_file_gives_three_disjoint_nonempty_splits(
+    root: Path, text_file: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     m = prepare_corpus("book.txt", out, CorpusConfig(), root=root)
     parts = {s: lines_of(out, s) for s in SPLITS}
@@ -58,7 +59,10 @@ def test_single_file_gives_three_disjoint_nonempty_splits(root: Path, text_file:
     assert sorted(all_lines(out)) == sorted(text_file.read_text().splitlines())
     assert len(set(all_lines(out))) == 100  # disjoint: no line in two splits
     assert (m.splits["validation"].lines, m.splits["test"].lines, m.splits["train"].lines) == (
-        10, 10, 80)
+        10,
+        10,
+        80,
+    )
     # each split keeps the original order of its lines
     for s in SPLITS:
         numbers = [int(line.split()[2]) for line in parts[s]]
@@ -67,7 +71,10 @@ def test_single_file_gives_three_disjoint_nonempty_splits(root: Path, text_file:
         data = split_path(out, s).read_bytes()
         info = m.splits[s]
         assert (info.bytes, info.chars, info.lines) == (
-            len(data), len(data.decode()), data.count(b"\n"))
+            len(data),
+            len(data.decode()),
+            data.count(b"\n"),
+        )
         assert info.sha256 == hashlib.sha256(data).hexdigest()
     assert m.source == "book.txt" and m.source_kind == "file"
     assert m.files[0].sha256 == hashlib.sha256(text_file.read_bytes()).hexdigest()
@@ -88,8 +95,12 @@ def test_split_is_deterministic_by_seed(root: Path, text_file: Path, tmp_path: P
 
 def test_three_lines_is_the_minimum(root: Path, tmp_path: Path) -> None:
     (root / "three.txt").write_text("one\n\n  \ntwo\nthree\n")
-    prepare_corpus("three.txt", tmp_path / "o", CorpusConfig(validation_fraction=0.45,
-                                                             test_fraction=0.45), root=root)
+    prepare_corpus(
+        "three.txt",
+        tmp_path / "o",
+        CorpusConfig(validation_fraction=0.45, test_fraction=0.45),
+        root=root,
+    )
     assert [lines_of(tmp_path / "o", s) != [] for s in SPLITS] == [True, True, True]
     (root / "two.txt").write_text("one\ntwo\n")
     with pytest.raises(UserError, match="at least 3"):
@@ -97,27 +108,36 @@ def test_three_lines_is_the_minimum(root: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("val", "test"), [(0.0, 0.1), (0.1, 1.0), (0.5, 0.5), (-0.1, 0.1)])
-def test_bad_fractions(root: Path, text_file: Path, tmp_path: Path, val: float,
-                       test: float) -> None:
+def test_bad_fractions(
+    root: Path, text_file: Path, tmp_path: Path, val: float, test: float
+) -> None:
     with pytest.raises(UserError, match="fraction"):
-        prepare_corpus(text_file.name, tmp_path / "o",
-                       CorpusConfig(validation_fraction=val, test_fraction=test), root=root)
+        prepare_corpus(
+            text_file.name,
+            tmp_path / "o",
+            CorpusConfig(validation_fraction=val, test_fraction=test),
+            root=root,
+        )
 
 
 def test_normalization(root: Path, tmp_path: Path) -> None:
-    raw = ("Cafe\u0301 au lait\r\n"  # decomposed é, CRLF
-           "bell\x07 and\x1b escape\tand tab   \r\n"
-           "ÅNGSTRÖM Ünïcode\n"
-           "NEL\x85 gone\x7f\n")
+    raw = (
+        "Cafe\u0301 au lait\r\n"  # decomposed é, CRLF
+        "bell\x07 and\x1b escape\tand tab   \r\n"
+        "ÅNGSTRÖM Ünïcode\n"
+        "NEL\x85 gone\x7f\n"
+    )
     (root / "n.txt").write_bytes(raw.encode())
     cfg = CorpusConfig(lowercase=True, validation_fraction=0.3, test_fraction=0.3)
     prepare_corpus("n.txt", tmp_path / "o", cfg, root=root)
     got = sorted(all_lines(tmp_path / "o"))
-    assert got == sorted(["café au lait", "bell and escape\tand tab", "ångström ünïcode",
-                          "nel gone"])
+    assert got == sorted(
+        ["café au lait", "bell and escape\tand tab", "ångström ünïcode", "nel gone"]
+    )
     assert "e\u0301" not in "".join(got) and "\u00e9" in got[1]
-    prepare_corpus("n.txt", tmp_path / "p", CorpusConfig(validation_fraction=0.3,
-                                                         test_fraction=0.3), root=root)
+    prepare_corpus(
+        "n.txt", tmp_path / "p", CorpusConfig(validation_fraction=0.3, test_fraction=0.3), root=root
+    )
     assert "ÅNGSTRÖM Ünïcode" in all_lines(tmp_path / "p")
 
 
@@ -171,8 +191,11 @@ def test_binary_and_non_utf8(root: Path, tmp_path: Path) -> None:
     (root / "docs").mkdir()
     (root / "docs" / "good.txt").write_text("fine\n" * 5)
     (root / "docs" / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me\n".encode("latin-1"))
-    with pytest.raises(UserError, match=r"'latin1.txt' is not UTF-8 text \(invalid byte at "
-                                        r"offset 3\)"):
+    with pytest.raises(
+        UserError,
+        match=r"'latin1.txt' is not UTF-8 text \(invalid byte at "
+        r"offset 3\)",
+    ):
         prepare_corpus("docs", tmp_path / "o", CorpusConfig(), root=root)
 
 
@@ -180,8 +203,9 @@ def test_folder_of_txt_and_md(root: Path, tmp_path: Path) -> None:
     d = root / "books"
     (d / "sub").mkdir(parents=True)
     (d / "a.txt").write_text("alpha one\nalpha two\n")
-    (d / "sub" / "b.md").write_text("# Title\n\n**HAMLET**  \nTo be, or _not_ to be  \n"
-                                    "_\\[Aside]_\n")
+    (d / "sub" / "b.md").write_text(
+        "# Title\n\n**HAMLET**  \nTo be, or _not_ to be  \n_\\[Aside]_\n"
+    )
     (d / "skip.bin").write_bytes(b"\x00\x01")
     (d / "notes.rst").write_text("not read\n")
     (d / ".git").mkdir()
@@ -191,17 +215,21 @@ def test_folder_of_txt_and_md(root: Path, tmp_path: Path) -> None:
     assert [f.path for f in m.files] == ["a.txt", "sub/b.md"]
     assert m.source_kind == "folder" and m.source == "books"
     assert sorted(all_lines(tmp_path / "o")) == sorted(
-        ["alpha one", "alpha two", "Title", "HAMLET", "To be, or not to be", "[Aside]"])
+        ["alpha one", "alpha two", "Title", "HAMLET", "To be, or not to be", "[Aside]"]
+    )
 
 
 def test_strip_markdown() -> None:
-    md = ("## ACT I\n### SCENE I. Athens.\n_Enter THESEUS and Attendants_\n**THESEUS**  \n"
-          "Now, fair Hippolyta,  \n*Enter King, Derby, and\nArtois.*\n__\\[Awaking]_  \n"
-          "[Aside]_\n\\--odours\n2 * 3 * 4 and snake_case stay\n")
+    md = (
+        "## ACT I\n### SCENE I. Athens.\n_Enter THESEUS and Attendants_\n**THESEUS**  \n"
+        "Now, fair Hippolyta,  \n*Enter King, Derby, and\nArtois.*\n__\\[Awaking]_  \n"
+        "[Aside]_\n\\--odours\n2 * 3 * 4 and snake_case stay\n"
+    )
     assert strip_markdown(md) == (
         "ACT I\nSCENE I. Athens.\nEnter THESEUS and Attendants\nTHESEUS\nNow, fair Hippolyta,\n"
         "Enter King, Derby, and\nArtois.\n[Awaking]\n[Aside]\n--odours\n"
-        "2 * 3 * 4 and snake_case stay\n")
+        "2 * 3 * 4 and snake_case stay\n"
+    )
 
 
 def test_idempotent_and_replaced_on_change(root: Path, text_file: Path, tmp_path: Path) -> None:

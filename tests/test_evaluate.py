@@ -39,8 +39,12 @@ torch.set_num_threads(1)
 def save_random_run(run_dir: Path, tok_dir: Path, family: ModelFamily, seq_len: int = 32) -> Path:
     """An untrained model + tokenizer saved the way a finished run leaves them."""
     tok = load_tokenizer(tok_dir)
-    cfg = ModelConfig(family=family, vocab_size=tok.vocab_size, max_seq_len=seq_len,
-                      overrides=dict(TINY_DIMS[family]))
+    cfg = ModelConfig(
+        family=family,
+        vocab_size=tok.vocab_size,
+        max_seq_len=seq_len,
+        overrides=dict(TINY_DIMS[family]),
+    )
     torch.manual_seed(0)
     save_model(build_model(cfg), cfg, run_dir)
     tok.save(run_dir)
@@ -99,12 +103,14 @@ def test_stop_on_eos_ends_the_line(run: Path) -> None:
 
 
 def test_num_return_sequences(run: Path) -> None:
-    texts = generate(run, "In the", seed=11, max_new_tokens=20, num_return_sequences=3,
-                     stop_on_eos=False)
+    texts = generate(
+        run, "In the", seed=11, max_new_tokens=20, num_return_sequences=3, stop_on_eos=False
+    )
     assert len(texts) == 3
     assert len(set(texts)) > 1
-    assert texts == generate(run, "In the", seed=11, max_new_tokens=20, num_return_sequences=3,
-                             stop_on_eos=False)
+    assert texts == generate(
+        run, "In the", seed=11, max_new_tokens=20, num_return_sequences=3, stop_on_eos=False
+    )
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen", "char_lstm"])
@@ -143,11 +149,18 @@ def test_filter_logits_keeps_top_k_and_nucleus() -> None:
     assert kept.tolist() == [[True, False, False, False]]
 
 
-@pytest.mark.parametrize("bad", [
-    SamplingConfig(max_new_tokens=0), SamplingConfig(temperature=-1.0), SamplingConfig(top_k=-1),
-    SamplingConfig(top_p=0.0), SamplingConfig(top_p=1.5), SamplingConfig(num_return_sequences=0),
-    SamplingConfig(stop=("",)),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        SamplingConfig(max_new_tokens=0),
+        SamplingConfig(temperature=-1.0),
+        SamplingConfig(top_k=-1),
+        SamplingConfig(top_p=0.0),
+        SamplingConfig(top_p=1.5),
+        SamplingConfig(num_return_sequences=0),
+        SamplingConfig(stop=("",)),
+    ],
+)
 def test_bad_sampling_options_are_user_errors(bad: SamplingConfig) -> None:
     with pytest.raises(UserError):
         bad.validate()
@@ -192,16 +205,23 @@ def scripted(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     }
     cfg = ModelConfig(family="char_lstm", vocab_size=tok.vocab_size, max_seq_len=64)
     model = BigramScript(tok.vocab_size, succ).eval()
-    return LoadedModel(run_dir=root, model=model, tokenizer=tok, config=cfg,
-                       device=torch.device("cpu"))
+    return LoadedModel(
+        run_dir=root, model=model, tokenizer=tok, config=cfg, device=torch.device("cpu")
+    )
 
 
 def test_chat_stops_at_the_next_user_turn(scripted: LoadedModel) -> None:
-    assert generate(scripted, "Assistant:", temperature=0, max_new_tokens=12,
-                    stop_on_eos=False) == [" Hi\nUser: Hi"]
+    assert generate(
+        scripted, "Assistant:", temperature=0, max_new_tokens=12, stop_on_eos=False
+    ) == [" Hi\nUser: Hi"]
     assert generate(scripted, "Assistant:", temperature=0, max_new_tokens=12) == [" Hi"]
-    reply = chat(scripted, [("user", "Hi there"), ("assistant", "Hello!")], "How are you?",
-                 temperature=0, max_new_tokens=50)
+    reply = chat(
+        scripted,
+        [("user", "Hi there"), ("assistant", "Hello!")],
+        "How are you?",
+        temperature=0,
+        max_new_tokens=50,
+    )
     assert reply == "Hi"
 
 
@@ -303,11 +323,12 @@ def test_score_detail(run: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
-def test_char_detail_with_subword_tokens(
-    kind: str, corpus: Path, tmp_path: Path
-) -> None:
-    cfg = (TokenizerConfig(kind="bpe", vocab_size=300, min_frequency=1) if kind == "bpe"
-           else TokenizerConfig(kind="sentencepiece", vocab_size=80, threads=1))
+def test_char_detail_with_subword_tokens(kind: str, corpus: Path, tmp_path: Path) -> None:
+    cfg = (
+        TokenizerConfig(kind="bpe", vocab_size=300, min_frequency=1)
+        if kind == "bpe"
+        else TokenizerConfig(kind="sentencepiece", vocab_size=80, threads=1)
+    )
     train_tokenizer(corpus, tmp_path / "tok", cfg)
     run_dir = save_random_run(tmp_path / "run", tmp_path / "tok", "gpt2")
     text = "The naïve miller, café 日本\nand  the river"

@@ -31,8 +31,13 @@ VOCAB = 50
 
 
 def tiny(family: ModelFamily, **changes: object) -> ModelConfig:
-    cfg = ModelConfig(family=family, size="tiny", vocab_size=VOCAB, max_seq_len=16,
-                      overrides=dict(TINY_DIMS[family]))
+    cfg = ModelConfig(
+        family=family,
+        size="tiny",
+        vocab_size=VOCAB,
+        max_seq_len=16,
+        overrides=dict(TINY_DIMS[family]),
+    )
     for k, v in changes.items():
         setattr(cfg, k, v)
     return cfg

@@ -91,7 +91,10 @@ VALIDATION = {"val_loss": float, "val_ppl": float}
 
 def progress(i: int, at: float, **extra: float) -> TrainProgress:
     values: dict[str, float] = {
-        "loss": 3.0 - i / 100, "grad_norm": 0.5, "samples_per_s": 40.0, **extra
+        "loss": 3.0 - i / 100,
+        "grad_norm": 0.5,
+        "samples_per_s": 40.0,
+        **extra,
     }
     return TrainProgress(
         run_id="r1", user_id=42, at=at, step=i, epoch=1 + i // 50, total_epochs=2,

@@ -269,9 +269,7 @@ def _completed_run() -> list[AnyEvent]:
     ]  # fmt: skip
 
 
-async def test_run_state_from_events_through_a_real_hash(
-    redis: aioredis.Redis, keys: Keys
-) -> None:
+async def test_run_state_from_events_through_a_real_hash(redis: aioredis.Redis, keys: Keys) -> None:
     fields = _apply(_completed_run())
     await redis.hset(keys.run("r1"), mapping=fields)  # type: ignore[arg-type]  # redis-py's mapping type is invariant
     raw = await redis.hgetall(keys.run("r1"))

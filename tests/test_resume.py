@@ -23,8 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # Dropout on, so the resumed run must restore the RNG; accumulation and a shuffled multi-
 # epoch order, so it must restore the data position; warmup + cosine, so the schedule.
 CHANGES: dict[str, object] = {
-    "max_steps": 40, "dropout": 0.1, "grad_accum_steps": 2, "eval_every": 7,
-    "checkpoint_every": 10, "keep_checkpoints": 10, "warmup_steps": 5,
+    "max_steps": 40,
+    "dropout": 0.1,
+    "grad_accum_steps": 2,
+    "eval_every": 7,
+    "checkpoint_every": 10,
+    "keep_checkpoints": 10,
+    "warmup_steps": 5,
 }
 FAMILIES: tuple[ModelFamily, ...] = ("gpt2", "llama", "char_lstm")
 
@@ -51,8 +56,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def test_resume_in_a_new_process_is_exact(data: tuple[Path, Path], tmp_path: Path) -> None:
     corpus, tok_dir = data
-    uninterrupted = {f: train(tiny_config(f, **CHANGES), corpus, tok_dir, tmp_path / f"{f}-a")
-                     for f in FAMILIES}
+    uninterrupted = {
+        f: train(tiny_config(f, **CHANGES), corpus, tok_dir, tmp_path / f"{f}-a") for f in FAMILIES
+    }
     for family in FAMILIES:
         calls = 0
 
@@ -61,8 +67,13 @@ def test_resume_in_a_new_process_is_exact(data: tuple[Path, Path], tmp_path: Pat
             calls += 1
             return calls > 13  # between checkpoints: cancel saves its own at step 13
 
-        first = train(tiny_config(family, **CHANGES), corpus, tok_dir, tmp_path / f"{family}-b",
-                      should_stop=stop)
+        first = train(
+            tiny_config(family, **CHANGES),
+            corpus,
+            tok_dir,
+            tmp_path / f"{family}-b",
+            should_stop=stop,
+        )
         assert first.status == "cancelled" and first.steps == 13
 
     script = (
@@ -79,9 +90,20 @@ def test_resume_in_a_new_process_is_exact(data: tuple[Path, Path], tmp_path: Pat
         "print(json.dumps(out))\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", script, str(corpus), str(tok_dir), str(tmp_path),
-         json.dumps(CHANGES)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240, check=False,
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(corpus),
+            str(tok_dir),
+            str(tmp_path),
+            json.dumps(CHANGES),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -99,8 +121,9 @@ def test_resume_in_a_new_process_is_exact(data: tuple[Path, Path], tmp_path: Pat
         assert train_curve(run_a) == train_curve(run_b)
 
 
-def test_resume_after_a_crash_redoes_the_lost_steps(data: tuple[Path, Path],
-                                                    tmp_path: Path) -> None:
+def test_resume_after_a_crash_redoes_the_lost_steps(
+    data: tuple[Path, Path], tmp_path: Path
+) -> None:
     """A run killed after step 27 (last checkpoint 20) leaves metrics and best/ from steps
     past its checkpoint; the resumed run redoes them and ends exactly as a clean run."""
     corpus, tok_dir = data

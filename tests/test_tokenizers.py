@@ -26,16 +26,41 @@ from trainer.tokenizer import (
     train_tokenizer,
 )
 
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven",
-         "wizards", "quietly", "hex", "bold", "jackdaws", "and", "zebras;", "kings,", "queens,",
-         "knights!", "why?", "maybe:", "yes."]
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "wizards",
+    "quietly",
+    "hex",
+    "bold",
+    "jackdaws",
+    "and",
+    "zebras;",
+    "kings,",
+    "queens,",
+    "knights!",
+    "why?",
+    "maybe:",
+    "yes.",
+]
 
 CONFIGS = {
     "bpe": TokenizerConfig(kind="bpe", vocab_size=320, min_frequency=2),
-    "spm-unigram": TokenizerConfig(kind="sentencepiece", vocab_size=150,
-                                   spm_model_type="unigram", threads=1),
-    "spm-bpe": TokenizerConfig(kind="sentencepiece", vocab_size=150, spm_model_type="bpe",
-                               threads=1),
+    "spm-unigram": TokenizerConfig(
+        kind="sentencepiece", vocab_size=150, spm_model_type="unigram", threads=1
+    ),
+    "spm-bpe": TokenizerConfig(
+        kind="sentencepiece", vocab_size=150, spm_model_type="bpe", threads=1
+    ),
     "char": TokenizerConfig(kind="char", vocab_size=64, min_frequency=1),
 }
 # Every character of this text occurs in the generated training lines.
@@ -64,8 +89,9 @@ class Trained:
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS), ids=list(CONFIGS))
-def trained(request: pytest.FixtureRequest, corpus_dir: Path,
-            tmp_path_factory: pytest.TempPathFactory) -> Trained:
+def trained(
+    request: pytest.FixtureRequest, corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Trained:
     config = CONFIGS[request.param]
     out = tmp_path_factory.mktemp("tok") / request.param
     return Trained(config, out, train_tokenizer(corpus_dir, out, config))
@@ -121,8 +147,11 @@ def test_autotokenizer_loads_same_ids(trained: Trained, corpus_dir: Path) -> Non
     assert hf.is_fast
     assert (hf.pad_token_id, hf.unk_token_id, hf.bos_token_id, hf.eos_token_id) == (0, 1, 2, 3)
     assert len(hf) == tok.vocab_size
-    texts = [SEEN_TEXT, "  two  spaces ", *split_path(corpus_dir, "test").read_text()
-             .splitlines()[:40]]
+    texts = [
+        SEEN_TEXT,
+        "  two  spaces ",
+        *split_path(corpus_dir, "test").read_text().splitlines()[:40],
+    ]
     for text in texts:
         ids = tok.encode(text)
         assert hf(text, add_special_tokens=False)["input_ids"] == ids, text
@@ -142,7 +171,7 @@ def test_bpe_loads_next_to_a_qwen2_model_config(corpus_dir: Path, tmp_path: Path
     Qwen2Config(vocab_size=tok.vocab_size, bos_token_id=2, eos_token_id=3).save_pretrained(run_dir)
     hf = AutoTokenizer.from_pretrained(str(run_dir))
     assert type(hf).__name__ == "Qwen2Tokenizer"
-    for text in (SEEN_TEXT, "In 1599, 12345 men said: 'tis \"odd\"!\n\n  ok\ttab ✓ 中文 🦊"):
+    for text in (SEEN_TEXT, 'In 1599, 12345 men said: \'tis "odd"!\n\n  ok\ttab ✓ 中文 🦊'):
         assert hf(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
         assert hf.decode(tok.encode(text)) == text
 
@@ -170,16 +199,18 @@ def test_char_vocab_is_most_frequent_first_and_capped(corpus_dir: Path, tmp_path
     assert tok.encode(" ") == [4]
 
 
-def test_sentencepiece_needs_no_binaries(corpus_dir: Path, tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sentencepiece_needs_no_binaries(
+    corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
     stats = train_tokenizer(corpus_dir, tmp_path / "s", CONFIGS["spm-bpe"])
     assert isinstance(load_tokenizer(tmp_path / "s"), SentencePieceTokenizer)
     assert stats.vocab_size <= CONFIGS["spm-bpe"].vocab_size
 
 
-def test_threads_set_rayon_only_when_unset(corpus_dir: Path, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_threads_set_rayon_only_when_unset(
+    corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
     train_tokenizer(corpus_dir, tmp_path / "a", TokenizerConfig(kind="char", threads=1))
     assert os.environ["RAYON_NUM_THREADS"] == "1"
@@ -196,12 +227,16 @@ def test_retrain_replaces_output_atomically(corpus_dir: Path, tmp_path: Path) ->
     assert sorted(os.listdir(tmp_path)) == ["t"]  # no temp or old dirs left behind
 
 
-@pytest.mark.parametrize("cfg", [
-    TokenizerConfig(kind="bpe", vocab_size=100),
-    TokenizerConfig(kind="char", vocab_size=4),
-    TokenizerConfig(kind="char", min_frequency=0),
-    TokenizerConfig(kind="char", threads=-1),
-], ids=["bpe-too-small", "char-too-small", "min-frequency", "threads"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        TokenizerConfig(kind="bpe", vocab_size=100),
+        TokenizerConfig(kind="char", vocab_size=4),
+        TokenizerConfig(kind="char", min_frequency=0),
+        TokenizerConfig(kind="char", threads=-1),
+    ],
+    ids=["bpe-too-small", "char-too-small", "min-frequency", "threads"],
+)
 def test_bad_config(cfg: TokenizerConfig, corpus_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError):
         train_tokenizer(corpus_dir, tmp_path / "t", cfg)
@@ -217,5 +252,6 @@ def test_bad_inputs(corpus_dir: Path, tmp_path: Path) -> None:
         load_tokenizer(tmp_path)
     # more characters than the vocabulary can hold: sentencepiece refuses, clearly
     with pytest.raises(UserError, match="Vocabulary size is smaller than required_chars"):
-        train_tokenizer(corpus_dir, tmp_path / "t",
-                        TokenizerConfig(kind="sentencepiece", vocab_size=20))
+        train_tokenizer(
+            corpus_dir, tmp_path / "t", TokenizerConfig(kind="sentencepiece", vocab_size=20)
+        )

@@ -20,7 +20,7 @@ from trainer.data import IGNORE_INDEX, TokenWindows, encode_splits
 from trainer.errors import UserError
 from trainer.manifest import read_manifest
 from trainer.model import ModelFamily, load_model, logits, read_model_config
-from trainer.tokenizer import load_tokenizer
+from trainer.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
 from trainer.train import Progress, TrainConfig, cpu_supports_bf16, lr_factor, train
 
 torch.set_num_threads(1)
@@ -33,11 +33,19 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return corpus, char_tokenizer(corpus, root / "tok")
 
 
+@pytest.fixture(scope="module")
+def bpe(data: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bpe")
+    train_tokenizer(data[0], out, TokenizerConfig(kind="bpe", vocab_size=300, min_frequency=1))
+    return out
+
+
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
 # ------------------------------------------------------------------------------ token data
+
 
 def test_encode_splits_lines_with_eos_and_cache(data: tuple[Path, Path], tmp_path: Path) -> None:
     corpus, tok_dir = data
@@ -99,15 +107,17 @@ def test_lr_schedule() -> None:
 
 # ----------------------------------------------------------------------------- training
 
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen", "char_lstm"])
 def test_family_learns_and_writes_loadable_artifacts(
-    family: ModelFamily, data: tuple[Path, Path], tmp_path: Path
+    family: ModelFamily, data: tuple[Path, Path], bpe: Path, tmp_path: Path
 ) -> None:
     corpus, tok_dir = data
+    if family == "qwen":  # transformers gives qwen2 folders its own byte-level BPE class
+        tok_dir = bpe
     run = tmp_path / "run"
     seen: list[Progress] = []
-    result = train(tiny_config(family, max_steps=60), corpus, tok_dir, run,
-                   on_progress=seen.append)
+    result = train(tiny_config(family, max_steps=60), corpus, tok_dir, run, on_progress=seen.append)
     assert result.status == "completed" and result.steps == 60
     assert [p.step for p in seen] == list(range(1, 61))
     # Starts near ln(vocab) and learns: the last steps are far better than the first.
@@ -135,12 +145,10 @@ def test_family_learns_and_writes_loadable_artifacts(
     hf = AutoModelForCausalLM.from_pretrained(str(run))  # in eval mode
     assert torch.equal(hf(input_ids=x).logits, logits(model, x))
     ours = load_tokenizer(tok_dir).encode("The river ran past the mill.")
-    assert AutoTokenizer.from_pretrained(str(run)) is not None
-    # transformers 5 forces its own Qwen2Tokenizer pipeline on model_type qwen2, so for
-    # qwen the exact tokenizer is PreTrainedTokenizerFast.from_pretrained(run_dir).
-    hf_tok = (PreTrainedTokenizerFast if family == "qwen" else AutoTokenizer).from_pretrained(
-        str(run))
-    assert hf_tok("The river ran past the mill.")["input_ids"] == ours
+    # transformers 5 forces its own Qwen2Tokenizer pipeline on model_type qwen2: with our
+    # byte-level BPE (the only kind qwen accepts) it still gives our ids.
+    for cls in (AutoTokenizer, PreTrainedTokenizerFast):
+        assert cls.from_pretrained(str(run))("The river ran past the mill.")["input_ids"] == ours
 
 
 def test_early_stopping_keeps_the_best_model(tmp_path: Path) -> None:
@@ -149,8 +157,14 @@ def test_early_stopping_keeps_the_best_model(tmp_path: Path) -> None:
     ls = lines()
     corpus = write_corpus(tmp_path / "c", ls * 3, [line[::-1] for line in ls[:4]], ls[5:7])
     tok_dir = char_tokenizer(corpus, tmp_path / "tok")
-    cfg = tiny_config("gpt2", max_steps=200, eval_every=5, early_stopping_patience=2,
-                      checkpoint_every=5, keep_checkpoints=1)
+    cfg = tiny_config(
+        "gpt2",
+        max_steps=200,
+        eval_every=5,
+        early_stopping_patience=2,
+        checkpoint_every=5,
+        keep_checkpoints=1,
+    )
     result = train(cfg, corpus, tok_dir, tmp_path / "run")
     assert result.status == "early_stopped" and result.steps < 200
     vals = dict(result.val_history)
@@ -161,11 +175,15 @@ def test_early_stopping_keeps_the_best_model(tmp_path: Path) -> None:
     manifest = read_manifest(tmp_path / "run")
     assert manifest["early_stopped"] is True and manifest["best_step"] == result.best_step
     # Final model = best model, not the last weights; best checkpoint kept by pruning.
-    final, last = weights(tmp_path / "run"), weights(tmp_path / "run/checkpoints" /
-                                                      f"step-{result.steps:08d}")
+    final, last = (
+        weights(tmp_path / "run"),
+        weights(tmp_path / "run/checkpoints" / f"step-{result.steps:08d}"),
+    )
     best_ckpt = weights(tmp_path / "run/checkpoints" / f"step-{result.best_step:08d}")
     assert {p.name for p in list_checkpoints(tmp_path / "run/checkpoints")} == {
-        f"step-{result.best_step:08d}", f"step-{result.steps:08d}"}
+        f"step-{result.best_step:08d}",
+        f"step-{result.steps:08d}",
+    }
     name = "transformer.h.0.mlp.c_fc.weight"
     assert torch.equal(final[name], best_ckpt[name]) and not torch.equal(final[name], last[name])
 
@@ -191,20 +209,29 @@ def test_finetune_from_a_run(data: tuple[Path, Path], tmp_path: Path) -> None:
     base = tmp_path / "base"
     train(tiny_config("gpt2", max_steps=10), corpus, tok_dir, base)
     lrs: list[float] = []
-    cfg = tiny_config("gpt2", max_steps=10, pretrained=str(base), freeze_embed=True,
-                      learning_rate=3e-3, finetune_lr_cap=1e-4, warmup_steps=0)
+    cfg = tiny_config(
+        "gpt2",
+        max_steps=10,
+        pretrained=str(base),
+        freeze_embed=True,
+        learning_rate=3e-3,
+        finetune_lr_cap=1e-4,
+        warmup_steps=0,
+    )
     result = train(cfg, corpus, tok_dir, tmp_path / "ft", on_progress=lambda p: lrs.append(p.lr))
     assert result.status == "completed" and max(lrs) == pytest.approx(1e-4)
     before, after = weights(base), weights(tmp_path / "ft")
     assert torch.equal(before["transformer.wte.weight"], after["transformer.wte.weight"])
-    assert not torch.equal(before["transformer.h.0.mlp.c_fc.weight"],
-                           after["transformer.h.0.mlp.c_fc.weight"])
+    assert not torch.equal(
+        before["transformer.h.0.mlp.c_fc.weight"], after["transformer.h.0.mlp.c_fc.weight"]
+    )
     manifest = read_manifest(tmp_path / "ft")
     assert isinstance(manifest["model"], dict)
     assert manifest["model"]["trainable_parameters"] < manifest["model"]["parameters"]
     assert manifest["model"]["pretrained"] == str(base)
     assert read_model_config(tmp_path / "ft") == replace(
-        read_model_config(base), pretrained=str(base), freeze_embed=True)
+        read_model_config(base), pretrained=str(base), freeze_embed=True
+    )
 
     # A tokenizer with another vocabulary cannot fine-tune this model.
     other = write_corpus(tmp_path / "oc", ["abc abc", "cab"], ["abc"], ["cba"])

@@ -15,14 +15,35 @@ from tests.helpers_ml import TEXT
 from trainer.__main__ import main
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_LSTM = ["--family", "char_lstm", "--override", "n_layer=1", "--override", "n_embd=16",
-             "--override", "hidden=32", "--seq-len", "32", "--batch-size", "4", "--threads", "1"]
+TINY_LSTM = [
+    "--family",
+    "char_lstm",
+    "--override",
+    "n_layer=1",
+    "--override",
+    "n_embd=16",
+    "--override",
+    "hidden=32",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "4",
+    "--threads",
+    "1",
+]
 
 
 def cli(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "trainer", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def ok(p: subprocess.CompletedProcess[str]) -> str:
@@ -38,8 +59,20 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (work / "book.txt").write_text(TEXT * 3)
     out = ok(cli("corpus", "book.txt", "--out", "corpus", cwd=work))
     assert "train" in out and "validation" in out
-    out = ok(cli("tokenizer", "--corpus", "corpus", "--out", "tok", "--kind", "char",
-                 "--min-frequency", "1", cwd=work))
+    out = ok(
+        cli(
+            "tokenizer",
+            "--corpus",
+            "corpus",
+            "--out",
+            "tok",
+            "--kind",
+            "char",
+            "--min-frequency",
+            "1",
+            cwd=work,
+        )
+    )
     assert "vocab size" in out
     assert (work / "tok" / "mt_tokenizer.json").is_file()
     return work
@@ -47,8 +80,25 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_cli_end_to_end(prepared: Path) -> None:
     work = prepared
-    out = ok(cli("train", "--corpus", "corpus", "--tokenizer", "tok", "--out", "run", *TINY_LSTM,
-                 "--max-steps", "6", "--eval-every", "3", "--log-every", "2", cwd=work))
+    out = ok(
+        cli(
+            "train",
+            "--corpus",
+            "corpus",
+            "--tokenizer",
+            "tok",
+            "--out",
+            "run",
+            *TINY_LSTM,
+            "--max-steps",
+            "6",
+            "--eval-every",
+            "3",
+            "--log-every",
+            "2",
+            cwd=work,
+        )
+    )
     assert "step      2/6" in out and "val " in out
     assert "completed: 6/6 steps" in out
     assert (work / "run" / "model.safetensors").is_file()
@@ -63,8 +113,9 @@ def test_cli_end_to_end(prepared: Path) -> None:
     texts = json.loads(ok(cli(*gen, cwd=work)))
     assert isinstance(texts, list) and len(texts) == 2
     assert json.loads(ok(cli(*gen, cwd=work))) == texts  # same seed, same text
-    plain = ok(cli("generate", "run", "The", "--temperature", "0", "--max-new-tokens", "5",
-                   cwd=work))
+    plain = ok(
+        cli("generate", "run", "The", "--temperature", "0", "--max-new-tokens", "5", cwd=work)
+    )
     assert plain.startswith("The")
 
     scored = json.loads(ok(cli("score", "run", "The mill", "--json", cwd=work)))
@@ -75,9 +126,28 @@ def test_cli_end_to_end(prepared: Path) -> None:
 def test_cli_ctrl_c_stops_training_with_a_checkpoint(prepared: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trainer", "train", "--corpus", "corpus", "--tokenizer", "tok",
-         "--out", "stopped", *TINY_LSTM, "--max-steps", "100000", "--log-every", "1"],
-        cwd=prepared, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "train",
+            "--corpus",
+            "corpus",
+            "--tokenizer",
+            "tok",
+            "--out",
+            "stopped",
+            *TINY_LSTM,
+            "--max-steps",
+            "100000",
+            "--log-every",
+            "1",
+        ],
+        cwd=prepared,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -104,11 +174,39 @@ def test_cli_user_error_exits_2_without_a_traceback(tmp_path: Path) -> None:
 def test_cli_errors_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["evaluate", str(tmp_path)]) == 2
     assert "no trained model" in capsys.readouterr().err
-    assert main(["train", "--corpus", str(tmp_path), "--tokenizer", str(tmp_path), "--out",
-                 str(tmp_path / "run"), "--override", "n_layer"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--corpus",
+                str(tmp_path),
+                "--tokenizer",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "run"),
+                "--override",
+                "n_layer",
+            ]
+        )
+        == 2
+    )
     assert "NAME=INTEGER" in capsys.readouterr().err
-    assert main(["train", "--corpus", str(tmp_path), "--tokenizer", str(tmp_path), "--out",
-                 str(tmp_path / "run"), "--batch-size", "0"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--corpus",
+                str(tmp_path),
+                "--tokenizer",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "run"),
+                "--batch-size",
+                "0",
+            ]
+        )
+        == 2
+    )
     assert "batch_size" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:  # argparse: usage error
         main(["generate"])

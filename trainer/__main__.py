@@ -33,11 +33,17 @@ EXIT_USER_ERROR = 2
 def _cmd_corpus(args: argparse.Namespace) -> int:
     from trainer.corpus import SPLITS, CorpusConfig, prepare_corpus
 
-    cfg = CorpusConfig(lowercase=args.lowercase, validation_fraction=args.validation_fraction,
-                       test_fraction=args.test_fraction, seed=args.seed)
+    cfg = CorpusConfig(
+        lowercase=args.lowercase,
+        validation_fraction=args.validation_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+    )
     manifest = prepare_corpus(args.source, args.out, cfg, root=args.root)
-    print(f"corpus {manifest.source} ({manifest.source_kind}, {len(manifest.files)} file(s)) "
-          f"-> {args.out}")
+    print(
+        f"corpus {manifest.source} ({manifest.source_kind}, {len(manifest.files)} file(s)) "
+        f"-> {args.out}"
+    )
     for split in SPLITS:
         s = manifest.splits[split]
         print(f"  {split:<10} {s.lines:>8} lines {s.chars:>10} chars")
@@ -47,14 +53,20 @@ def _cmd_corpus(args: argparse.Namespace) -> int:
 def _cmd_tokenizer(args: argparse.Namespace) -> int:
     from trainer.tokenizer import TokenizerConfig, train_tokenizer
 
-    cfg = TokenizerConfig(kind=args.kind, vocab_size=args.vocab_size,
-                          min_frequency=args.min_frequency, spm_model_type=args.spm_model_type,
-                          threads=args.threads)
+    cfg = TokenizerConfig(
+        kind=args.kind,
+        vocab_size=args.vocab_size,
+        min_frequency=args.min_frequency,
+        spm_model_type=args.spm_model_type,
+        threads=args.threads,
+    )
     stats = train_tokenizer(args.corpus, args.out, cfg)
     print(f"tokenizer {cfg.kind} -> {args.out} (trained in {stats.train_seconds:.1f}s)")
     print(f"  vocab size      {stats.vocab_size}")
-    print(f"  coverage        {stats.coverage:.4f}  (unk rate {stats.unk_rate:.4f}, "
-          f"oov rate {stats.oov_rate:.4f})")
+    print(
+        f"  coverage        {stats.coverage:.4f}  (unk rate {stats.unk_rate:.4f}, "
+        f"oov rate {stats.oov_rate:.4f})"
+    )
     print(f"  tokens/char     {stats.tokens_per_char:.3f}")
     print(f"  tokens/word     {stats.tokens_per_word:.3f}")
     return 0
@@ -62,15 +74,31 @@ def _cmd_tokenizer(args: argparse.Namespace) -> int:
 
 # train flag -> TrainConfig field; flags left out keep the TrainConfig default.
 _TRAIN_OPTIONS: dict[str, str] = {
-    "family": "family", "size": "size", "seq_len": "max_seq_len", "dropout": "dropout",
-    "pretrained": "pretrained", "epochs": "num_epochs", "max_steps": "max_steps",
-    "batch_size": "batch_size", "lr": "learning_rate", "finetune_lr_cap": "finetune_lr_cap",
-    "optimizer": "optimizer", "weight_decay": "weight_decay", "warmup_steps": "warmup_steps",
-    "min_lr_ratio": "min_lr_ratio", "grad_clip": "gradient_clipping",
-    "grad_accum": "grad_accum_steps", "eval_every": "eval_every",
-    "eval_batches": "eval_batches", "checkpoint_every": "checkpoint_every",
-    "keep_checkpoints": "keep_checkpoints", "patience": "early_stopping_patience",
-    "seed": "seed", "device": "device", "precision": "precision", "threads": "threads",
+    "family": "family",
+    "size": "size",
+    "seq_len": "max_seq_len",
+    "dropout": "dropout",
+    "pretrained": "pretrained",
+    "epochs": "num_epochs",
+    "max_steps": "max_steps",
+    "batch_size": "batch_size",
+    "lr": "learning_rate",
+    "finetune_lr_cap": "finetune_lr_cap",
+    "optimizer": "optimizer",
+    "weight_decay": "weight_decay",
+    "warmup_steps": "warmup_steps",
+    "min_lr_ratio": "min_lr_ratio",
+    "grad_clip": "gradient_clipping",
+    "grad_accum": "grad_accum_steps",
+    "eval_every": "eval_every",
+    "eval_batches": "eval_batches",
+    "checkpoint_every": "checkpoint_every",
+    "keep_checkpoints": "keep_checkpoints",
+    "patience": "early_stopping_patience",
+    "seed": "seed",
+    "device": "device",
+    "precision": "precision",
+    "threads": "threads",
 }
 
 
@@ -88,9 +116,11 @@ def _progress_printer(log_every: int) -> Callable[[Progress], None]:
     def show(p: Progress) -> None:
         if p.step % log_every and p.val_loss is None and p.step != p.total_steps:
             return
-        line = (f"step {p.step:>6}/{p.total_steps}  epoch {p.epoch}/{p.total_epochs}  "
-                f"loss {p.loss:.4f}  lr {p.lr:.2e}  grad {p.grad_norm:.2f}  "
-                f"{p.tokens_per_s:,.0f} tok/s")
+        line = (
+            f"step {p.step:>6}/{p.total_steps}  epoch {p.epoch}/{p.total_epochs}  "
+            f"loss {p.loss:.4f}  lr {p.lr:.2e}  grad {p.grad_norm:.2f}  "
+            f"{p.tokens_per_s:,.0f} tok/s"
+        )
         if p.val_loss is not None:
             line += f"  val {p.val_loss:.4f} (ppl {p.val_ppl:.2f})"
         print(line, flush=True)
@@ -102,7 +132,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from trainer.train import TrainConfig, train
 
     options: dict[str, object] = {
-        field: getattr(args, flag) for flag, field in _TRAIN_OPTIONS.items()
+        field: getattr(args, flag)
+        for flag, field in _TRAIN_OPTIONS.items()
         if getattr(args, flag) is not None
     }
     if args.override:
@@ -125,17 +156,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         print(f"training {cfg.family} {cfg.size} -> {args.out}", flush=True)
         # Absolute paths: the run's manifest records them for later evaluation.
-        result = train(cfg, args.corpus.resolve(), args.tokenizer.resolve(), args.out,
-                       on_progress=_progress_printer(max(1, args.log_every)),
-                       should_stop=lambda: stop["asked"])
+        result = train(
+            cfg,
+            args.corpus.resolve(),
+            args.tokenizer.resolve(),
+            args.out,
+            on_progress=_progress_printer(max(1, args.log_every)),
+            should_stop=lambda: stop["asked"],
+        )
     finally:
         signal.signal(signal.SIGINT, previous)
-    print(f"{result.status}: {result.steps}/{result.total_steps} steps, {result.tokens:,} tokens, "
-          f"{result.tokens_per_s:,.0f} tok/s, {result.elapsed_s:.1f}s")
+    print(
+        f"{result.status}: {result.steps}/{result.total_steps} steps, {result.tokens:,} tokens, "
+        f"{result.tokens_per_s:,.0f} tok/s, {result.elapsed_s:.1f}s"
+    )
     if result.resumed_from_step is not None:
         print(f"  resumed from step {result.resumed_from_step}")
-    for name, loss, ppl in (("val", result.val_loss, result.val_ppl),
-                            ("test", result.test_loss, result.test_ppl)):
+    for name, loss, ppl in (
+        ("val", result.val_loss, result.val_ppl),
+        ("test", result.test_loss, result.test_ppl),
+    ):
         if loss is not None and ppl is not None:
             print(f"  {name:<5} loss {loss:.4f}  ppl {ppl:.2f}")
     if result.best_step is not None:
@@ -146,16 +186,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from trainer.evaluate import eval_paths, evaluate
 
-    metrics = evaluate(args.run_dir, split=args.split, path=args.path, corpus_dir=args.corpus,
-                       out_name=args.name, max_tokens=args.max_tokens, device=args.device)
+    metrics = evaluate(
+        args.run_dir,
+        split=args.split,
+        path=args.path,
+        corpus_dir=args.corpus,
+        out_name=args.name,
+        max_tokens=args.max_tokens,
+        device=args.device,
+    )
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0
     metrics_file, samples_file = eval_paths(args.run_dir, args.name)
     cut = " (truncated)" if metrics["truncated"] else ""
     print(f"evaluated on {metrics['source']}: {metrics['tokens']} tokens{cut}")
-    for key in ("loss", "perplexity", "bits_per_token", "bits_per_char", "tokens_per_char",
-                "tokens_per_word", "distinct_1", "distinct_2", "repetition_rate"):
+    for key in (
+        "loss",
+        "perplexity",
+        "bits_per_token",
+        "bits_per_char",
+        "tokens_per_char",
+        "tokens_per_word",
+        "distinct_1",
+        "distinct_2",
+        "repetition_rate",
+    ):
         value = metrics[key]
         print(f"  {key:<16} {value:.4f}" if isinstance(value, float) else f"  {key:<16} {value}")
     print(f"wrote {metrics_file} and {samples_file}")
@@ -165,10 +221,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from trainer.evaluate import generate
 
-    texts = generate(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens,
-                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                     stop=args.stop, stop_on_eos=not args.no_stop_on_eos, seed=args.seed,
-                     num_return_sequences=args.num_return_sequences, device=args.device)
+    texts = generate(
+        args.run_dir,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        stop=args.stop,
+        stop_on_eos=not args.no_stop_on_eos,
+        seed=args.seed,
+        num_return_sequences=args.num_return_sequences,
+        device=args.device,
+    )
     if args.json:
         print(json.dumps(texts, ensure_ascii=False))
         return 0
@@ -182,14 +247,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     from trainer.evaluate import score
 
-    result = score(args.run_dir, args.text, detail=args.detail or args.json, top_k=args.top_k,
-                   device=args.device)
+    result = score(
+        args.run_dir,
+        args.text,
+        detail=args.detail or args.json,
+        top_k=args.top_k,
+        device=args.device,
+    )
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
         return 0
-    print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
-          f"bits/char {result['bits_per_char']:.3f}  tokens {result['num_tokens']}  "
-          f"chars {result['num_chars']}")
+    print(
+        f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
+        f"bits/char {result['bits_per_char']:.3f}  tokens {result['num_tokens']}  "
+        f"chars {result['num_chars']}"
+    )
     tokens = result.get("tokens")
     if isinstance(tokens, list):
         for t in tokens:
@@ -199,8 +271,11 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m trainer",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     devices = ("auto", "cpu", "cuda")
 
@@ -230,8 +305,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, required=True, help="run folder (resumed if it has one)")
     r.add_argument("--family", choices=("gpt2", "llama", "qwen", "char_lstm"))
     r.add_argument("--size", choices=("tiny", "small", "medium", "large"))
-    r.add_argument("--override", action="append", default=[], metavar="NAME=INT",
-                   help="model dimension override, e.g. n_layer=2 (repeatable)")
+    r.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="NAME=INT",
+        help="model dimension override, e.g. n_layer=2 (repeatable)",
+    )
     r.add_argument("--seq-len", type=int)
     r.add_argument("--dropout", type=float)
     r.add_argument("--pretrained", help="run folder or local HF model folder to fine-tune")
@@ -280,8 +360,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=50, help="0 = off")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
-    g.add_argument("--no-stop-on-eos", action="store_true",
-                   help="go on past the end of a line")
+    g.add_argument("--no-stop-on-eos", action="store_true", help="go on past the end of a line")
     g.add_argument("--seed", type=int)
     g.add_argument("-n", "--num-return-sequences", type=int, default=1)
     g.add_argument("--device", choices=devices, default="auto")

@@ -57,11 +57,16 @@ class TrainState:
         if not isinstance(losses, list) or not isinstance(vals, list):
             raise ValueError("corrupt train state: losses/val_history are not lists")
         return cls(
-            step=_int(d["step"]), micro_step=_int(d["micro_step"]), epoch=_int(d["epoch"]),
-            batch_index=_int(d["batch_index"]), tokens=_int(d["tokens"]),
-            train_time_s=_float(d["train_time_s"]), best_val_loss=_float(d["best_val_loss"]),
+            step=_int(d["step"]),
+            micro_step=_int(d["micro_step"]),
+            epoch=_int(d["epoch"]),
+            batch_index=_int(d["batch_index"]),
+            tokens=_int(d["tokens"]),
+            train_time_s=_float(d["train_time_s"]),
+            best_val_loss=_float(d["best_val_loss"]),
             best_step=None if best_step is None else _int(best_step),
-            bad_evals=_int(d["bad_evals"]), early_stopped=bool(d["early_stopped"]),
+            bad_evals=_int(d["bad_evals"]),
+            early_stopped=bool(d["early_stopped"]),
             losses=[_float(v) for v in losses],
             val_history=[(_int(s), _float(v)) for s, v in vals],
         )
@@ -122,7 +127,10 @@ def checkpoint_step(path: Path) -> int | None:
 
 
 def save_checkpoint(
-    ckpt_dir: Path, model: nn.Module, states: dict[str, object], train_state: TrainState,
+    ckpt_dir: Path,
+    model: nn.Module,
+    states: dict[str, object],
+    train_state: TrainState,
     info: dict[str, object],
 ) -> Path:
     """Write checkpoint `step-<train_state.step>` and point `latest` at it.

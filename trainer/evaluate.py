@@ -95,8 +95,7 @@ class LoadedModel:
         holding a newline never occurs in training data (there a newline is always eos)."""
         tok = self.tokenizer
         ids = [tok.pad_id, tok.bos_id, tok.unk_id]
-        ids += [i for i in range(len(SPECIAL_TOKENS), tok.vocab_size)
-                if "\n" in token_text(tok, i)]
+        ids += [i for i in range(len(SPECIAL_TOKENS), tok.vocab_size) if "\n" in token_text(tok, i)]
         return torch.tensor(ids, dtype=torch.long, device=self.device)
 
 
@@ -281,7 +280,10 @@ def _nonempty(text: str, what: str) -> str:
 
 
 def score(
-    run_dir: Path | LoadedModel, text: str, detail: bool = False, top_k: int = 5,
+    run_dir: Path | LoadedModel,
+    text: str,
+    detail: bool = False,
+    top_k: int = 5,
     device: DeviceName = "auto",
 ) -> dict[str, object]:
     """Loss and surprisal of text under the run's model.
@@ -330,10 +332,16 @@ def _token_detail(
                 {"token": token_text(tok, int(t)), "id": int(t), "prob": float(p)}
                 for t, p in zip(scores.top_ids[i], scores.top_probs[i], strict=True)
             ]
-        detail.append({
-            "token": token_text(tok, token_id), "id": token_id, "start": start, "end": end,
-            "bits": float(bits[i]), "top_k": top,
-        })
+        detail.append(
+            {
+                "token": token_text(tok, token_id),
+                "id": token_id,
+                "start": start,
+                "end": end,
+                "bits": float(bits[i]),
+                "top_k": top,
+            }
+        )
     return detail
 
 
@@ -459,8 +467,9 @@ def _generate(lm: LoadedModel, prompt: str, cfg: SamplingConfig, seed: int) -> l
             if finished[r] is not None:
                 continue
             if cfg.stop_on_eos and token_id == tok.eos_id:
-                finished[r] = _continuation(tok, prompt_ids, ids[r, start : start + step].tolist(),
-                                            prefix)
+                finished[r] = _continuation(
+                    tok, prompt_ids, ids[r, start : start + step].tolist(), prefix
+                )
             elif cfg.stop:
                 text = _continuation(tok, prompt_ids, ids[r, start:].tolist(), prefix)
                 cut = _stop_at(text, cfg.stop)
@@ -509,8 +518,13 @@ def generate(
     max_new_tokens. The context is cropped to the model's max_seq_len.
     """
     cfg = SamplingConfig(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        stop=tuple(stop), stop_on_eos=stop_on_eos, num_return_sequences=num_return_sequences,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop=tuple(stop),
+        stop_on_eos=stop_on_eos,
+        num_return_sequences=num_return_sequences,
     )
     cfg.validate()
     return _generate(load(run_dir, device), prompt, cfg, _seed(seed))
@@ -554,8 +568,12 @@ def chat(
         turns.pop(0)
         prompt = format_chat(turns, message)
     cfg = SamplingConfig(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        stop=("\nUser:", *stop), stop_on_eos=False,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop=("\nUser:", *stop),
+        stop_on_eos=False,
     )
     cfg.validate()
     return _generate(lm, prompt, cfg, _seed(seed))[0].strip()
@@ -697,8 +715,12 @@ def evaluate(
     words = len(text.split())
 
     sc = samples or SampleConfig()
-    cfg = SamplingConfig(max_new_tokens=sc.max_new_tokens, temperature=sc.temperature,
-                         top_k=sc.top_k, stop_on_eos=False)
+    cfg = SamplingConfig(
+        max_new_tokens=sc.max_new_tokens,
+        temperature=sc.temperature,
+        top_k=sc.top_k,
+        stop_on_eos=False,
+    )
     sample_rows: list[dict[str, object]] = []
     sample_ids: list[list[int]] = []
     for i, prompt in enumerate(sc.prompts):
@@ -707,8 +729,9 @@ def evaluate(
         completion = _generate(lm, prompt, cfg, sc.seed + i)[0]
         ids = encode_text(lm.tokenizer, completion).ids
         sample_ids.append(ids)
-        sample_rows.append({"prompt": prompt, "completion": completion, "seed": sc.seed + i,
-                            "tokens": len(ids)})
+        sample_rows.append(
+            {"prompt": prompt, "completion": completion, "seed": sc.seed + i, "tokens": len(ids)}
+        )
 
     metrics: dict[str, object] = {
         "version": EVAL_VERSION,
@@ -729,16 +752,20 @@ def evaluate(
         "repetition_n": REPETITION_N,
         "samples": len(sample_rows),
         "sampling": {**asdict(sc), "prompts": list(sc.prompts)},
-        "model": {"family": lm.config.family, "size": lm.config.size,
-                  "parameters": count_parameters(lm.model),
-                  "max_seq_len": lm.config.max_seq_len},
+        "model": {
+            "family": lm.config.family,
+            "size": lm.config.size,
+            "parameters": count_parameters(lm.model),
+            "max_seq_len": lm.config.max_seq_len,
+        },
         "tokenizer": {"kind": lm.tokenizer.config.kind, "vocab_size": lm.tokenizer.vocab_size},
         "elapsed_s": round(time.perf_counter() - t0, 3),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     # Samples first: metrics.json appearing is the sign that the evaluation is complete.
-    _write_atomic(samples_path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                        for r in sample_rows))
+    _write_atomic(
+        samples_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sample_rows)
+    )
     _write_atomic(metrics_path, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     return metrics

@@ -77,7 +77,11 @@ def git_commit(repo_dir: Path | None = None) -> str | None:
     cwd = repo_dir or Path(__file__).resolve().parent
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=5,
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired):
@@ -135,4 +139,3 @@ def read_manifest(run_dir: Path) -> dict[str, object]:
     if not isinstance(raw, dict):
         raise ValueError(f"{run_dir / MANIFEST_NAME} is not a JSON object")
     return raw
-

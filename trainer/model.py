@@ -41,14 +41,22 @@ SIZES: dict[ModelFamily, dict[ModelSize, dict[str, int]]] = {
         "tiny": {"n_layer": 4, "n_embd": 256, "n_head": 4, "n_kv_head": 2, "intermediate": 688},
         "small": {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_kv_head": 4, "intermediate": 2048},
         "medium": {
-            "n_layer": 24, "n_embd": 1024, "n_head": 16, "n_kv_head": 8, "intermediate": 2816,
+            "n_layer": 24,
+            "n_embd": 1024,
+            "n_head": 16,
+            "n_kv_head": 8,
+            "intermediate": 2816,
         },
     },
     "qwen": {
         "tiny": {"n_layer": 4, "n_embd": 256, "n_head": 4, "n_kv_head": 2, "intermediate": 688},
         "small": {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_kv_head": 4, "intermediate": 2048},
         "medium": {
-            "n_layer": 24, "n_embd": 1024, "n_head": 16, "n_kv_head": 8, "intermediate": 2816,
+            "n_layer": 24,
+            "n_embd": 1024,
+            "n_head": 16,
+            "n_kv_head": 8,
+            "intermediate": 2816,
         },
     },
     "char_lstm": {
@@ -164,7 +172,10 @@ class CharLSTM(nn.Module):
         self.drop = nn.Dropout(dropout)
         # nn.LSTM applies its dropout between layers only, hence the extra Dropout around it.
         self.lstm = nn.LSTM(
-            n_embd, hidden, num_layers=n_layer, batch_first=True,
+            n_embd,
+            hidden,
+            num_layers=n_layer,
+            batch_first=True,
             dropout=dropout if n_layer > 1 else 0.0,
         )
         self.head = nn.Linear(hidden, vocab_size)
@@ -207,20 +218,35 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
     if cfg.family == "gpt2":
         # GPT2Config defaults bos/eos to 50256: always set them from our tokenizer.
         return GPT2Config(
-            vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=d["n_embd"],
-            n_layer=d["n_layer"], n_head=d["n_head"], resid_pdrop=p, embd_pdrop=p, attn_pdrop=p,
-            bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id, pad_token_id=cfg.pad_id,
+            vocab_size=cfg.vocab_size,
+            n_positions=cfg.max_seq_len,
+            n_embd=d["n_embd"],
+            n_layer=d["n_layer"],
+            n_head=d["n_head"],
+            resid_pdrop=p,
+            embd_pdrop=p,
+            attn_pdrop=p,
+            bos_token_id=cfg.bos_id,
+            eos_token_id=cfg.eos_id,
+            pad_token_id=cfg.pad_id,
         )
     if cfg.family in ("llama", "qwen"):
         klass = LlamaConfig if cfg.family == "llama" else Qwen2Config
         # Tied input/output embeddings: at these sizes the embedding is a large share of
         # the parameters (Llama 3.2 1B and Qwen2 0.5B tie theirs too).
         return klass(
-            vocab_size=cfg.vocab_size, hidden_size=d["n_embd"], intermediate_size=d["intermediate"],
-            num_hidden_layers=d["n_layer"], num_attention_heads=d["n_head"],
-            num_key_value_heads=d["n_kv_head"], max_position_embeddings=cfg.max_seq_len,
-            attention_dropout=p, tie_word_embeddings=True,
-            bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id, pad_token_id=cfg.pad_id,
+            vocab_size=cfg.vocab_size,
+            hidden_size=d["n_embd"],
+            intermediate_size=d["intermediate"],
+            num_hidden_layers=d["n_layer"],
+            num_attention_heads=d["n_head"],
+            num_key_value_heads=d["n_kv_head"],
+            max_position_embeddings=cfg.max_seq_len,
+            attention_dropout=p,
+            tie_word_embeddings=True,
+            bos_token_id=cfg.bos_id,
+            eos_token_id=cfg.eos_id,
+            pad_token_id=cfg.pad_id,
         )
     raise UserError(f"{cfg.family} is not a transformers family")
 
@@ -256,7 +282,10 @@ def _build_char_lstm(cfg: ModelConfig) -> nn.Module:
 
 
 BUILDERS: dict[ModelFamily, Callable[[ModelConfig], nn.Module]] = {
-    "gpt2": _build_hf, "llama": _build_hf, "qwen": _build_hf, "char_lstm": _build_char_lstm,
+    "gpt2": _build_hf,
+    "llama": _build_hf,
+    "qwen": _build_hf,
+    "char_lstm": _build_char_lstm,
 }
 
 
@@ -358,9 +387,7 @@ def _hf_family(src: Path, meta: dict[str, object]) -> ModelFamily:
     model_type = meta.get("model_type")
     family = _HF_MODEL_TYPES.get(str(model_type))
     if family is None:
-        raise UserError(
-            f"{src} holds a {model_type!r} model; supported: {sorted(_HF_MODEL_TYPES)}"
-        )
+        raise UserError(f"{src} holds a {model_type!r} model; supported: {sorted(_HF_MODEL_TYPES)}")
     return family
 
 
@@ -409,8 +436,10 @@ def _config_from_hf(family: ModelFamily, c: dict[str, object]) -> ModelConfig:
         seq, dropout = _int(c, "n_positions", 1024), _float(c, "resid_pdrop", 0.0)
     else:
         keys = {
-            "n_layer": "num_hidden_layers", "n_embd": "hidden_size",
-            "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads",
+            "n_layer": "num_hidden_layers",
+            "n_embd": "hidden_size",
+            "n_head": "num_attention_heads",
+            "n_kv_head": "num_key_value_heads",
             "intermediate": "intermediate_size",
         }
         seq, dropout = _int(c, "max_position_embeddings", 2048), _float(c, "attention_dropout", 0.0)
@@ -422,13 +451,21 @@ def _config_from_hf(family: ModelFamily, c: dict[str, object]) -> ModelConfig:
         v if isinstance(v, int) and not isinstance(v, bool) else default
         for v, default in zip(
             (c.get("pad_token_id"), c.get("bos_token_id"), c.get("eos_token_id")),
-            (0, 2, 3), strict=True,
+            (0, 2, 3),
+            strict=True,
         )
     )
     # With every dimension in overrides the size name is only a label.
     return ModelConfig(
-        family=family, size="small", vocab_size=_int(c, "vocab_size", 0), max_seq_len=seq,
-        dropout=dropout, pad_id=pad, bos_id=bos, eos_id=eos, overrides=dims,
+        family=family,
+        size="small",
+        vocab_size=_int(c, "vocab_size", 0),
+        max_seq_len=seq,
+        dropout=dropout,
+        pad_id=pad,
+        bos_id=bos,
+        eos_id=eos,
+        overrides=dims,
     )
 
 

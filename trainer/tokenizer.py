@@ -60,12 +60,16 @@ class TokenizerConfig:
         if self.kind not in KINDS:
             raise UserError(f"unknown tokenizer kind {self.kind!r}; choose one of {KINDS}")
         if self.spm_model_type not in SPM_MODEL_TYPES:
-            raise UserError(f"unknown sentencepiece model type {self.spm_model_type!r}; "
-                            f"choose one of {SPM_MODEL_TYPES}")
+            raise UserError(
+                f"unknown sentencepiece model type {self.spm_model_type!r}; "
+                f"choose one of {SPM_MODEL_TYPES}"
+            )
         smallest = _MIN_VOCAB[self.kind]
         if not smallest <= self.vocab_size <= MAX_VOCAB_SIZE:
-            raise UserError(f"vocab_size for {self.kind} must be between {smallest} and "
-                            f"{MAX_VOCAB_SIZE}, got {self.vocab_size}")
+            raise UserError(
+                f"vocab_size for {self.kind} must be between {smallest} and "
+                f"{MAX_VOCAB_SIZE}, got {self.vocab_size}"
+            )
         if self.min_frequency < 1:
             raise UserError(f"min_frequency must be at least 1, got {self.min_frequency}")
         if self.threads < 0:
@@ -81,17 +85,24 @@ class TokenizerConfig:
         spm_types: dict[str, SpmModelType] = {t: t for t in SPM_MODEL_TYPES}
         if kind not in kinds or spm_type not in spm_types:
             raise UserError(f"unknown tokenizer kind {kind!r} / model type {spm_type!r}")
-        cfg = cls(kind=kinds[kind], vocab_size=_int(d.get("vocab_size", 4096)),
-                  min_frequency=_int(d.get("min_frequency", 2)),
-                  spm_model_type=spm_types[spm_type], threads=_int(d.get("threads", 0)),
-                  lowercase=bool(d.get("lowercase", False)))
+        cfg = cls(
+            kind=kinds[kind],
+            vocab_size=_int(d.get("vocab_size", 4096)),
+            min_frequency=_int(d.get("min_frequency", 2)),
+            spm_model_type=spm_types[spm_type],
+            threads=_int(d.get("threads", 0)),
+            lowercase=bool(d.get("lowercase", False)),
+        )
         cfg.validate()
         return cfg
 
 
 # bpe: the 256 byte symbols + specials must fit; the others need room for a few pieces.
-_MIN_VOCAB: dict[TokenizerKind, int] = {"bpe": 256 + len(SPECIAL_TOKENS), "sentencepiece": 16,
-                                        "char": len(SPECIAL_TOKENS) + 1}
+_MIN_VOCAB: dict[TokenizerKind, int] = {
+    "bpe": 256 + len(SPECIAL_TOKENS),
+    "sentencepiece": 16,
+    "char": len(SPECIAL_TOKENS) + 1,
+}
 
 
 @dataclass(frozen=True)
@@ -115,13 +126,19 @@ class TokenizerStats:
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> TokenizerStats:
-        return cls(vocab_size=_int(d["vocab_size"]), coverage=_float(d["coverage"]),
-                   unk_rate=_float(d["unk_rate"]), oov_rate=_float(d["oov_rate"]),
-                   char_coverage=_float(d["char_coverage"]),
-                   tokens_per_char=_float(d["tokens_per_char"]),
-                   tokens_per_word=_float(d["tokens_per_word"]), chars=_int(d["chars"]),
-                   words=_int(d["words"]), tokens=_int(d["tokens"]),
-                   train_seconds=_float(d.get("train_seconds", 0.0)))
+        return cls(
+            vocab_size=_int(d["vocab_size"]),
+            coverage=_float(d["coverage"]),
+            unk_rate=_float(d["unk_rate"]),
+            oov_rate=_float(d["oov_rate"]),
+            char_coverage=_float(d["char_coverage"]),
+            tokens_per_char=_float(d["tokens_per_char"]),
+            tokens_per_word=_float(d["tokens_per_word"]),
+            chars=_int(d["chars"]),
+            words=_int(d["words"]),
+            tokens=_int(d["tokens"]),
+            train_seconds=_float(d.get("train_seconds", 0.0)),
+        )
 
 
 class Tokenizer:
@@ -135,8 +152,9 @@ class Tokenizer:
     bos_id = BOS_ID
     eos_id = EOS_ID
 
-    def __init__(self, hf: HFTokenizer, config: TokenizerConfig,
-                 stats: TokenizerStats | None = None) -> None:
+    def __init__(
+        self, hf: HFTokenizer, config: TokenizerConfig, stats: TokenizerStats | None = None
+    ) -> None:
         self.hf = hf
         self.config = config
         self.stats = stats
@@ -150,8 +168,9 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # encode_batch_fast skips offset tracking; Rust spreads the batch over RAYON threads.
-        return [list(e.ids) for e in self.hf.encode_batch_fast(list(texts),
-                                                              add_special_tokens=False)]
+        return [
+            list(e.ids) for e in self.hf.encode_batch_fast(list(texts), add_special_tokens=False)
+        ]
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         return str(self.hf.decode(list(ids), skip_special_tokens=skip_special))
@@ -165,8 +184,9 @@ class Tokenizer:
         raise NotImplementedError(f"{cls.__name__} cannot be trained; use a concrete kind")
 
     @classmethod
-    def load(cls, directory: Path, config: TokenizerConfig,
-             stats: TokenizerStats | None = None) -> Self:
+    def load(
+        cls, directory: Path, config: TokenizerConfig, stats: TokenizerStats | None = None
+    ) -> Self:
         return cls(_load_hf(directory), config, stats)
 
     def save(self, directory: Path) -> None:
@@ -174,18 +194,28 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         self.hf.save(str(directory / HF_TOKENIZER_FILE))
         pad, unk, bos, eos = SPECIAL_TOKENS
-        write_json(directory / HF_CONFIG_FILE, {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "pad_token": pad, "unk_token": unk, "bos_token": bos, "eos_token": eos,
-            "add_bos_token": False, "add_eos_token": False,
-            "clean_up_tokenization_spaces": False,
-        })
-        write_json(directory / MANIFEST_NAME, {
-            "version": MANIFEST_VERSION,
-            "kind": self.config.kind,
-            "config": self.config.to_dict(),
-            "stats": None if self.stats is None else self.stats.to_dict(),
-        })
+        write_json(
+            directory / HF_CONFIG_FILE,
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "pad_token": pad,
+                "unk_token": unk,
+                "bos_token": bos,
+                "eos_token": eos,
+                "add_bos_token": False,
+                "add_eos_token": False,
+                "clean_up_tokenization_spaces": False,
+            },
+        )
+        write_json(
+            directory / MANIFEST_NAME,
+            {
+                "version": MANIFEST_VERSION,
+                "kind": self.config.kind,
+                "config": self.config.to_dict(),
+                "stats": None if self.stats is None else self.stats.to_dict(),
+            },
+        )
 
 
 def _load_hf(directory: Path) -> HFTokenizer:
@@ -197,16 +227,17 @@ def _load_hf(directory: Path) -> HFTokenizer:
 
 
 def _add_specials(hf: HFTokenizer) -> None:
-    hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                           for t in SPECIAL_TOKENS])
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
 
 
 # The Qwen2 split (GPT-4 style: single digits, letters with one leading mark, punctuation
 # runs). transformers 5 loads any tokenizer in a folder whose config.json says model_type
 # "qwen2" as Qwen2Tokenizer, which rebuilds NFC + this split + ByteLevel around our vocab and
 # merges; using the same pipeline makes AutoTokenizer give our ids in every model family.
-_BPE_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
-              r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+_BPE_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
+    r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 
 class BPETokenizer(Tokenizer):
@@ -217,14 +248,20 @@ class BPETokenizer(Tokenizer):
     def train(cls, train_file: Path, config: TokenizerConfig) -> Self:
         hf = HFTokenizer(models.BPE())
         hf.normalizer = normalizers.NFC()
-        hf.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_BPE_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        hf.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_BPE_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
         hf.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=config.vocab_size, min_frequency=config.min_frequency,
-            special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+            vocab_size=config.vocab_size,
+            min_frequency=config.min_frequency,
+            special_tokens=list(SPECIAL_TOKENS),
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
         hf.train([str(train_file)], trainer)
         _add_specials(hf)
         return cls(hf, config)
@@ -239,10 +276,12 @@ class CharTokenizer(Tokenizer):
         with train_file.open(encoding="utf-8") as f:
             while chunk := f.read(1 << 20):
                 counts.update(chunk)
-        ranked = sorted((c for c, n in counts.items() if n >= config.min_frequency),
-                        key=lambda c: (-counts[c], c))
+        ranked = sorted(
+            (c for c, n in counts.items() if n >= config.min_frequency),
+            key=lambda c: (-counts[c], c),
+        )
         vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
-        for c in ranked[:config.vocab_size - len(SPECIAL_TOKENS)]:
+        for c in ranked[: config.vocab_size - len(SPECIAL_TOKENS)]:
             vocab[c] = len(vocab)
         return cls(cls.build(vocab), config)
 
@@ -266,8 +305,14 @@ class SentencePieceTokenizer(Tokenizer):
     is not a piece (the data pipeline separates lines with <eos>).
     """
 
-    def __init__(self, hf: HFTokenizer, config: TokenizerConfig,
-                 stats: TokenizerStats | None = None, *, model: bytes) -> None:
+    def __init__(
+        self,
+        hf: HFTokenizer,
+        config: TokenizerConfig,
+        stats: TokenizerStats | None = None,
+        *,
+        model: bytes,
+    ) -> None:
         import sentencepiece as spm
 
         super().__init__(hf, config, stats)
@@ -305,17 +350,30 @@ class SentencePieceTokenizer(Tokenizer):
         model = io.BytesIO()
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=lines(), model_writer=model,
-                model_type=config.spm_model_type, vocab_size=config.vocab_size,
+                sentence_iterator=lines(),
+                model_writer=model,
+                model_type=config.spm_model_type,
+                vocab_size=config.vocab_size,
                 hard_vocab_limit=False,  # a small corpus gets a smaller vocab, not an error
-                pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-                pad_piece=pad, unk_piece=unk, bos_piece=bos, eos_piece=eos,
-                normalization_rule_name="identity", remove_extra_whitespaces=False,
-                add_dummy_prefix=True, byte_fallback=False,
+                pad_id=PAD_ID,
+                unk_id=UNK_ID,
+                bos_id=BOS_ID,
+                eos_id=EOS_ID,
+                pad_piece=pad,
+                unk_piece=unk,
+                bos_piece=bos,
+                eos_piece=eos,
+                normalization_rule_name="identity",
+                remove_extra_whitespaces=False,
+                add_dummy_prefix=True,
+                byte_fallback=False,
                 character_coverage=character_coverage,
-                input_sentence_size=2_000_000, shuffle_input_sentence=True,
+                input_sentence_size=2_000_000,
+                shuffle_input_sentence=True,
                 max_sentence_length=1 << 16,
-                num_threads=config.threads or (os.cpu_count() or 1), minloglevel=2)
+                num_threads=config.threads or (os.cpu_count() or 1),
+                minloglevel=2,
+            )
         except RuntimeError as e:  # e.g. "Vocabulary size is smaller than required_chars"
             reason = str(e).split("] ", 1)[-1]  # drop the C++ file:line and the check
             raise UserError(f"sentencepiece training failed: {reason}") from None
@@ -328,8 +386,9 @@ class SentencePieceTokenizer(Tokenizer):
         import sentencepiece as spm
 
         sp = spm.SentencePieceProcessor(model_proto=model)
-        pieces = [(str(sp.id_to_piece(i)), float(sp.get_score(i)))
-                  for i in range(sp.get_piece_size())]
+        pieces = [
+            (str(sp.id_to_piece(i)), float(sp.get_score(i))) for i in range(sp.get_piece_size())
+        ]
         hf_model: models.Model
         if model_type == "unigram":
             hf_model = models.Unigram(pieces, unk_id=UNK_ID, byte_fallback=False)
@@ -338,27 +397,36 @@ class SentencePieceTokenizer(Tokenizer):
             vocab = {p: i for i, (p, _) in enumerate(pieces)}
             merges: list[tuple[str, str]] = []
             for piece, _ in pieces:
-                splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))
-                          if piece[:k] in vocab and piece[k:] in vocab]
+                splits = [
+                    (piece[:k], piece[k:])
+                    for k in range(1, len(piece))
+                    if piece[:k] in vocab and piece[k:] in vocab
+                ]
                 merges.extend(sorted(splits, key=lambda s: (vocab[s[0]], vocab[s[1]])))
-            hf_model = models.BPE(vocab, merges, unk_token=SPECIAL_TOKENS[UNK_ID],
-                                  fuse_unk=True, byte_fallback=False)
+            hf_model = models.BPE(
+                vocab, merges, unk_token=SPECIAL_TOKENS[UNK_ID], fuse_unk=True, byte_fallback=False
+            )
         hf = HFTokenizer(hf_model)
         # Prepend in the normalizer, not in Metaspace: Metaspace skips its prefix when the
         # text already starts with a space, sentencepiece does not.
-        hf.normalizer = normalizers.Sequence([
-            normalizers.NFC(), normalizers.Prepend(_SPM_SPACE),
-            normalizers.Replace(" ", _SPM_SPACE)])
-        hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPM_SPACE,
-                                                    prepend_scheme="never", split=True)
-        hf.decoder = decoders.Metaspace(replacement=_SPM_SPACE, prepend_scheme="always",
-                                        split=True)
+        hf.normalizer = normalizers.Sequence(
+            [
+                normalizers.NFC(),
+                normalizers.Prepend(_SPM_SPACE),
+                normalizers.Replace(" ", _SPM_SPACE),
+            ]
+        )
+        hf.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement=_SPM_SPACE, prepend_scheme="never", split=True
+        )
+        hf.decoder = decoders.Metaspace(replacement=_SPM_SPACE, prepend_scheme="always", split=True)
         _add_specials(hf)
         return hf
 
     @classmethod
-    def load(cls, directory: Path, config: TokenizerConfig,
-             stats: TokenizerStats | None = None) -> Self:
+    def load(
+        cls, directory: Path, config: TokenizerConfig, stats: TokenizerStats | None = None
+    ) -> Self:
         path = directory / SPM_MODEL_FILE
         try:
             model = path.read_bytes()
@@ -389,8 +457,9 @@ def measure(tok: Tokenizer, text: str) -> TokenizerStats:
         counts.update(line)
     chars = sum(counts.values())
     distinct = sorted(counts)
-    unknown = {c for c, ids in zip(distinct, tok.encode_batch(distinct), strict=True)
-               if tok.unk_id in ids}
+    unknown = {
+        c for c, ids in zip(distinct, tok.encode_batch(distinct), strict=True) if tok.unk_id in ids
+    }
     words = [w for line in lines for w in line.split()]
     oov = sum(1 for w in words if not unknown.isdisjoint(w)) if unknown else 0
     return TokenizerStats(
@@ -401,14 +470,19 @@ def measure(tok: Tokenizer, text: str) -> TokenizerStats:
         char_coverage=1.0 - len(unknown) / len(distinct) if distinct else 0.0,
         tokens_per_char=tokens / chars if chars else 0.0,
         tokens_per_word=tokens / len(words) if words else 0.0,
-        chars=chars, words=len(words), tokens=tokens)
+        chars=chars,
+        words=len(words),
+        tokens=tokens,
+    )
 
 
 def train_tokenizer(corpus_dir: Path, out_dir: Path, config: TokenizerConfig) -> TokenizerStats:
     """Train on corpus_dir/train.txt, measure on validation.txt, write out_dir atomically."""
     config.validate()
-    train_file, validation_file = split_path(corpus_dir, "train"), split_path(corpus_dir,
-                                                                              "validation")
+    train_file, validation_file = (
+        split_path(corpus_dir, "train"),
+        split_path(corpus_dir, "validation"),
+    )
     for path in (train_file, validation_file):
         if not path.is_file():
             raise UserError(f"no prepared corpus at {corpus_dir} (missing {path.name})")
@@ -421,8 +495,10 @@ def train_tokenizer(corpus_dir: Path, out_dir: Path, config: TokenizerConfig) ->
     started = time.perf_counter()
     tok = TOKENIZERS[config.kind].train(train_file, config)
     train_seconds = time.perf_counter() - started
-    stats = replace(measure(tok, validation_file.read_text(encoding="utf-8")),
-                    train_seconds=round(train_seconds, 3))
+    stats = replace(
+        measure(tok, validation_file.read_text(encoding="utf-8")),
+        train_seconds=round(train_seconds, 3),
+    )
     tok.stats = stats
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -445,14 +521,18 @@ def read_tokenizer_manifest(directory: Path) -> tuple[TokenizerConfig, Tokenizer
     except (OSError, ValueError) as e:
         raise UserError(f"unreadable tokenizer manifest {path}: {e}") from None
     if not isinstance(raw, dict) or raw.get("version") != MANIFEST_VERSION:
-        raise UserError(f"unsupported tokenizer manifest {path} "
-                        f"(version {raw.get('version') if isinstance(raw, dict) else None})")
+        raise UserError(
+            f"unsupported tokenizer manifest {path} "
+            f"(version {raw.get('version') if isinstance(raw, dict) else None})"
+        )
     config, stats = raw.get("config"), raw.get("stats")
     if not isinstance(config, dict) or not (stats is None or isinstance(stats, dict)):
         raise UserError(f"corrupt tokenizer manifest {path}")
     try:
-        return (TokenizerConfig.from_dict(config),
-                None if stats is None else TokenizerStats.from_dict(stats))
+        return (
+            TokenizerConfig.from_dict(config),
+            None if stats is None else TokenizerStats.from_dict(stats),
+        )
     except KeyError as e:
         raise UserError(f"corrupt tokenizer manifest {path}: missing {e}") from None
 
