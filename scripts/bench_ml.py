@@ -365,12 +365,19 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _direct_bpe(train_file: Path, out: Path, vocab_size: int) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-    from trainer.tokenizer import SPECIAL_TOKENS
+    from trainer.tokenizer import _BPE_SPLIT, SPECIAL_TOKENS
 
+    # The same tokenizer as ours (NFC, the split regex, byte-level), built by hand.
     hf = Tokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.normalizer = normalizers.NFC()
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_BPE_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
