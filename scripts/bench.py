@@ -304,22 +304,20 @@ def bench_messaging(args: argparse.Namespace) -> None:
     """Raw Redis Streams against the actor runtime: throughput and pickup latency."""
     # Production logging (JSON, one line per command and event) but into /dev/null, so the
     # cost is measured without a terminal in the loop; --log-level warning leaves it out.
+    log.configure(json_logs=True)
+    if args.log_level == "warning":
+        import logging
+
+        import structlog
+
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     real_stderr = sys.stderr
     with Path(os.devnull).open("w") as null:
-        sys.stderr = null
+        sys.stderr = null  # the log lines go to stderr as they are written
         try:
-            log.configure(json_logs=True)
+            asyncio.run(_messaging(args))
         finally:
             sys.stderr = real_stderr
-        if args.log_level == "warning":
-            import logging
-
-            import structlog
-
-            structlog.configure(
-                wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING)
-            )
-        asyncio.run(_messaging(args))
 
 
 def messaging_arguments(p: argparse.ArgumentParser) -> None:
