@@ -26,6 +26,35 @@ Optimizer = Literal["adamw", "adam", "sgd"]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
+# Bounds shared by the commands and the HTTP bodies (protocol.requests).
+VocabSize = Annotated[int, Meta(ge=16, le=200_000)]
+MinFrequency = Annotated[int, Meta(ge=1, le=1_000_000)]
+SeqLen = Annotated[int, Meta(ge=8, le=8192)]
+Epochs = Annotated[int, Meta(ge=1, le=1000)]
+Steps = Annotated[int, Meta(ge=1, le=10_000_000)]
+BatchSize = Annotated[int, Meta(ge=1, le=4096)]
+Rate = Annotated[float, Meta(gt=0.0, le=1.0)]
+Decay = Annotated[float, Meta(ge=0.0, le=1.0)]
+Warmup = Annotated[int, Meta(ge=0, le=1_000_000)]
+Clip = Annotated[float, Meta(ge=0.0, le=1000.0)]
+Accum = Annotated[int, Meta(ge=1, le=1024)]
+Dropout = Annotated[float, Meta(ge=0.0, le=0.9)]
+Every = Annotated[int, Meta(ge=1, le=1_000_000)]
+Patience = Annotated[int, Meta(ge=1, le=1000)]
+Threads = Annotated[int, Meta(ge=0, le=256)]
+PathText = Annotated[str, Meta(max_length=1024)]
+Name = Annotated[str, Meta(max_length=64)]
+FileId = Annotated[str, Meta(max_length=128)]
+ScoreText = Annotated[str, Meta(min_length=1, max_length=100_000)]
+ScoreTopK = Annotated[int, Meta(ge=0, le=50)]
+NewTokens = Annotated[int, Meta(ge=1, le=2048)]
+Temperature = Annotated[float, Meta(ge=0.0, le=5.0)]
+TopK = Annotated[int, Meta(ge=0, le=100_000)]
+TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
+StopList = Annotated[list[Annotated[str, Meta(min_length=1, max_length=64)]], Meta(max_length=8)]
+Sequences = Annotated[int, Meta(ge=1, le=8)]
+ChatMessage = Annotated[str, Meta(min_length=1, max_length=4000)]
+
 
 class Base(msgspec.Struct, kw_only=True, tag_field="kind", forbid_unknown_fields=False):
     command_id: Id
@@ -38,9 +67,9 @@ class CorpusIngest(Base, kw_only=True, tag="corpus.ingest"):
 
     run_id: Id
     corpus_id: Id
-    path: Annotated[str, Meta(max_length=1024)] = ""
-    named: Annotated[str, Meta(max_length=64)] = ""
-    file_id: Annotated[str, Meta(max_length=128)] = ""
+    path: PathText = ""
+    named: Name = ""
+    file_id: FileId = ""
     lowercase: bool = False
     validation_fraction: Fraction = 0.1
     test_fraction: Fraction = 0.1
@@ -53,10 +82,10 @@ class TokenizerTrain(Base, kw_only=True, tag="tokenizer.train"):
     tokenizer_id: Id
     corpus_id: Id
     tokenizer_kind: TokenizerKind = "bpe"
-    vocab_size: Annotated[int, Meta(ge=16, le=200_000)] = 4096
-    min_frequency: Annotated[int, Meta(ge=1, le=1_000_000)] = 2
+    vocab_size: VocabSize = 4096
+    min_frequency: MinFrequency = 2
     spm_model_type: Literal["unigram", "bpe"] = "unigram"
-    threads: Annotated[int, Meta(ge=0, le=256)] = 0
+    threads: Threads = 0
     rest: list[ChainCommand] = []
 
 
@@ -66,27 +95,27 @@ class ModelTrain(Base, kw_only=True, tag="model.train"):
     tokenizer_id: Id
     model_family: ModelFamily = "gpt2"
     model_size: ModelSize = "tiny"
-    max_seq_len: Annotated[int, Meta(ge=8, le=8192)] = 256
-    num_epochs: Annotated[int, Meta(ge=1, le=1000)] = 1
-    max_steps: Annotated[int, Meta(ge=1, le=10_000_000)] | None = None
-    batch_size: Annotated[int, Meta(ge=1, le=4096)] = 8
-    learning_rate: Annotated[float, Meta(gt=0.0, le=1.0)] = 3e-4
+    max_seq_len: SeqLen = 256
+    num_epochs: Epochs = 1
+    max_steps: Steps | None = None
+    batch_size: BatchSize = 8
+    learning_rate: Rate = 3e-4
     optimizer: Optimizer = "adamw"
-    weight_decay: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.1
-    warmup_steps: Annotated[int, Meta(ge=0, le=1_000_000)] = 20
-    gradient_clipping: Annotated[float, Meta(ge=0.0, le=1000.0)] = 1.0
-    grad_accum_steps: Annotated[int, Meta(ge=1, le=1024)] = 1
-    dropout: Annotated[float, Meta(ge=0.0, le=0.9)] = 0.0
-    eval_every: Annotated[int, Meta(ge=1, le=1_000_000)] = 100
-    checkpoint_every: Annotated[int, Meta(ge=1, le=1_000_000)] = 100
-    early_stopping_patience: Annotated[int, Meta(ge=1, le=1000)] | None = None
+    weight_decay: Decay = 0.1
+    warmup_steps: Warmup = 20
+    gradient_clipping: Clip = 1.0
+    grad_accum_steps: Accum = 1
+    dropout: Dropout = 0.0
+    eval_every: Every = 100
+    checkpoint_every: Every = 100
+    early_stopping_patience: Patience | None = None
     pretrained_run_id: OptId = ""
-    pretrained_path: Annotated[str, Meta(max_length=1024)] = ""
+    pretrained_path: PathText = ""
     freeze_embed: bool = False
-    finetune_lr_cap: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
+    finetune_lr_cap: Rate | None = None
     device: Device = "auto"
     precision: Precision = "auto"
-    threads: Annotated[int, Meta(ge=0, le=256)] = 0
+    threads: Threads = 0
     seed: Seed = 1337
     rest: list[ChainCommand] = []
 
@@ -97,25 +126,25 @@ class ModelEvaluate(Base, kw_only=True, tag="model.evaluate"):
     run_id: Id
     request_id: OptId = ""
     split: Literal["validation", "test"] = "test"
-    path: Annotated[str, Meta(max_length=1024)] = ""
+    path: PathText = ""
     rest: list[ChainCommand] = []
 
 
 class ModelScore(Base, kw_only=True, tag="model.score"):
     run_id: Id
     request_id: Id
-    text: Annotated[str, Meta(min_length=1, max_length=100_000)]
+    text: ScoreText
     detail: bool = False
-    top_k: Annotated[int, Meta(ge=0, le=50)] = 5
+    top_k: ScoreTopK = 5
 
 
 class SamplingBase(Base, kw_only=True):
     """Sampling settings shared by generate and chat."""
 
-    max_new_tokens: Annotated[int, Meta(ge=1, le=2048)] = 64
-    temperature: Annotated[float, Meta(ge=0.0, le=5.0)] = 0.8
-    top_k: Annotated[int, Meta(ge=0, le=100_000)] = 50
-    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    max_new_tokens: NewTokens = 64
+    temperature: Temperature = 0.8
+    top_k: TopK = 50
+    top_p: TopP = 1.0
     seed: Seed = 0
 
 
@@ -123,10 +152,8 @@ class ModelGenerate(SamplingBase, kw_only=True, tag="model.generate"):
     run_id: Id
     request_id: Id
     prompt: PromptText = ""
-    stop: Annotated[
-        list[Annotated[str, Meta(min_length=1, max_length=64)]], Meta(max_length=8)
-    ] = []
-    num_return_sequences: Annotated[int, Meta(ge=1, le=8)] = 1
+    stop: StopList = []
+    num_return_sequences: Sequences = 1
     stop_on_eos: bool = True  # eos ends a line of the corpus: off, it becomes a newline
 
 
@@ -134,7 +161,7 @@ class ModelChat(SamplingBase, kw_only=True, tag="model.chat"):
     run_id: Id
     request_id: Id
     session_id: Id
-    message: Annotated[str, Meta(min_length=1, max_length=4000)]
+    message: ChatMessage
 
 
 class ArtifactUpload(Base, kw_only=True, tag="artifact.upload"):

@@ -3,34 +3,58 @@ OpenAPI schema. Field names follow the Model-Trainer API the Discord bot already
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
 import msgspec
-from msgspec import Meta
 
 from protocol.commands import (
+    Accum,
+    BatchSize,
+    ChatMessage,
+    Clip,
+    Decay,
     Device,
+    Dropout,
+    Epochs,
+    Every,
+    FileId,
     Fraction,
+    MinFrequency,
     ModelFamily,
     ModelSize,
+    Name,
+    NewTokens,
     OptId,
     Optimizer,
+    PathText,
+    Patience,
     Precision,
     PromptText,
+    Rate,
+    ScoreText,
+    ScoreTopK,
     Seed,
+    SeqLen,
+    Sequences,
+    Steps,
+    StopList,
+    Temperature,
+    Threads,
     TokenizerKind,
+    TopK,
+    TopP,
     UserId,
+    VocabSize,
+    Warmup,
 )
-
-Path = Annotated[str, Meta(max_length=1024)]
 
 
 class CorpusFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Where the text comes from: exactly one of corpus_path / corpus_name / corpus_file_id."""
 
-    corpus_path: Path = ""
-    corpus_name: Annotated[str, Meta(max_length=64)] = ""
-    corpus_file_id: Annotated[str, Meta(max_length=128)] = ""
+    corpus_path: PathText = ""
+    corpus_name: Name = ""
+    corpus_file_id: FileId = ""
     lowercase: bool = False
     holdout_fraction: Fraction = 0.1
     test_split_ratio: Fraction = 0.1
@@ -40,8 +64,8 @@ class CorpusFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class TokenizerFields(CorpusFields, kw_only=True, forbid_unknown_fields=True):
     tokenizer_kind: TokenizerKind = "bpe"
-    vocab_size: Annotated[int, Meta(ge=16, le=200_000)] = 4096
-    min_frequency: Annotated[int, Meta(ge=1, le=1_000_000)] = 2
+    vocab_size: VocabSize = 4096
+    min_frequency: MinFrequency = 2
     spm_model_type: Literal["unigram", "bpe"] = "unigram"
 
 
@@ -55,62 +79,60 @@ class TrainRequest(TokenizerFields, kw_only=True, forbid_unknown_fields=True):
     tokenizer_id: OptId = ""
     model_family: ModelFamily = "gpt2"
     model_size: ModelSize = "tiny"
-    max_seq_len: Annotated[int, Meta(ge=8, le=8192)] = 256
-    num_epochs: Annotated[int, Meta(ge=1, le=1000)] = 1
-    max_steps: Annotated[int, Meta(ge=1, le=10_000_000)] | None = None
-    batch_size: Annotated[int, Meta(ge=1, le=4096)] = 8
-    learning_rate: Annotated[float, Meta(gt=0.0, le=1.0)] = 3e-4
+    max_seq_len: SeqLen = 256
+    num_epochs: Epochs = 1
+    max_steps: Steps | None = None
+    batch_size: BatchSize = 8
+    learning_rate: Rate = 3e-4
     optimizer: Optimizer = "adamw"
-    weight_decay: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.1
-    warmup_steps: Annotated[int, Meta(ge=0, le=1_000_000)] = 20
-    gradient_clipping: Annotated[float, Meta(ge=0.0, le=1000.0)] = 1.0
-    grad_accum_steps: Annotated[int, Meta(ge=1, le=1024)] = 1
-    dropout: Annotated[float, Meta(ge=0.0, le=0.9)] = 0.0
-    eval_every: Annotated[int, Meta(ge=1, le=1_000_000)] = 100
-    checkpoint_every: Annotated[int, Meta(ge=1, le=1_000_000)] = 100
-    early_stopping_patience: Annotated[int, Meta(ge=1, le=1000)] | None = None
+    weight_decay: Decay = 0.1
+    warmup_steps: Warmup = 20
+    gradient_clipping: Clip = 1.0
+    grad_accum_steps: Accum = 1
+    dropout: Dropout = 0.0
+    eval_every: Every = 100
+    checkpoint_every: Every = 100
+    early_stopping_patience: Patience | None = None
     pretrained_run_id: OptId = ""
     freeze_embed: bool = False
-    finetune_lr_cap: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
+    finetune_lr_cap: Rate | None = None
     device: Device = "auto"
     precision: Precision = "auto"
-    threads: Annotated[int, Meta(ge=0, le=256)] = 0
+    threads: Threads = 0
     upload: bool = True
 
 
 class EvaluateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     split: Literal["validation", "test"] = "test"
-    path: Path = ""
+    path: PathText = ""
     user_id: UserId = 0
 
 
 class ScoreRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    text: Annotated[str, Meta(min_length=1, max_length=100_000)]
+    text: ScoreText
     detail: bool = False
-    top_k: Annotated[int, Meta(ge=0, le=50)] = 5
+    top_k: ScoreTopK = 5
     user_id: UserId = 0
 
 
 class SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    max_new_tokens: Annotated[int, Meta(ge=1, le=2048)] = 64
-    temperature: Annotated[float, Meta(ge=0.0, le=5.0)] = 0.8
-    top_k: Annotated[int, Meta(ge=0, le=100_000)] = 50
-    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    max_new_tokens: NewTokens = 64
+    temperature: Temperature = 0.8
+    top_k: TopK = 50
+    top_p: TopP = 1.0
     seed: Seed = 0
     user_id: UserId = 0
 
 
 class GenerateRequest(SamplingFields, kw_only=True, forbid_unknown_fields=True):
     prompt: PromptText = ""
-    stop: Annotated[
-        list[Annotated[str, Meta(min_length=1, max_length=64)]], Meta(max_length=8)
-    ] = []
-    num_return_sequences: Annotated[int, Meta(ge=1, le=8)] = 1
+    stop: StopList = []
+    num_return_sequences: Sequences = 1
     stop_on_eos: bool = True  # eos ends a line of the corpus: off, it becomes a newline
 
 
 class ChatRequest(SamplingFields, kw_only=True, forbid_unknown_fields=True):
-    message: Annotated[str, Meta(min_length=1, max_length=4000)]
+    message: ChatMessage
     session_id: OptId = ""
 
 
