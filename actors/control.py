@@ -39,7 +39,7 @@ from actors import log
 from actors.config import Settings
 from actors.dashboard import add_routes as add_dashboard
 from actors.openapi import Operation, Param, Reply, build
-from actors.runtime import Redis, add_command, add_event, connect
+from actors.runtime import Redis, add_command, add_event, connect, request_id_of, run_id_of
 from actors.submit import new_id, plan_tokenizer, plan_train, submit
 from protocol.codec import FIELD
 from protocol.commands import (
@@ -71,6 +71,7 @@ BLOCK_MS = 1000  # XREAD BLOCK of the live events stream; bounds shutdown and di
 LOG_POLL_S = 0.25
 PING_S = 15.0
 CANCEL_TTL_S = 14 * 24 * 3600
+REQUEST_TTL_S = 7 * 24 * 3600  # as long as the evaluator keeps results
 HISTORY_PAGE = 500
 CLOCK_SKEW_MS = 5000  # events are looked up from a little before the run's created_at
 TERMINAL = ("completed", "failed", "cancelled")
@@ -460,9 +461,15 @@ async def _check_pretrained(app: web.Application, run_id: str) -> None:
         raise invalid("pretrained_run_id", f"run {run_id!r} is {state.status}, not completed")
 
 
-async def _send(app: web.Application, cmd: Base) -> None:
-    async with app[REDIS].pipeline(transaction=False) as pipe:
-        add_command(pipe, app[KEYS], cmd)
+async def _send(app: web.Application, cmd: Base, *, what: str = "") -> None:
+    """XADD the command; a request also records which run and route its id belongs to."""
+    keys = app[KEYS]
+    async with app[REDIS].pipeline(transaction=True) as pipe:
+        if what:
+            rid = request_id_of(cmd)
+            marker = msgspec.json.encode({"what": what, "run_id": run_id_of(cmd)})
+            pipe.set(keys.request(rid), marker, ex=REQUEST_TTL_S)
+        add_command(pipe, keys, cmd)
         await pipe.execute()
 
 
@@ -732,6 +739,7 @@ async def evaluate(request: web.Request) -> web.StreamResponse:
             command_id=request_id, run_id=state.run_id, request_id=request_id,
             user_id=req.user_id, requested_at=time.time(), split=req.split, path=path,
         ),
+        what="evaluate",
     )  # fmt: skip
     return _json(Accepted(request_id=request_id, run_id=state.run_id, status="pending"), 202)
 
@@ -747,6 +755,7 @@ async def score(request: web.Request) -> web.StreamResponse:
             user_id=req.user_id, requested_at=time.time(), text=req.text, detail=req.detail,
             top_k=req.top_k,
         ),
+        what="score",
     )  # fmt: skip
     return _json(Accepted(request_id=request_id, run_id=state.run_id, status="pending"), 202)
 
@@ -763,6 +772,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
             num_return_sequences=req.num_return_sequences, max_new_tokens=req.max_new_tokens,
             temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed,
         ),
+        what="generate",
     )  # fmt: skip
     return _json(Accepted(request_id=request_id, run_id=state.run_id, status="pending"), 202)
 
@@ -780,6 +790,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
             message=req.message, max_new_tokens=req.max_new_tokens,
             temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed,
         ),
+        what="chat",
     )  # fmt: skip
     return _json(
         Accepted(
@@ -791,10 +802,15 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
 async def _result(request: web.Request, what: str) -> web.StreamResponse:
     """See the module docstring: 202 pending, 200 done, 422/502 failed."""
-    await _run(request)
+    state = await _run(request)
     request_id = _path_id(request, "request_id", f"{what} request")
-    raw = await request.app[REDIS].get(request.app[KEYS].result(request_id))
+    keys, redis = request.app[KEYS], request.app[REDIS]
+    raw = await redis.get(keys.result(request_id))
     if raw is None:
+        marker = await redis.get(keys.request(request_id))
+        owner = msgspec.json.decode(marker, type=dict[str, str]) if marker else {}
+        if owner.get("what") != what or owner.get("run_id") != state.run_id:
+            raise not_found(f"no {what} request {request_id!r} for this run")
         return _json(Pending(request_id=request_id), 202)
     stored = msgspec.json.decode(raw, type=dict[str, object])
     if stored.get("what") != what:

@@ -19,9 +19,8 @@ from typing import Literal
 
 import msgspec
 
-from actors.config import Settings
-from actors.pool import Pool
-from actors.runtime import Actor, Context, Outcome
+from actors.pool import PoolActor
+from actors.runtime import Context, Outcome
 from protocol.commands import Base, ModelChat, ModelEvaluate, ModelGenerate, ModelScore
 from protocol.events import EvalCompleted, ResultReady
 from trainer.errors import UserError
@@ -117,16 +116,9 @@ def _numbers(d: dict[str, object]) -> dict[str, float]:
     }
 
 
-class EvaluatorActor(Actor):
+class EvaluatorActor(PoolActor):
     name = "evaluator"
     concurrency = 2
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.pool = Pool(1)
-
-    async def stop(self) -> None:
-        self.pool.shutdown(wait=False)
 
     async def handle(self, cmd: Base, ctx: Context) -> Outcome | None:
         match cmd:

@@ -6,9 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from actors.config import Settings
-from actors.pool import Pool
-from actors.runtime import Actor, Context, Outcome
+from actors.pool import PoolActor
+from actors.runtime import Context, Outcome
 from protocol.commands import Base, CorpusIngest
 from protocol.events import CorpusReady
 from trainer.errors import UserError
@@ -37,16 +36,9 @@ def prepare(
     return prepare_corpus(src, Path(out_dir), config, root=Path(root) if root else None)
 
 
-class IngestActor(Actor):
+class IngestActor(PoolActor):
     name = "ingest"
     concurrency = 2
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.pool = Pool(1)
-
-    async def stop(self) -> None:
-        self.pool.shutdown(wait=False)
 
     async def handle(self, cmd: Base, ctx: Context) -> Outcome | None:
         match cmd:

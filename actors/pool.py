@@ -18,6 +18,9 @@ from functools import partial
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
+from actors.config import Settings
+from actors.runtime import Actor
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -80,3 +83,14 @@ class Pool:
                     proc.terminate()
             self._executor.shutdown(wait=wait, cancel_futures=True)
             self._executor = None
+
+
+class PoolActor(Actor):
+    """An actor whose heavy work runs in a process pool it owns; the pool goes with it."""
+
+    def __init__(self, settings: Settings, workers: int = 1) -> None:
+        self.settings = settings
+        self.pool = Pool(workers)
+
+    async def stop(self) -> None:
+        self.pool.shutdown(wait=False)

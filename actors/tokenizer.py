@@ -11,9 +11,8 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from actors.config import Settings
-from actors.pool import Pool
-from actors.runtime import Actor, Context, Outcome
+from actors.pool import PoolActor
+from actors.runtime import Context, Outcome
 from protocol.commands import Base, TokenizerTrain
 from protocol.events import TokenizerReady
 from trainer.errors import UserError
@@ -41,16 +40,9 @@ def train(
     return train_tokenizer(Path(corpus_dir), Path(out_dir), config)
 
 
-class TokenizerActor(Actor):
+class TokenizerActor(PoolActor):
     name = "tokenizer"
     concurrency = 1
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.pool = Pool(1)
-
-    async def stop(self) -> None:
-        self.pool.shutdown(wait=False)
 
     async def handle(self, cmd: Base, ctx: Context) -> Outcome | None:
         match cmd:

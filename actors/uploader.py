@@ -28,8 +28,8 @@ import aiohttp
 
 from actors import databank
 from actors.config import Settings
-from actors.pool import Pool
-from actors.runtime import Actor, Context, Outcome
+from actors.pool import PoolActor
+from actors.runtime import Context, Outcome
 from protocol.commands import ArtifactUpload, Base
 from protocol.events import ArtifactStored
 from trainer.errors import UserError
@@ -140,20 +140,19 @@ def _remove(path: str) -> None:
     Path(path).unlink(missing_ok=True)
 
 
-class UploaderActor(Actor):
+class UploaderActor(PoolActor):
     name = "uploader"
     concurrency = 1
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.pool = Pool(1)
+        super().__init__(settings)
         self._session: aiohttp.ClientSession | None = None
 
     async def stop(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
-        self.pool.shutdown(wait=False)
+        await super().stop()
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:

@@ -53,6 +53,11 @@ class Keys:
         """Outcome of a score / generate / evaluate / chat request, JSON."""
         return f"{self.prefix}:result:{request_id}"
 
+    def request(self, request_id: str) -> str:
+        """Which run and route a request id belongs to, so an unknown id is a 404, not
+        pending forever."""
+        return f"{self.prefix}:request:{request_id}"
+
     def chat(self, session_id: str) -> str:
         return f"{self.prefix}:chat:{session_id}"
 

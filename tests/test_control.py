@@ -405,6 +405,9 @@ async def test_score_is_queued_and_its_result_read_back(
     async with http.session.get(path) as resp:
         assert resp.status == 202
         assert await resp.json() == {"request_id": request_id, "status": "pending"}
+    for unknown in ("/runs/run-q/score/score-never-sent", f"/runs/run-q/generate/{request_id}"):
+        async with http.session.get(unknown) as resp:  # not pending forever: unknown
+            await error_of(resp, 404, "NOT_FOUND")
     result = {"ok": True, "what": "score", "result": {"loss": 2.0, "perplexity": 7.39}}
     await redis.set(keys.result(request_id), json.dumps(result))
     async with http.session.get(path) as resp:
