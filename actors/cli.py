@@ -980,7 +980,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     settings = Settings.from_env()
     log.configure(settings.data_dir)
-    if args[:1] in (["train"], ["tokenizer"]) and sys.stdout.isatty():
+    # The demo's output is the story of its run; the actors' log lines go to a file.
+    if args[:1] == ["demo"] or (args[:1] in (["train"], ["tokenizer"]) and sys.stdout.isatty()):
         _log_to_file(settings)
     try:
         return asyncio.run(_main(args))

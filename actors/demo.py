@@ -41,7 +41,7 @@ def demo_request(quick: bool) -> TrainRequest:
     return TrainRequest(
         corpus_name="shakespeare", tokenizer_kind="bpe", vocab_size=2048,
         model_family="gpt2", model_size="tiny", max_seq_len=128, batch_size=16,
-        max_steps=300, eval_every=50, checkpoint_every=100, learning_rate=1e-3,
+        max_steps=500, eval_every=50, checkpoint_every=100, learning_rate=1e-3,
         warmup_steps=30,
     )  # fmt: skip
 
@@ -81,13 +81,13 @@ async def generate(redis: Redis, keys: Keys, run_id: str, timeout_s: float = 120
     request_id = new_id("req")
     cmd = ModelGenerate(
         command_id=request_id, run_id=run_id, request_id=request_id, prompt="",
-        max_new_tokens=60, temperature=0.8, top_k=40, seed=7, num_return_sequences=1,
+        max_new_tokens=48, temperature=0.8, top_k=40, seed=7, num_return_sequences=1,
         stop_on_eos=False,
     )  # fmt: skip
     samples: list[str] = []
     for i, prompt in enumerate(PROMPTS):
         cmd.command_id = cmd.request_id = f"{request_id}-{i}"
-        cmd.prompt = prompt
+        cmd.prompt, cmd.seed = prompt, 7 + i
         async with redis.pipeline(transaction=True) as pipe:
             add_command(pipe, keys, cmd)
             await pipe.execute()
@@ -157,6 +157,8 @@ async def run_demo(settings: Settings, quick: bool) -> int:
         try:
             info = await submit(redis, keys, plan_train(req))
             print(f"redis       {url}")
+            print(f"logs        {settings.data_dir / 'logs' / 'model-trainer.log'} "
+                  f"(and {settings.run_dir(info.run_id) / 'logs.jsonl'})")  # fmt: skip
             if http:
                 print(f"dashboard   {http}/#/runs/{info.run_id}")
             print(f"run         {info.run_id}: shakespeare → bpe {req.vocab_size} → "
