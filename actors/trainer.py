@@ -71,7 +71,7 @@ def train_child(job: TrainJob, out: Queue[Message]) -> None:
 
     _exit_with_parent()
 
-    from trainer.train import Progress, TrainConfig, train
+    from trainer.train import Progress, StartInfo, TrainConfig, train
 
     cancel, stop = CancelFlag(Path(job.cancel_path)), CancelFlag(Path(job.stop_path))
     # torch.compile's cache inside the data dir: a later run of the same shape compiles fast.
@@ -79,6 +79,9 @@ def train_child(job: TrainJob, out: Queue[Message]) -> None:
 
     def on_progress(p: Progress) -> None:
         out.put(("progress", asdict(p)))
+
+    def on_start(info: StartInfo) -> None:
+        out.put(("started", asdict(info)))
 
     try:
         cfg = msgspec.convert(job.config, TrainConfig)
@@ -88,6 +91,7 @@ def train_child(job: TrainJob, out: Queue[Message]) -> None:
             Path(job.tokenizer_dir),
             Path(job.run_dir),
             on_progress=on_progress,
+            on_start=on_start,
             should_stop=lambda: cancel.is_set() or stop.is_set(),
         )
         summary = asdict(result)
@@ -200,18 +204,6 @@ class TrainerActor(Actor):
         if await ctx.cancel_requested():
             raise Cancelled("cancelled before training started")
         cancel.clear()
-        resumed = _latest_step(Path(job.run_dir) / "checkpoints")
-        await ctx.emit(TrainStarted(
-            model_family=cmd.model_family, model_size=cmd.model_size,
-            total_epochs=cmd.num_epochs, total_steps=cmd.max_steps or 0,
-            batch_size=cmd.batch_size, learning_rate=cmd.learning_rate,
-            threads=cmd.threads or (os.cpu_count() or 1), cpu_cores=os.cpu_count() or 1,
-            memory_mb=_memory_mb(), device=cmd.device, precision=cmd.precision,
-            resumed_from_step=resumed,
-        ))  # fmt: skip
-        if resumed:
-            ctx.log.info("resuming from checkpoint", step=resumed)
-
         mp = multiprocessing.get_context("spawn")
         out: Queue[Message] = mp.Queue()
         child = mp.Process(target=train_child, args=(job, out), name=f"train-{cmd.run_id}")
@@ -257,6 +249,10 @@ class TrainerActor(Actor):
                 else:
                     continue
             match msg:
+                case ("started", dict() as info):
+                    await ctx.emit(_started_event(cmd, info))
+                    if resumed := _int(info, "resumed_from_step"):
+                        ctx.log.info("resumed from checkpoint", step=resumed)
                 case ("progress", dict() as p):
                     validated = p.get("val_loss") is not None
                     if validated or time.monotonic() - last_emit >= PROGRESS_EVERY_S:
@@ -277,6 +273,19 @@ class TrainerActor(Actor):
                     raise RuntimeError(f"unexpected message from the training child: {msg!r}")
 
 
+def _started_event(cmd: ModelTrain, info: dict[str, object]) -> TrainStarted:
+    """What was asked for, and what the child resolved (device, precision, sizes)."""
+    return TrainStarted(
+        model_family=cmd.model_family, model_size=cmd.model_size,
+        total_epochs=_int(info, "total_epochs"), total_steps=_int(info, "total_steps"),
+        batch_size=cmd.batch_size, learning_rate=cmd.learning_rate,
+        threads=cmd.threads or (os.cpu_count() or 1), cpu_cores=os.cpu_count() or 1,
+        memory_mb=_memory_mb(), device=str(info.get("device", cmd.device)),
+        precision=str(info.get("precision", cmd.precision)),
+        parameters=_int(info, "parameters"), resumed_from_step=_int(info, "resumed_from_step"),
+    )  # fmt: skip
+
+
 def _progress_event(p: dict[str, object]) -> TrainProgress:
     return TrainProgress(
         step=_int(p, "step"), epoch=_int(p, "epoch"), total_epochs=_int(p, "total_epochs"),
@@ -285,11 +294,6 @@ def _progress_event(p: dict[str, object]) -> TrainProgress:
         samples_per_s=_float(p, "samples_per_s"), val_loss=_opt_float(p, "val_loss"),
         val_ppl=_opt_float(p, "val_ppl"),
     )  # fmt: skip
-
-
-def _latest_step(ckpt_dir: Path) -> int:
-    steps = [int(p.name[5:]) for p in ckpt_dir.glob("step-*") if p.name[5:].isdigit()]
-    return max(steps, default=0)
 
 
 async def _stop_child(child: multiprocessing.process.BaseProcess, stop: CancelFlag) -> None:

@@ -179,6 +179,9 @@ async def test_a_full_chain_finishes_with_every_step_in_order(finished: Finished
 async def test_the_model_learned_and_every_artifact_is_there(finished: Finished) -> None:
     losses = [e.loss for e in finished.events if isinstance(e, TrainProgress)]
     assert losses[-1] < losses[0]
+    started = next(e for e in finished.events if isinstance(e, TrainStarted))
+    assert (started.device, started.precision, started.total_steps) == ("cpu", "fp32", 16)
+    assert started.parameters > 100_000 and started.resumed_from_step == 0
     tok = next(e for e in finished.events if isinstance(e, TokenizerReady))
     stats = tok.stats
     assert 0 < stats["tokens_per_char"] < 1 and stats["coverage"] == 1.0

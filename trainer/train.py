@@ -197,6 +197,18 @@ def _matches(value: object, hint: object) -> bool:
 
 
 @dataclass
+class StartInfo:
+    """What a run resolved before its first step (for on_start)."""
+
+    device: str
+    precision: str
+    parameters: int
+    total_steps: int
+    total_epochs: int
+    resumed_from_step: int
+
+
+@dataclass
 class Progress:
     step: int
     epoch: int  # 1-based epoch of the last batch
@@ -413,6 +425,7 @@ def train(
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     token_dir: Path | None = None,
+    on_start: Callable[[StartInfo], None] | None = None,
 ) -> TrainResult:
     """Train (or resume) the model of cfg on the prepared corpus in data_dir.
 
@@ -555,6 +568,10 @@ def train(
         resumed_from_step=resumed_from,
     )
     write_manifest(run_dir, manifest)
+    if on_start is not None:
+        on_start(StartInfo(device=str(device), precision=precision, parameters=n_params,
+                           total_steps=total_steps, total_epochs=total_epochs,
+                           resumed_from_step=resumed_from or 0))  # fmt: skip
 
     def checkpoint() -> None:
         states: dict[str, object] = {
