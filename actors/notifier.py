@@ -40,12 +40,11 @@ from typing import Literal
 import aiohttp
 import msgspec
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors import log
 from actors.config import Settings
-from actors.runtime import Redis, connect
+from actors.runtime import GroupReader, Redis, connect
 from protocol.codec import FIELD, decode_event
 from protocol.events import (
     AnyEvent,
@@ -608,7 +607,6 @@ class Notifier:
         blocking_redis: Redis | None = None,
     ) -> None:
         self.redis = redis
-        self.blocking = blocking_redis or redis
         self.settings = settings
         self.keys = keys or Keys(settings.prefix)
         self.consumer = consumer
@@ -618,15 +616,14 @@ class Notifier:
         self._stopping = asyncio.Event()
         self._last_id: str | None = None
         self._mailer: Mailer | None = None
+        self.reader = GroupReader(
+            redis, blocking_redis or redis, self.keys.events, GROUP, consumer,
+            lambda: self._last_id or "$",
+        )  # fmt: skip
 
     async def ensure_group(self, start: str | None = None) -> None:
         """Create the group: at `start`, else after the last entry handled, else at "$"."""
-        at = start or self._last_id or "$"
-        try:
-            await self.redis.xgroup_create(self.keys.events, GROUP, id=at, mkstream=True)
-        except ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+        await self.reader.ensure(start)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -681,26 +678,8 @@ class Notifier:
                     await asyncio.wait_for(self._stopping.wait(), delay)
 
     async def _read(self, entry_id: str, block: int | None) -> list[tuple[str, bytes]]:
-        try:
-            reply: object = await self.blocking.xreadgroup(
-                GROUP, self.consumer, {self.keys.events: entry_id},
-                count=self.config.batch, block=block,
-            )  # fmt: skip
-        except ResponseError as e:
-            if "NOGROUP" not in str(e) and "UNBLOCKED" not in str(e):
-                raise
-            self.log.warning("group missing, recreating", at=self._last_id or "$")
-            await self.ensure_group()
-            return []
-        out: list[tuple[str, bytes]] = []
-        if not isinstance(reply, list):
-            return out
-        for _stream, entries in reply:  # RESP2: [[stream, [(id, {field: value})]]]
-            for raw_id, fields in entries:
-                eid = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
-                raw = fields.get(FIELD.encode(), b"") if isinstance(fields, dict) else b""
-                out.append((eid, raw if isinstance(raw, bytes) else str(raw).encode()))
-        return out
+        entries = await self.reader.read(entry_id, self.config.batch, block)
+        return [(eid, fields.get(FIELD.encode(), b"")) for eid, fields in entries]
 
     async def _handle(self, entries: list[tuple[str, bytes]]) -> None:
         """Translate a batch, then publish it and acknowledge it in one round trip."""
@@ -724,7 +703,7 @@ class Notifier:
         async with self.redis.pipeline(transaction=False) as pipe:
             for message in outgoing:
                 pipe.publish(self.settings.events_channel, message)
-            pipe.xack(self.keys.events, GROUP, *[i for i, _ in entries])
+            self.reader.ack(pipe, *[i for i, _ in entries])
             await pipe.execute()
         self._last_id = entries[-1][0]
 

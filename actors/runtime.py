@@ -201,6 +201,52 @@ def add_command(pipe: Redis, keys: Keys, cmd: Base) -> None:
     pipe.xadd(keys.cmd(actor_of(cmd)), {FIELD: encode(cmd)})
 
 
+class GroupReader:
+    """One consumer of one stream in one consumer group: creates the group, reads the
+    consumer's own pending entries ("0") or new ones (">"), recreates the group when Redis
+    lost it (NOGROUP), acknowledges. The command runtime and the notifier read through it.
+    """
+
+    def __init__(
+        self, redis: Redis, blocking: Redis, stream: str, group: str, consumer: str,
+        recreate_at: Callable[[], str],
+    ) -> None:  # fmt: skip
+        self.redis = redis
+        self.blocking = blocking  # its own connection: the socket timeout exceeds BLOCK
+        self.stream, self.group, self.consumer = stream, group, consumer
+        self.recreate_at = recreate_at
+        self.log = log.get("runtime").bind(stream=stream, group=group, consumer=consumer)
+
+    async def ensure(self, at: str | None = None) -> None:
+        try:
+            await self.redis.xgroup_create(
+                self.stream, self.group, id=at or self.recreate_at(), mkstream=True
+            )
+        except ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    async def read(
+        self, entry_id: str, count: int, block: int | None
+    ) -> list[tuple[str, dict[bytes, bytes]]]:
+        try:
+            reply = await self.blocking.xreadgroup(
+                self.group, self.consumer, {self.stream: entry_id}, count=count, block=block
+            )
+        except ResponseError as e:
+            # Redis 7.0/7.1 answer a reader blocked on a deleted stream with UNBLOCKED.
+            if "NOGROUP" not in str(e) and "UNBLOCKED" not in str(e):
+                raise
+            self.log.warning("group missing, recreating", at=self.recreate_at())
+            await self.ensure()
+            return []
+        return _entries(reply)
+
+    def ack(self, pipe: Redis, *entry_ids: str) -> None:
+        """Queue the acknowledgement on a pipeline (with the writes it must go with)."""
+        pipe.xack(self.stream, self.group, *entry_ids)
+
+
 class Actor:
     """Subclasses set `name` and implement `handle`; `start`/`stop` own their resources."""
 
@@ -272,8 +318,6 @@ class Runtime:
         self.actor = actor
         self.runs_dir = runs_dir  # where per-run logs.jsonl go (see actors.log)
         self.redis = redis
-        # Blocking reads get their own connection: its socket timeout must exceed BLOCK.
-        self.blocking = blocking_redis or redis
         self.keys = keys or Keys()
         self.consumer = consumer
         self.config = config or RuntimeConfig()
@@ -282,34 +326,23 @@ class Runtime:
         self.log = log.get("runtime").bind(actor=actor.name, consumer=consumer)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
+        # Blocking reads get their own connection (socket timeout > BLOCK). The group starts
+        # at id 0: commands XADDed before the first actor started are not skipped.
+        self.reader = GroupReader(
+            redis, blocking_redis or redis, self.stream, self.group, consumer, lambda: "0"
+        )
         self._renew = self.redis.register_script(_RENEW)
         self._commit = self.redis.register_script(_COMMIT)
         self._last_claim = 0.0
 
     # ----------------------------------------------------------------- reading
     async def ensure_group(self) -> None:
-        try:
-            # From id 0: commands XADDed before the first actor started are not skipped.
-            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-        except ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+        await self.reader.ensure()
 
     async def _read(
         self, entry_id: str, count: int, block: int | None
     ) -> list[tuple[str, dict[bytes, bytes]]]:
-        try:
-            reply = await self.blocking.xreadgroup(
-                self.group, self.consumer, {self.stream: entry_id}, count=count, block=block
-            )
-        except ResponseError as e:
-            # Redis 7.0/7.1 answer a reader blocked on a deleted stream with UNBLOCKED.
-            if "NOGROUP" not in str(e) and "UNBLOCKED" not in str(e):
-                raise
-            self.log.warning("group missing, recreating", stream=self.stream)
-            await self.ensure_group()
-            return []
-        return _entries(reply)
+        return await self.reader.read(entry_id, count, block)
 
     async def _claim(self) -> list[tuple[str, dict[bytes, bytes]]]:
         """Entries idle past the lease: their consumer is dead (a live one renews)."""
