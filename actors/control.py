@@ -39,16 +39,16 @@ from actors import log
 from actors.config import Settings
 from actors.dashboard import add_routes as add_dashboard
 from actors.openapi import Operation, Param, Reply, build
-from actors.runtime import Redis, add_command, add_event, connect, request_id_of, run_id_of
+from actors.runtime import Redis, add_command, add_event, connect, request_kind
 from actors.submit import new_id, plan_tokenizer, plan_train, submit
 from protocol.codec import FIELD
 from protocol.commands import (
-    Base,
     Id,
     ModelChat,
     ModelEvaluate,
     ModelGenerate,
     ModelScore,
+    RequestCommand,
 )
 from protocol.events import CancelRequested, RunCancelled, RunCompleted, RunFailed
 from protocol.keys import ACTOR_NAMES, ActorName, Keys
@@ -461,16 +461,18 @@ async def _check_pretrained(app: web.Application, run_id: str) -> None:
         raise invalid("pretrained_run_id", f"run {run_id!r} is {state.status}, not completed")
 
 
-async def _send(app: web.Application, cmd: Base, *, what: str = "") -> None:
-    """XADD the command; a request also records which run and route its id belongs to."""
-    keys = app[KEYS]
+async def _queue(app: web.Application, cmd: RequestCommand) -> web.StreamResponse:
+    """XADD a request-style command with a marker of which run and route its id belongs
+    to, and answer 202 with the id to poll."""
+    keys, rid = app[KEYS], cmd.request_id
+    marker = msgspec.json.encode({"what": request_kind(cmd), "run_id": cmd.run_id})
     async with app[REDIS].pipeline(transaction=True) as pipe:
-        if what:
-            rid = request_id_of(cmd)
-            marker = msgspec.json.encode({"what": what, "run_id": run_id_of(cmd)})
-            pipe.set(keys.request(rid), marker, ex=REQUEST_TTL_S)
+        pipe.set(keys.request(rid), marker, ex=REQUEST_TTL_S)
         add_command(pipe, keys, cmd)
         await pipe.execute()
+    session_id = cmd.session_id if isinstance(cmd, ModelChat) else ""
+    accepted = Accepted(request_id=rid, run_id=cmd.run_id, status="pending", session_id=session_id)
+    return _json(accepted, 202)
 
 
 # ------------------------------------------------------------------------------- log files
@@ -733,48 +735,43 @@ async def evaluate(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     path = await asyncio.to_thread(confine, settings, "path", req.path) if req.path else ""
     request_id = new_id("eval")
-    await _send(
+    return await _queue(
         request.app,
         ModelEvaluate(
             command_id=request_id, run_id=state.run_id, request_id=request_id,
             user_id=req.user_id, requested_at=time.time(), split=req.split, path=path,
         ),
-        what="evaluate",
     )  # fmt: skip
-    return _json(Accepted(request_id=request_id, run_id=state.run_id, status="pending"), 202)
 
 
 async def score(request: web.Request) -> web.StreamResponse:
     state = await _completed_run(request)
     req = await _body(request, ScoreRequest)
     request_id = new_id("score")
-    await _send(
+    return await _queue(
         request.app,
         ModelScore(
             command_id=request_id, run_id=state.run_id, request_id=request_id,
             user_id=req.user_id, requested_at=time.time(), text=req.text, detail=req.detail,
             top_k=req.top_k,
         ),
-        what="score",
     )  # fmt: skip
-    return _json(Accepted(request_id=request_id, run_id=state.run_id, status="pending"), 202)
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
     state = await _completed_run(request)
     req = await _body(request, GenerateRequest)
     request_id = new_id("gen")
-    await _send(
+    return await _queue(
         request.app,
         ModelGenerate(
             command_id=request_id, run_id=state.run_id, request_id=request_id,
             user_id=req.user_id, requested_at=time.time(), prompt=req.prompt, stop=req.stop,
             num_return_sequences=req.num_return_sequences, max_new_tokens=req.max_new_tokens,
             temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed,
+            stop_on_eos=req.stop_on_eos,
         ),
-        what="generate",
     )  # fmt: skip
-    return _json(Accepted(request_id=request_id, run_id=state.run_id, status="pending"), 202)
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
@@ -782,7 +779,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     req = await _body(request, ChatRequest)
     session_id = req.session_id or new_id("chat")
     request_id = new_id("chatreq")
-    await _send(
+    return await _queue(
         request.app,
         ModelChat(
             command_id=request_id, run_id=state.run_id, request_id=request_id,
@@ -790,14 +787,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
             message=req.message, max_new_tokens=req.max_new_tokens,
             temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed,
         ),
-        what="chat",
     )  # fmt: skip
-    return _json(
-        Accepted(
-            request_id=request_id, run_id=state.run_id, status="pending", session_id=session_id
-        ),
-        202,
-    )
 
 
 async def _result(request: web.Request, what: str) -> web.StreamResponse:

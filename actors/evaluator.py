@@ -15,22 +15,19 @@ import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Literal
 
 import msgspec
 
 from actors.pool import PoolActor
-from actors.runtime import Context, Outcome
+from actors.runtime import Context, Outcome, answer
 from protocol.commands import Base, ModelChat, ModelEvaluate, ModelGenerate, ModelScore
-from protocol.events import EvalCompleted, ResultReady
+from protocol.events import EvalCompleted
 from trainer.errors import UserError
 
-Answer = Literal["score", "generate", "chat", "evaluate"]
 # The service evaluates on the first lines of a split up to this many tokens: enough for a
 # stable loss, and a big corpus does not hold the evaluator for minutes (the metrics say
 # how many tokens were used).
 EVAL_MAX_TOKENS = 50_000
-RESULT_TTL_S = 7 * 24 * 3600
 CHAT_TTL_S = 24 * 3600
 MODEL_FILES = ("config.json", "mt_model.json")
 
@@ -129,7 +126,7 @@ class EvaluatorActor(PoolActor):
                 result = await self.pool.run(
                     score_job, str(run_dir), cmd.text, cmd.detail, cmd.top_k
                 )
-                return await self.answer(ctx, cmd.request_id, "score", result)
+                return answer(ctx.keys, cmd, {"result": result})
             case ModelGenerate():
                 run_dir = await self.run_dir(cmd.run_id, ctx)
                 samples = await self.pool.run(
@@ -138,7 +135,7 @@ class EvaluatorActor(PoolActor):
                     cmd.num_return_sequences,
                 )  # fmt: skip
                 result = {"prompt": cmd.prompt, "samples": samples}
-                return await self.answer(ctx, cmd.request_id, "generate", result)
+                return answer(ctx.keys, cmd, {"result": result})
             case ModelChat():
                 return await self.chat(cmd, ctx)
             case _:
@@ -160,7 +157,7 @@ class EvaluatorActor(PoolActor):
             ppl=float(ppl) if isinstance(ppl, int | float) else None, metrics=_numbers(metrics),
         )  # fmt: skip
         if cmd.request_id:
-            outcome = await self.answer(ctx, cmd.request_id, "evaluate", metrics)
+            outcome = answer(ctx.keys, cmd, {"result": metrics})
             outcome.events.insert(0, event)
             return outcome
         return Outcome(events=[event])
@@ -178,12 +175,7 @@ class EvaluatorActor(PoolActor):
         await ctx.redis.set(key, msgspec.json.encode(turns), ex=CHAT_TTL_S)
         history = [{"role": t.role, "content": t.content} for t in turns]
         result = {"reply": reply, "session_id": cmd.session_id, "history": history}
-        return await self.answer(ctx, cmd.request_id, "chat", result)
-
-    async def answer(self, ctx: Context, request_id: str, what: Answer, result: object) -> Outcome:
-        body = msgspec.json.encode({"ok": True, "what": what, "result": result})
-        await ctx.redis.set(ctx.keys.result(request_id), body, ex=RESULT_TTL_S)
-        return Outcome(events=[ResultReady(request_id=request_id, what=what)])
+        return answer(ctx.keys, cmd, {"result": result})
 
     async def run_dir(self, run_id: str, ctx: Context) -> Path:
         """The run's model dir on this machine, fetched through its artifact pointer if absent."""
@@ -207,25 +199,10 @@ class EvaluatorActor(PoolActor):
             if not path.is_file():
                 raise UserError(f"the run's local artifact {path} is missing")
             return path
-        if not (s.data_bank_url and s.data_bank_key):
-            raise UserError("the run's model is in the Data Bank, which is not configured")
-        import aiohttp
+        from actors.databank import fetch
 
-        from actors.databank import download
-
-        file_id = str(pointer.get("file_id", ""))
-        dest = s.data_dir / "downloads" / f"{file_id}.tar.gz"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        async with aiohttp.ClientSession() as session:
-            await download(
-                session,
-                s.data_bank_url,
-                s.data_bank_key,
-                file_id,
-                dest,
-                expected_sha256=str(pointer.get("sha256") or "") or None,
-            )
-        return dest
+        sha = str(pointer.get("sha256") or "") or None
+        return await fetch(s, str(pointer.get("file_id", "")), ".tar.gz", sha, "the run's model")
 
 
 def unpack(archive: str, run_dir: str) -> None:

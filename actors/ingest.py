@@ -80,27 +80,8 @@ class IngestActor(PoolActor):
         )
 
     async def download(self, file_id: str, ctx: Context) -> Path:
-        s = self.settings
-        if not (s.data_bank_url and s.data_bank_key):
-            raise UserError(
-                "corpus_file_id given but no Data Bank is configured "
-                "(MT_DATA_BANK_URL / MT_DATA_BANK_KEY)"
-            )
-        import aiohttp
+        from actors.databank import fetch
 
-        from actors.databank import download
-
-        dest_dir = s.data_dir / "downloads"
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        dest = dest_dir / f"{file_id}.txt"
         ctx.log.info("downloading corpus from the Data Bank", file_id=file_id)
-        async with aiohttp.ClientSession() as session:
-            await download(
-                session,
-                s.data_bank_url,
-                s.data_bank_key,
-                file_id,
-                dest,
-                expected_sha256=file_id if len(file_id) == 64 else None,
-            )
-        return dest
+        sha = file_id if len(file_id) == 64 else None  # Data Bank ids are the sha256
+        return await fetch(self.settings, file_id, ".txt", sha, "corpus_file_id")

@@ -44,7 +44,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors import log
 from actors.config import Settings
-from actors.runtime import GroupReader, Redis, connect
+from actors.runtime import GroupReader, Redis, connect, keep_alive
 from protocol.codec import FIELD, decode_event
 from protocol.events import (
     AnyEvent,
@@ -641,7 +641,8 @@ class Notifier:
             self._mailer = Mailer(discord, self.config)
         else:
             self.log.info("Discord DMs are off (no MT_DISCORD_TOKEN)")
-        heartbeat = asyncio.create_task(self._heartbeat())
+        alive_key = self.keys.heartbeat("notifier", self.consumer)
+        heartbeat = asyncio.create_task(keep_alive(self.redis, alive_key, self.config.heartbeat_s))
         try:
             await self._loop(until_idle)
         finally:
@@ -717,14 +718,6 @@ class Notifier:
         except msgspec.DecodeError:
             return None
         return pointer if isinstance(pointer, dict) else None
-
-    async def _heartbeat(self) -> None:
-        key = self.keys.heartbeat("notifier", self.consumer)
-        ttl = max(2, int(self.config.heartbeat_s * 3))
-        while True:
-            with contextlib.suppress(Exception):
-                await self.redis.set(key, str(time.time()), ex=ttl)
-            await asyncio.sleep(self.config.heartbeat_s)
 
 
 async def run_notifier(

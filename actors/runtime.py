@@ -30,7 +30,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import msgspec
 import redis.asyncio as aioredis
@@ -51,6 +51,7 @@ from protocol.commands import (
     ModelGenerate,
     ModelScore,
     ModelTrain,
+    RequestCommand,
     RunCancel,
     TokenizerTrain,
     actor_of,
@@ -60,6 +61,7 @@ from protocol.events import (
     CancelRequested,
     CommandDuplicate,
     ErrorKind,
+    RequestKind,
     ResultReady,
     RunCancelled,
     RunCompleted,
@@ -108,15 +110,20 @@ class Cancelled(Exception):
     """The run was cancelled; raised by handlers that noticed it (the runtime records it)."""
 
 
+Write = tuple[str | bytes, ...]  # one Redis command and its arguments
+
+
 @dataclass
 class Outcome:
     """What a successful handler leaves behind: committed atomically with the ack.
 
     For a chain step the runtime adds step.completed and queues the next step of the chain
-    (or records run.completed after the last one); `send` is for anything extra."""
+    (or records run.completed after the last one); `send` is for anything extra, `writes`
+    for other keys that must change with the ack (a request's result)."""
 
     events: list[AnyEvent] = field(default_factory=list)
     send: list[Base] = field(default_factory=list)
+    writes: list[Write] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -133,7 +140,7 @@ class RuntimeConfig:
 
 def request_id_of(cmd: Base) -> str:
     """Request-style commands answer under a request id instead of moving a run along."""
-    if isinstance(cmd, ModelScore | ModelGenerate | ModelChat | ModelEvaluate):
+    if isinstance(cmd, RequestCommand):
         return cmd.request_id
     return ""
 
@@ -168,9 +175,6 @@ def next_in_chain(cmd: Base) -> list[Base]:
     return [nxt]
 
 
-Write = tuple[str | bytes, ...]  # one Redis command and its arguments
-
-
 def event_writes(keys: Keys, event: AnyEvent) -> list[Write]:
     """An event on the events stream and the run-state change it implies."""
     if not event.at:
@@ -186,6 +190,22 @@ def command_writes(keys: Keys, cmd: Base) -> list[Write]:
     return [("XADD", keys.cmd(actor_of(cmd)), "*", FIELD, encode(cmd))]
 
 
+RESULT_TTL_S = 7 * 24 * 3600
+
+
+def answer(keys: Keys, cmd: Base, body: dict[str, object]) -> Outcome:
+    """The outcome of a request-style command: its result under the request id (`ok` and
+    `what` added here) and the result.ready event."""
+    rid, what = request_id_of(cmd), request_kind(cmd)
+    ok = body.get("ok", True) is True
+    stored = msgspec.json.encode({"ok": ok, "what": what, **body})
+    message = str(body.get("message", "")) if not ok else ""
+    return Outcome(
+        events=[ResultReady(request_id=rid, what=what, ok=ok, message=message)],
+        writes=[("SET", keys.result(rid), stored, "EX", str(RESULT_TTL_S))],
+    )
+
+
 def add_event(pipe: Redis, keys: Keys, event: AnyEvent) -> None:
     """Queue an event and the run-state change it implies on a MULTI pipeline (the same
     writes as `event_writes`, for callers outside the runtime)."""
@@ -199,6 +219,16 @@ def add_event(pipe: Redis, keys: Keys, event: AnyEvent) -> None:
 
 def add_command(pipe: Redis, keys: Keys, cmd: Base) -> None:
     pipe.xadd(keys.cmd(actor_of(cmd)), {FIELD: encode(cmd)})
+
+
+async def keep_alive(redis: Redis, key: str, every_s: float) -> None:
+    """Mark a consumer alive (a key with a TTL of a few periods) until cancelled; /readyz
+    looks for one per actor kind."""
+    ttl = max(2, int(every_s * 3))
+    while True:
+        with contextlib.suppress(Exception):
+            await redis.set(key, str(time.time()), ex=ttl)
+        await asyncio.sleep(every_s)
 
 
 class GroupReader:
@@ -371,7 +401,9 @@ class Runtime:
         """Read and handle until stopped; with until_idle, handle what is queued and return."""
         await self.ensure_group()
         await self.actor.start()
-        heartbeat = asyncio.create_task(self._heartbeat())
+        alive_key = self.keys.heartbeat(self.actor.name, self.consumer)
+        every = max(0.5, self.config.lease_s / 3)
+        heartbeat = asyncio.create_task(keep_alive(self.redis, alive_key, every))
         try:
             await self._loop(until_idle)
         finally:
@@ -457,14 +489,6 @@ class Runtime:
                 "handlers cancelled at shutdown; entries stay pending", count=len(pending)
             )
 
-    async def _heartbeat(self) -> None:
-        key = self.keys.heartbeat(self.actor.name, self.consumer)
-        ttl = max(2, int(self.config.lease_s))
-        while True:
-            with contextlib.suppress(Exception):
-                await self.redis.set(key, str(time.time()), ex=ttl)
-            await asyncio.sleep(max(0.5, self.config.lease_s / 3))
-
     # ---------------------------------------------------------------- handling
     async def _process(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
         raw = fields.get(FIELD.encode(), b"")
@@ -504,8 +528,14 @@ class Runtime:
         ctx = Context(self, cmd, entry_id, attempt)
 
         if isinstance(cmd, RunCancel):
-            await self.redis.set(self.keys.cancel(cmd.run_id), "1", ex=self.config.done_ttl_s)
-            await self.commit(ctx, [CancelRequested()], [], finish=True)
+            flag: Write = (
+                "SET",
+                self.keys.cancel(cmd.run_id),
+                "1",
+                "EX",
+                str(self.config.done_ttl_s),
+            )
+            await self.commit(ctx, [CancelRequested()], [], finish=True, writes=[flag])
             return
         if is_chain_step(cmd) and cancelled:
             await self.commit(
@@ -587,22 +617,22 @@ class Runtime:
                 send.extend(nxt)
                 if not nxt:
                     events.append(RunCompleted(message=f"completed ({self.actor.name} was last)"))
-            await self.commit(ctx, events, send, finish=True)
+            await self.commit(ctx, events, send, finish=True, writes=outcome.writes)
             return
 
+    def _failure(self, ctx: Context, kind: ErrorKind, message: str) -> Outcome:
+        """A request answers with the error; a chain step fails its run."""
+        if request_id_of(ctx.cmd):
+            return answer(self.keys, ctx.cmd, {"ok": False, "error_kind": kind, "message": message})
+        if ctx.run_id:
+            return Outcome(
+                events=[RunFailed(step=self.actor.name, error_kind=kind, message=message)]
+            )
+        return Outcome()
+
     async def _fail(self, ctx: Context, kind: ErrorKind, message: str) -> None:
-        events: list[AnyEvent] = []
-        if rid := request_id_of(ctx.cmd):
-            body = msgspec.json.encode(
-                {"ok": False, "what": _what(ctx.cmd), "error_kind": kind, "message": message}
-            )
-            await self.redis.set(self.keys.result(rid), body, ex=self.config.done_ttl_s)
-            events.append(
-                ResultReady(request_id=rid, what=_what(ctx.cmd), ok=False, message=message)
-            )
-        elif ctx.run_id:
-            events.append(RunFailed(step=self.actor.name, error_kind=kind, message=message))
-        await self.commit(ctx, events, [], finish=True)
+        failure = self._failure(ctx, kind, message)
+        await self.commit(ctx, failure.events, [], finish=True, writes=failure.writes)
 
     async def _begin(self, entry_id: str, cmd: Base) -> tuple[bool, int, int, bool]:
         """Done record, delivery count, a new attempt number and the run's cancel flag, in
@@ -623,12 +653,14 @@ class Runtime:
 
     # --------------------------------------------------------------- writing
     async def commit(
-        self, ctx: Context, events: list[AnyEvent], send: list[Base], *, finish: bool
-    ) -> None:
-        """Events + state (+ next commands, done record and XACK when finishing), atomically,
-        and only while this consumer's attempt is still the current one."""
+        self, ctx: Context, events: list[AnyEvent], send: list[Base], *, finish: bool,
+        writes: Sequence[Write] = (),
+    ) -> None:  # fmt: skip
+        """Events + state (+ next commands, other writes, done record and XACK when
+        finishing), atomically, and only while this consumer's attempt is still the current
+        one (attempt 0: unfenced)."""
         events = [ctx.fill(e) for e in events]
-        writes = [w for e in events for w in event_writes(self.keys, e)]
+        writes = [*writes, *(w for e in events for w in event_writes(self.keys, e))]
         writes += [w for cmd in send for w in command_writes(self.keys, cmd)]
         if finish:
             cid = ctx.cmd.command_id
@@ -655,27 +687,13 @@ class Runtime:
     async def _dead_letter(
         self, ctx: Context, raw: bytes, reason: str, deliveries: int, tb: str = ""
     ) -> None:
-        """Dead letter, a failed run (system error) and the ack, in one transaction."""
+        """Dead letter, the failure (a failed run or request, system error) and the ack, in
+        one commit."""
         letter = self._letter(ctx.entry_id, raw, reason, deliveries, tb)
-        events: list[AnyEvent] = []
-        if rid := request_id_of(ctx.cmd):
-            body = msgspec.json.encode(
-                {"ok": False, "what": _what(ctx.cmd), "error_kind": "system", "message": reason}
-            )
-            await self.redis.set(self.keys.result(rid), body, ex=self.config.done_ttl_s)
-            events.append(
-                ResultReady(request_id=rid, what=_what(ctx.cmd), ok=False, message=reason)
-            )
-        elif ctx.run_id:
-            events.append(RunFailed(step=self.actor.name, error_kind="system", message=reason))
-        events = [ctx.fill(e) for e in events]
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.keys.dead, letter)  # type: ignore[arg-type]  # redis-py's field type is invariant
-            for event in events:
-                add_event(pipe, self.keys, event)
-            pipe.set(self.keys.done(ctx.cmd.command_id), b"dead", ex=self.config.done_ttl_s)
-            pipe.xack(self.stream, self.group, ctx.entry_id)
-            await pipe.execute()
+        fields = [v if isinstance(v, bytes) else str(v) for kv in letter.items() for v in kv]
+        dead: Write = ("XADD", self.keys.dead, "*", *fields)
+        failure = self._failure(ctx, "system", reason)
+        await self.commit(ctx, failure.events, [], finish=True, writes=[dead, *failure.writes])
         ctx.log.error("dead-lettered", reason=reason)
 
     async def _dead_letter_raw(
@@ -728,7 +746,7 @@ class Runtime:
                 return
 
 
-def _what(cmd: Base) -> Literal["score", "generate", "chat", "evaluate"]:
+def request_kind(cmd: Base) -> RequestKind:
     match cmd:
         case ModelScore():
             return "score"

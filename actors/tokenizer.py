@@ -71,13 +71,11 @@ class TokenizerActor(PoolActor):
             await ctx.redis.hset(record, mapping={"status": "failed", "message": str(e)})
             raise
         numbers = {k: float(v) for k, v in asdict(stats).items() if isinstance(v, int | float)}
-        await ctx.redis.hset(record, mapping={
-            "status": "ready", "stats": msgspec.json.encode(numbers).decode(),
-        })  # fmt: skip
+        ready = TokenizerReady(
+            tokenizer_id=cmd.tokenizer_id, tokenizer_kind=cmd.tokenizer_kind, stats=numbers
+        )
+        # "ready" is recorded in the same commit as the ack and the event.
+        stats_json = msgspec.json.encode(numbers)
         return Outcome(
-            events=[
-                TokenizerReady(
-                    tokenizer_id=cmd.tokenizer_id, tokenizer_kind=cmd.tokenizer_kind, stats=numbers
-                )
-            ]
+            events=[ready], writes=[("HSET", record, "status", "ready", "stats", stats_json)]
         )

@@ -33,6 +33,7 @@ from protocol.events import TrainCompleted, TrainProgress, TrainStarted
 from trainer.errors import UserError
 
 PROGRESS_EVERY_S = 1.0  # events; the notifier rate-limits further for chat clients
+CANCEL_CHECK_S = 0.5  # the child sees a cancel within this plus one training step
 
 # Messages from the child: ("progress", dict) | ("result", dict) | ("user_error", str)
 # | ("error", str, traceback)
@@ -231,13 +232,16 @@ class TrainerActor(Actor):
         out: Queue[Message], cancel: CancelFlag,
     ) -> dict[str, object]:  # fmt: skip
         """Forward progress until the child reports its result; watch the cancel flag."""
-        last_emit = 0.0
+        last_emit = last_cancel_check = 0.0
         pending: dict[str, object] | None = None
         while True:
-            msg = await asyncio.to_thread(_get, out, 0.5)
-            if not cancel.is_set() and await ctx.cancel_requested():
-                ctx.log.info("cancel requested; telling the training child")
-                cancel.set()
+            msg = await asyncio.to_thread(_get, out, CANCEL_CHECK_S)
+            # The flag is polled on a clock, not per message: progress arrives every step.
+            if not cancel.is_set() and time.monotonic() - last_cancel_check >= CANCEL_CHECK_S:
+                last_cancel_check = time.monotonic()
+                if await ctx.cancel_requested():
+                    ctx.log.info("cancel requested; telling the training child")
+                    cancel.set()
             if msg is None:
                 if pending is not None and time.monotonic() - last_emit >= PROGRESS_EVERY_S:
                     await ctx.emit(_progress_event(pending))

@@ -182,6 +182,8 @@ class RunCancel(Base, kw_only=True, tag="run.cancel"):
 # Steps of a run's chain: each carries the rest of the chain and starts the next one itself.
 ChainCommand = CorpusIngest | TokenizerTrain | ModelTrain | ModelEvaluate | ArtifactUpload
 Command = ChainCommand | ModelScore | ModelGenerate | ModelChat | RunCancel
+# Commands that answer under a request id (model.evaluate does when it has one).
+RequestCommand = ModelEvaluate | ModelScore | ModelGenerate | ModelChat
 
 # Which actor's stream each command goes to.
 ACTOR_OF: dict[type[Base], ActorName] = {

@@ -10,6 +10,7 @@ from protocol.keys import ActorName
 
 ErrorKind = Literal["user", "system"]
 RunStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
+RequestKind = Literal["score", "generate", "chat", "evaluate"]
 
 
 class Event(msgspec.Struct, kw_only=True, tag_field="kind"):
@@ -112,7 +113,7 @@ class ResultReady(Event, kw_only=True, tag="result.ready"):
     """A score / generate / chat request finished; its body is under the result key."""
 
     request_id: str
-    what: Literal["score", "generate", "chat", "evaluate"]
+    what: RequestKind
     ok: bool = True
     message: str = ""
 

@@ -428,7 +428,8 @@ async def test_generate_evaluate_and_chat_are_queued(
     http: Served, settings: Settings, redis: aioredis.Redis, keys: Keys, tmp_path: Path
 ) -> None:
     await make_run(redis, keys, "run-g", completed=True)
-    gen = {"prompt": "Once", "max_new_tokens": 5, "stop": ["\n"], "num_return_sequences": 2}
+    gen = {"prompt": "Once", "max_new_tokens": 5, "stop": ["\n"], "num_return_sequences": 2,
+           "stop_on_eos": False}  # fmt: skip
     async with http.session.post("/runs/run-g/generate", json=gen) as resp:
         gen_id = (await resp.json())["request_id"]
         assert resp.status == 202
@@ -451,7 +452,13 @@ async def test_generate_evaluate_and_chat_are_queued(
 
     g, e1, e2, c1, c2 = await commands(redis, keys, "evaluator")
     assert isinstance(g, ModelGenerate) and g.request_id == gen_id
-    assert (g.prompt, g.max_new_tokens, g.stop, g.num_return_sequences) == ("Once", 5, ["\n"], 2)
+    assert (g.prompt, g.max_new_tokens, g.stop, g.num_return_sequences, g.stop_on_eos) == (
+        "Once",
+        5,
+        ["\n"],
+        2,
+        False,
+    )
     assert isinstance(e1, ModelEvaluate) and (e1.request_id, e1.split) == (eval_id, "validation")
     assert isinstance(e2, ModelEvaluate) and e2.path == "books/a.txt"
     assert isinstance(c1, ModelChat) and isinstance(c2, ModelChat)

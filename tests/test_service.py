@@ -31,6 +31,7 @@ from actors.submit import plan_train, submit
 from protocol.codec import FIELD, decode_event
 from protocol.events import (
     AnyEvent,
+    CorpusReady,
     RunFailed,
     StepStarted,
     TokenizerReady,
@@ -198,8 +199,11 @@ async def test_the_model_learned_and_every_artifact_is_there(finished: Finished)
     assert "handling" in {line["event"] for line in logs} and len(logs) >= 10
 
     redis = connect(finished.url)
-    state = await redis.hgetall(Keys(finished.settings.prefix).run(finished.run_id))
+    keys = Keys(finished.settings.prefix)
+    state = await redis.hgetall(keys.run(finished.run_id))
+    record = await redis.hgetall(keys.tokenizer(tok.tokenizer_id))
     await redis.aclose()
+    assert record[b"status"] == b"ready" and json.loads(record[b"stats"]) == stats
     pointer = json.loads(state[b"artifact"])
     archive = Path(pointer["uri"].removeprefix("file://"))
     assert archive.is_file() and archive.stat().st_size == pointer["size"]
@@ -341,6 +345,25 @@ async def poll(http: object, path: str, timeout: float = 120) -> dict[str, objec
     raise AssertionError(f"{path} still pending after {timeout}s")
 
 
+async def test_a_model_missing_here_is_fetched_through_its_artifact_pointer(
+    finished: Finished,
+) -> None:
+    # Runs last of the shared run's tests: it takes the run dir away.
+    run_dir = finished.settings.run_dir(finished.run_id)
+    run_dir.rename(run_dir.with_name(run_dir.name + ".away"))
+    async with (
+        start_app(finished.settings, finished.url) as app,
+        running(finished.settings, finished.url, ["evaluator"]),
+    ):
+        body = {"prompt": "Fair", "max_new_tokens": 4, "seed": 2}
+        posted = await app.session.post(f"/runs/{finished.run_id}/generate", json=body)
+        req = (await posted.json())["request_id"]
+        result = await poll(app.session, f"/runs/{finished.run_id}/generate/{req}")
+    assert result["ok"] is True
+    assert (run_dir / "model.safetensors").is_file() and (run_dir / "manifest.json").is_file()
+    assert not (run_dir / "checkpoints").exists()  # archives leave resume state out
+
+
 # ------------------------------------------------------------------------- runs of their own
 @pytest.mark.parametrize(
     ("overrides", "step", "words"),
@@ -465,3 +488,36 @@ async def test_cli_train_runs_a_tiny_config_to_completion(
     run_id = newest.decode()
     assert run_id in out and "run completed" in out
     assert (await redis.hget(keys.run(run_id), "status")) == b"completed"
+
+
+async def test_a_data_bank_corpus_is_downloaded_checked_and_split(
+    redis_url: str, redis: aioredis.Redis, keys: Keys, tmp_path: Path
+) -> None:
+    from tests.fake_services import FakeDataBank
+
+    bank = FakeDataBank(tmp_path / "bank")
+    url = await bank.start()
+    try:
+        settings = replace(make_settings(tmp_path, keys.prefix), data_bank_url=url,
+                           data_bank_key=bank.key)  # fmt: skip
+        file_id = bank.put(corpus_text().encode())
+        async with running(settings, redis_url, ["ingest"]):
+            info = await submit(
+                redis, keys, plan_train(tiny(corpus_path="", corpus_file_id=file_id))
+            )
+            [ready] = await wait_for_event(redis, keys, info.run_id, "corpus.ready")
+        assert isinstance(ready, CorpusReady) and sum(ready.lines.values()) > 100
+        assert (settings.corpus_dir(info.corpus_id) / "train.txt").is_file()
+        assert (settings.data_dir / "downloads" / f"{file_id}.txt").read_bytes() == bank.stored(
+            file_id
+        )
+        bank.tamper = True  # a corrupted download is refused, never split
+        file_id2 = bank.put(b"other text\n" * 50)
+        async with running(settings, redis_url, ["ingest"]):
+            bad = await submit(
+                redis, keys, plan_train(tiny(corpus_path="", corpus_file_id=file_id2))
+            )
+            assert await wait_for_end(redis, keys, bad.run_id, timeout=120) == "failed"
+        assert not (settings.corpus_dir(bad.corpus_id) / "train.txt").exists()
+    finally:
+        await bank.stop()
