@@ -7,16 +7,16 @@ import contextlib
 import signal
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 
-from actors import log
-from actors.config import Settings
-from actors.embedded import EmbeddedRedis
-from actors.evaluator import EvaluatorActor
-from actors.ingest import IngestActor
-from actors.notifier import NotifierConfig, run_notifier
-from actors.runtime import Actor, RuntimeConfig, run_actors
-from actors.tokenizer import TokenizerActor
-from actors.trainer import TrainerActor
-from actors.uploader import UploaderActor
+from actors.runtime import log
+from actors.runtime.config import Settings
+from actors.runtime.embedded import EmbeddedRedis
+from actors.runtime.streams import Actor, RuntimeConfig, run_actors
+from actors.workers.evaluator import EvaluatorActor
+from actors.workers.ingest import IngestActor
+from actors.workers.notifier import NotifierConfig, run_notifier
+from actors.workers.tokenizer import TokenizerActor
+from actors.workers.trainer import TrainerActor
+from actors.workers.uploader import UploaderActor
 from protocol.keys import ActorName, Keys
 
 # Registry of the command actors; the notifier reads the events stream and is run beside
@@ -76,11 +76,18 @@ async def serve(
     try:
         jobs = [
             run_actors(
-                actors, url, keys=Keys(settings.prefix), consumer_name=settings.consumer_name,
-                config=config, on_ready=on_ready, until_idle=until_idle, stop=stop,
-                install_signals=False, runs_dir=settings.data_dir / "runs",
+                actors,
+                url,
+                keys=Keys(settings.prefix),
+                consumer_name=settings.consumer_name,
+                config=config,
+                on_ready=on_ready,
+                until_idle=until_idle,
+                stop=stop,
+                install_signals=False,
+                runs_dir=settings.data_dir / "runs",
             )
-        ]  # fmt: skip
+        ]
         if "notifier" in names:
             notifier = NotifierConfig(block_ms=config.block_ms)
             jobs.append(

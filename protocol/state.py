@@ -67,13 +67,30 @@ class RunState(msgspec.Struct, kw_only=True):
 
 
 _FIELD_TYPES: dict[str, type] = {
-    "status": str, "step": str, "user_id": int, "model_family": str, "model_size": str,
-    "corpus": str, "tokenizer_id": str, "epoch": int, "total_epochs": int,
-    "train_step": int, "total_steps": int, "loss": float, "val_loss": float,
-    "tokens_per_s": float, "test_loss": float, "test_ppl": float, "message": str,
-    "attempt": int, "created_at": float, "started_at": float, "ended_at": float,
-    "last_heartbeat_ts": float, "artifact": str,
-}  # fmt: skip
+    "status": str,
+    "step": str,
+    "user_id": int,
+    "model_family": str,
+    "model_size": str,
+    "corpus": str,
+    "tokenizer_id": str,
+    "epoch": int,
+    "total_epochs": int,
+    "train_step": int,
+    "total_steps": int,
+    "loss": float,
+    "val_loss": float,
+    "tokens_per_s": float,
+    "test_loss": float,
+    "test_ppl": float,
+    "message": str,
+    "attempt": int,
+    "created_at": float,
+    "started_at": float,
+    "ended_at": float,
+    "last_heartbeat_ts": float,
+    "artifact": str,
+}
 
 
 def _num(value: float | int) -> str:
@@ -86,12 +103,16 @@ def state_fields(event: AnyEvent) -> dict[str, str]:
     match event:
         case RunQueued():
             return {
-                "status": "queued", "step": event.steps[0] if event.steps else "",
-                "user_id": _num(event.user_id), "model_family": event.model_family,
-                "model_size": event.model_size, "corpus": event.corpus,
-                "tokenizer_id": event.tokenizer_id, "created_at": at,
+                "status": "queued",
+                "step": event.steps[0] if event.steps else "",
+                "user_id": _num(event.user_id),
+                "model_family": event.model_family,
+                "model_size": event.model_size,
+                "corpus": event.corpus,
+                "tokenizer_id": event.tokenizer_id,
+                "created_at": at,
                 "message": "queued",
-            }  # fmt: skip
+            }
         case StepStarted():
             return {
                 "status": "running",

@@ -6,7 +6,7 @@ added by the matching entry of ARGUMENTS.
 messaging: what the actor runtime costs on top of bare Redis Streams, on one server (the
 embedded one, or REDIS_URL): throughput of a drained backlog and pickup latency (XADD →
 handler start) under a steadily paced producer, first with a bare redis-py XREADGROUP +
-XACK loop, then through `actors.runtime.Runtime` with a trivial actor.
+XACK loop, then through `actors.runtime.streams.Runtime` with a trivial actor.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import msgspec
 
-from actors import log
-from actors.embedded import EmbeddedRedis
-from actors.runtime import Actor, Context, Outcome, Redis, Runtime, RuntimeConfig, connect
+from actors.runtime import log
+from actors.runtime.embedded import EmbeddedRedis
+from actors.runtime.streams import Actor, Context, Outcome, Redis, Runtime, RuntimeConfig, connect
 from protocol.codec import FIELD, encode
 from protocol.commands import Base, CorpusIngest, ModelScore
 from protocol.keys import ActorName, Keys
@@ -96,9 +96,12 @@ async def produce_backlog(redis: Redis, stream: str, payloads: list[bytes]) -> f
 
 
 async def produce_paced(
-    redis: Redis, stream: str, payloads: list[tuple[str, bytes]], rate: float,
+    redis: Redis,
+    stream: str,
+    payloads: list[tuple[str, bytes]],
+    rate: float,
     sent: dict[str, float],
-) -> None:  # fmt: skip
+) -> None:
     """One XADD every 1/rate seconds, on a fixed schedule (late sends do not shift it)."""
     t0 = time.perf_counter()
     for i, (command_id, data) in enumerate(payloads):
@@ -130,9 +133,14 @@ async def raw_drain(blocking: Redis, redis: Redis, stream: str, group: str, n: i
 
 
 async def raw_latency(
-    blocking: Redis, redis: Redis, stream: str, group: str, n: int, k: int,
+    blocking: Redis,
+    redis: Redis,
+    stream: str,
+    group: str,
+    n: int,
+    k: int,
     sent: dict[str, float],
-) -> list[float]:  # fmt: skip
+) -> list[float]:
     waits: list[float] = []
     while len(waits) < n:
         reply = await blocking.xreadgroup(group, "raw", {stream: ">"}, count=k, block=1000)
@@ -227,16 +235,18 @@ async def bench_runtime(url: str, args: argparse.Namespace, concurrency: int) ->
         await produce_backlog(redis, keys.cmd(name), payloads)
         sent: dict[str, float] = {}
         actor = trivial_actor(args.command, concurrency, sent, args.n)
-        rt = Runtime(actor, redis, keys=keys, consumer="bench", config=config,
-                     blocking_redis=blocking)  # fmt: skip
+        rt = Runtime(
+            actor, redis, keys=keys, consumer="bench", config=config, blocking_redis=blocking
+        )
         t0 = time.perf_counter()
         await rt.run(until_idle=True)
         throughput = actor.handled / (time.perf_counter() - t0)
         assert actor.handled == args.n, f"handled {actor.handled} of {args.n}"
 
         actor = trivial_actor(args.command, concurrency, sent, args.latency_n)
-        rt = Runtime(actor, redis, keys=keys, consumer="bench", config=config,
-                     blocking_redis=blocking)  # fmt: skip
+        rt = Runtime(
+            actor, redis, keys=keys, consumer="bench", config=config, blocking_redis=blocking
+        )
         running = asyncio.create_task(rt.run())
         paced = [
             (f"{tag}lat-{i}", encode(make_command(args.command, i, f"{tag}lat")))
@@ -276,8 +286,10 @@ async def _messaging(args: argparse.Namespace) -> None:
             if args.command == "chain"
             else "no events: done record + ack only"
         )
-        print(f"server {url}; {args.n} commands backlog, {args.latency_n} paced at "
-              f"{args.rate:g}/s; command {args.command} ({events})")  # fmt: skip
+        print(
+            f"server {url}; {args.n} commands backlog, {args.latency_n} paced at "
+            f"{args.rate:g}/s; command {args.command} ({events})"
+        )
         raw = await bench_raw(url, args, args.batch)
         one = await bench_raw(url, args, 1)
         results = [raw, one]
@@ -296,8 +308,10 @@ async def _messaging(args: argparse.Namespace) -> None:
     for r in results[2:]:
         ok_tp = r.throughput >= 0.5 * raw.throughput
         ok_lat = r.p99_ms < 10.0
-        print(f"  {r.label}: throughput {'met' if ok_tp else 'MISSED'}, "
-              f"p99 {'met' if ok_lat else 'MISSED'}")  # fmt: skip
+        print(
+            f"  {r.label}: throughput {'met' if ok_tp else 'MISSED'}, "
+            f"p99 {'met' if ok_lat else 'MISSED'}"
+        )
 
 
 def bench_messaging(args: argparse.Namespace) -> None:

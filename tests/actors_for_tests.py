@@ -14,9 +14,9 @@ import asyncio
 import os
 from pathlib import Path
 
-from actors import log
-from actors.pool import Pool
-from actors.runtime import Actor, Context, Outcome, RuntimeConfig, run_actors
+from actors.runtime import log
+from actors.runtime.pool import Pool
+from actors.runtime.streams import Actor, Context, Outcome, RuntimeConfig, run_actors
 from protocol.commands import Base, CorpusIngest
 from protocol.events import CorpusReady
 from protocol.keys import Keys
@@ -81,10 +81,13 @@ def main() -> None:
     actor = ScriptedActor(Path(args.work_dir))
     asyncio.run(
         run_actors(
-            [actor], args.url, keys=Keys(args.prefix),
-            consumer_name=lambda _name: args.consumer, config=config,
+            [actor],
+            args.url,
+            keys=Keys(args.prefix),
+            consumer_name=lambda _name: args.consumer,
+            config=config,
         )
-    )  # fmt: skip
+    )
 
 
 if __name__ == "__main__":

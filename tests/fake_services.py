@@ -131,11 +131,14 @@ class FakeDataBank(_Server):
             reported = "0" * 64
         return web.json_response(
             {
-                "file_id": reported, "size": size, "sha256": reported,
-                "content_type": content_type, "created_at": "2024-11-27T10:30:00+00:00",
+                "file_id": reported,
+                "size": size,
+                "sha256": reported,
+                "content_type": content_type,
+                "created_at": "2024-11-27T10:30:00+00:00",
             },
             status=201,
-        )  # fmt: skip
+        )
 
     async def get_file(self, request: web.Request) -> web.Response:
         denied = self._auth(request)

@@ -9,8 +9,8 @@ from typing import NamedTuple
 import aiohttp
 from aiohttp import web
 
-from actors.config import Settings
-from actors.control import bound_url, create_app
+from actors.runtime.config import Settings
+from actors.web.app import bound_url, create_app
 
 
 class Served(NamedTuple):

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from actors import cli
-from actors.runtime import add_event
-from actors.watch import PlainRenderer, stream_entries
+from actors.cli import main as cli
+from actors.client.watch import PlainRenderer, stream_entries
+from actors.runtime.streams import add_event
 from protocol.codec import FIELD, decode_command, decode_event
 from protocol.commands import (
     Base,
@@ -82,8 +82,12 @@ async def test_runs_lists_recent_runs_newest_first(
     env: Path, redis: aioredis.Redis, keys: Keys, capsys: pytest.CaptureFixture[str]
 ) -> None:
     await make_run(redis, keys, "run-old")
-    await make_run(redis, keys, "run-new", StepStarted(run_id="run-new", step="ingest",
-                                                       command_id="run-new.ingest"))  # fmt: skip
+    await make_run(
+        redis,
+        keys,
+        "run-new",
+        StepStarted(run_id="run-new", step="ingest", command_id="run-new.ingest"),
+    )
     assert await cli.run(["runs"]) == 0
     out = capsys.readouterr().out
     assert out.index("run-new") < out.index("run-old")
@@ -97,11 +101,14 @@ async def test_status_plain_and_json(
     env: Path, redis: aioredis.Redis, keys: Keys, capsys: pytest.CaptureFixture[str]
 ) -> None:
     await make_run(
-        redis, keys, "r1",
-        TrainStarted(run_id="r1", model_family="gpt2", model_size="tiny", total_epochs=2,
-                     total_steps=10),
+        redis,
+        keys,
+        "r1",
+        TrainStarted(
+            run_id="r1", model_family="gpt2", model_size="tiny", total_epochs=2, total_steps=10
+        ),
         TrainProgress(run_id="r1", step=4, epoch=1, total_epochs=2, total_steps=10, loss=2.5),
-    )  # fmt: skip
+    )
     assert await cli.run(["status", "r1"]) == 0
     out = capsys.readouterr().out
     assert "status: queued" in out  # no step.started yet
@@ -180,8 +187,10 @@ async def test_cancel_sets_the_flag_and_records_the_request(
     assert await cli.run(["cancel", "r1"]) == 0
     assert await redis.get(keys.cancel("r1")) == b"1"
     assert 0 < await redis.ttl(keys.cancel("r1")) <= cli.CANCEL_TTL_S
-    kinds = [decode_event(f[FIELD.encode()]).__struct_config__.tag
-             for _, f in stream_entries(await redis.xrange(keys.events))]  # fmt: skip
+    kinds = [
+        decode_event(f[FIELD.encode()]).__struct_config__.tag
+        for _, f in stream_entries(await redis.xrange(keys.events))
+    ]
     assert kinds[-1] == "run.cancel_requested"
     assert (await redis.hget(keys.run("r1"), "message")) == b"cancel requested"
     await make_run(redis, keys, "r3", RunCompleted(run_id="r3"))
@@ -232,8 +241,11 @@ async def test_generate_prints_samples(
     env: Path, redis: aioredis.Redis, keys: Keys, capsys: pytest.CaptureFixture[str]
 ) -> None:
     await make_run(redis, keys, "r1", RunCompleted(run_id="r1"))
-    body = {"ok": True, "what": "generate",
-            "result": {"prompt": "To be", "samples": ["To be or not", "To be free"]}}  # fmt: skip
+    body = {
+        "ok": True,
+        "what": "generate",
+        "result": {"prompt": "To be", "samples": ["To be or not", "To be free"]},
+    }
     evaluator = asyncio.create_task(_answer(redis, keys, body))
     argv = ["generate", "r1", "To be", "--num", "2", "--temperature", "0.5", "--timeout", "10"]
     assert await cli.run(argv) == 0
@@ -257,17 +269,31 @@ async def test_train_submits_and_follows_until_completed(
     assert isinstance(ingest, CorpusIngest) and ingest.named == "shakespeare"
     at = time.time()
     await emit(
-        redis, keys,
+        redis,
+        keys,
         StepStarted(run_id=run_id, step="ingest", command_id="c", at=at),
         StepCompleted(run_id=run_id, step="ingest", command_id="c", duration_s=0.5, at=at),
-        TrainStarted(run_id=run_id, model_family="gpt2", model_size="tiny", total_epochs=1,
-                     total_steps=20, at=at),
-    )  # fmt: skip
+        TrainStarted(
+            run_id=run_id,
+            model_family="gpt2",
+            model_size="tiny",
+            total_epochs=1,
+            total_steps=20,
+            at=at,
+        ),
+    )
     for step in range(1, 21):  # 0.1 s of event time apart: rate-limited to one line a second
         val = 2.0 if step == 10 else None
-        event = TrainProgress(run_id=run_id, step=step, epoch=1, total_epochs=1,
-                                 total_steps=20, loss=3.0 - step / 20, val_loss=val,
-                                 at=at + step / 10)  # fmt: skip
+        event = TrainProgress(
+            run_id=run_id,
+            step=step,
+            epoch=1,
+            total_epochs=1,
+            total_steps=20,
+            loss=3.0 - step / 20,
+            val_loss=val,
+            at=at + step / 10,
+        )
         await emit(redis, keys, event)
     await emit(redis, keys, RunCompleted(run_id=run_id, at=at + 3))
     assert await asyncio.wait_for(train, 10) == 0
@@ -285,16 +311,22 @@ async def test_train_failure_exits_1_with_the_message(
 ) -> None:
     train = asyncio.create_task(cli.run(["train", "--corpus-name", "shakespeare"]))
     run_id = await wait_run_id(redis, keys)
-    await emit(redis, keys, RunFailed(run_id=run_id, step="ingest", error_kind="user",
-                                      message="the corpus is empty"))  # fmt: skip
+    await emit(
+        redis,
+        keys,
+        RunFailed(run_id=run_id, step="ingest", error_kind="user", message="the corpus is empty"),
+    )
     assert await asyncio.wait_for(train, 10) == 1
     assert "failed: ingest failed: the corpus is empty" in capsys.readouterr().err
 
 
 async def test_train_from_a_toml_file_with_flags_overriding(
-    env: Path, redis: aioredis.Redis, keys: Keys, tmp_path: Path,
+    env: Path,
+    redis: aioredis.Redis,
+    keys: Keys,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+) -> None:
     config = tmp_path / "run.toml"
     config.write_text(
         'corpus_name = "shakespeare"\nmodel_family = "llama"\nbatch_size = 16\n'
@@ -323,9 +355,13 @@ async def test_train_from_a_toml_file_with_flags_overriding(
     ],
 )
 async def test_train_request_errors_name_the_field(
-    env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-    argv: list[str], toml: str, message: str,
-) -> None:  # fmt: skip
+    env: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    toml: str,
+    message: str,
+) -> None:
     config = tmp_path / "run.toml"
     config.write_text(f'corpus_name = "shakespeare"\n{toml}\n' if toml else 'corpus_name = "x"\n')
     assert await cli.run(["train", "--config", str(config), *argv, "--detach"]) == 2
@@ -341,9 +377,12 @@ async def test_bad_flags_are_argparse_errors(capsys: pytest.CaptureFixture[str])
 
 
 async def test_corpus_paths_are_confined_to_the_corpus_root(
-    env: Path, redis: aioredis.Redis, keys: Keys, tmp_path: Path,
+    env: Path,
+    redis: aioredis.Redis,
+    keys: Keys,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+) -> None:
     outside = tmp_path / "outside.txt"
     outside.write_text("hello")
     assert await cli.run(["train", "--corpus-path", str(outside), "--detach"]) == 2
@@ -360,8 +399,12 @@ async def test_corpus_paths_are_confined_to_the_corpus_root(
 async def test_watch_of_a_finished_run_replays_its_history(
     env: Path, redis: aioredis.Redis, keys: Keys, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    await make_run(redis, keys, "r1", RunFailed(run_id="r1", step="trainer",
-                                                error_kind="system", message="boom"))  # fmt: skip
+    await make_run(
+        redis,
+        keys,
+        "r1",
+        RunFailed(run_id="r1", step="trainer", error_kind="system", message="boom"),
+    )
     assert await cli.run(["watch", "r1"]) == 1
     captured = capsys.readouterr()
     assert "[r1] queued: ingest → tokenizer → trainer" in captured.out
@@ -374,13 +417,30 @@ def test_plain_renderer_rate_limits_progress_but_not_validations() -> None:
 
     out = io.StringIO()
     renderer = PlainRenderer(out, interval_s=1.0)
-    renderer.update(TrainStarted(run_id="r", model_family="gpt2", model_size="tiny",
-                                 total_epochs=2, total_steps=100, at=100.0))  # fmt: skip
+    renderer.update(
+        TrainStarted(
+            run_id="r",
+            model_family="gpt2",
+            model_size="tiny",
+            total_epochs=2,
+            total_steps=100,
+            at=100.0,
+        )
+    )
     for step in range(1, 101):  # 0.05 s apart: 5 s of event time, epoch 2 from step 51
         val = 1.5 if step % 25 == 0 else None
-        renderer.update(TrainProgress(run_id="r", step=step, epoch=1 + (step > 50),
-                                      total_epochs=2, total_steps=100, loss=2.0,
-                                      val_loss=val, at=100.0 + step * 0.05))  # fmt: skip
+        renderer.update(
+            TrainProgress(
+                run_id="r",
+                step=step,
+                epoch=1 + (step > 50),
+                total_epochs=2,
+                total_steps=100,
+                loss=2.0,
+                val_loss=val,
+                at=100.0 + step * 0.05,
+            )
+        )
     lines = out.getvalue().splitlines()
     assert sum("validation at step" in line for line in lines) == 4
     progress = [line for line in lines if "| loss" in line]
@@ -398,18 +458,35 @@ def test_rich_renderer_draws_bars_and_notable_lines() -> None:
 
     from rich.console import Console
 
-    from actors.watch import RichRenderer
+    from actors.client.watch import RichRenderer
 
     out = io.StringIO()
     renderer = RichRenderer(Console(file=out, force_terminal=True, width=120))
     renderer.update(RunQueued(run_id="r", steps=["ingest", "trainer"], at=1.0))
     renderer.update(StepStarted(run_id="r", step="trainer", command_id="c", at=1.0))
-    renderer.update(TrainStarted(run_id="r", model_family="gpt2", model_size="tiny",
-                                 total_epochs=1, total_steps=10, at=1.0))  # fmt: skip
+    renderer.update(
+        TrainStarted(
+            run_id="r",
+            model_family="gpt2",
+            model_size="tiny",
+            total_epochs=1,
+            total_steps=10,
+            at=1.0,
+        )
+    )
     for step in range(1, 11):
-        renderer.update(TrainProgress(run_id="r", step=step, epoch=1, total_epochs=1,
-                                      total_steps=10, loss=2.0, tokens_per_s=1234.0,
-                                      at=1.0 + step))  # fmt: skip
+        renderer.update(
+            TrainProgress(
+                run_id="r",
+                step=step,
+                epoch=1,
+                total_epochs=1,
+                total_steps=10,
+                loss=2.0,
+                tokens_per_s=1234.0,
+                at=1.0 + step,
+            )
+        )
     renderer.update(RunCompleted(run_id="r", at=12.0))
     renderer.close()
     text = out.getvalue()
@@ -423,8 +500,9 @@ async def test_train_without_a_service_refuses_a_chain_it_cannot_run(
     from actors import service
 
     monkeypatch.delenv("REDIS_URL")
-    monkeypatch.setattr(service, "ACTORS", {k: v for k, v in service.ACTORS.items()
-                                            if k != "uploader"})  # fmt: skip
+    monkeypatch.setattr(
+        service, "ACTORS", {k: v for k, v in service.ACTORS.items() if k != "uploader"}
+    )
     assert await cli.run(["train", "--corpus-name", "shakespeare"]) == 2
     assert "no uploader actor" in capsys.readouterr().err
     assert not (env / "redis").exists()  # refused before starting anything

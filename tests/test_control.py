@@ -19,8 +19,9 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from actors.config import Settings
-from actors.control import (
+from actors.runtime.config import Settings
+from actors.runtime.streams import add_event
+from actors.web.app import (
     ROUTES,
     bound_url,
     create_app,
@@ -30,7 +31,6 @@ from actors.control import (
     stream_entries,
     tail_lines,
 )
-from actors.runtime import add_event
 from protocol.codec import any_command_decoder, decode_event
 from protocol.commands import (
     ArtifactUpload,
@@ -56,10 +56,16 @@ from protocol.keys import ACTOR_NAMES, ActorName, Keys
 from tests.http_helpers import Served, read_sse, sse_messages, start_app
 
 DISCORD_BODY: dict[str, object] = {
-    "model_family": "gpt2", "model_size": "small", "max_seq_len": 512, "num_epochs": 3,
-    "batch_size": 4, "learning_rate": 0.0005, "corpus_path": "", "tokenizer_id": "",
+    "model_family": "gpt2",
+    "model_size": "small",
+    "max_seq_len": 512,
+    "num_epochs": 3,
+    "batch_size": 4,
+    "learning_rate": 0.0005,
+    "corpus_path": "",
+    "tokenizer_id": "",
     "user_id": 1234,
-}  # fmt: skip
+}
 
 
 @pytest.fixture
@@ -296,10 +302,21 @@ async def test_unknown_routes_methods_and_runs(http: Served) -> None:
     async with http.session.delete("/runs/train") as resp:
         await error_of(resp, 405, "METHOD_NOT_ALLOWED")
         assert "POST" in resp.headers["Allow"]
-    gets = ["/runs/run-x", "/runs/run-x/logs", "/runs/run-x/logs/stream", "/runs/run-x/events",
-            "/runs/run-x/eval", "/runs/run-x/artifact", "/runs/run-x/score/req-1",
-            "/runs/run-x/chat/sess-1", "/runs/bad%20id", "/tokenizers/tok-x",
-            "/artifacts/run/run-x", "/artifacts/model/run-x", "/artifacts/run/..%2Fx"]  # fmt: skip
+    gets = [
+        "/runs/run-x",
+        "/runs/run-x/logs",
+        "/runs/run-x/logs/stream",
+        "/runs/run-x/events",
+        "/runs/run-x/eval",
+        "/runs/run-x/artifact",
+        "/runs/run-x/score/req-1",
+        "/runs/run-x/chat/sess-1",
+        "/runs/bad%20id",
+        "/tokenizers/tok-x",
+        "/artifacts/run/run-x",
+        "/artifacts/model/run-x",
+        "/artifacts/run/..%2Fx",
+    ]
     for path in gets:
         async with http.session.get(path) as resp:
             await error_of(resp, 404, "NOT_FOUND")
@@ -428,8 +445,13 @@ async def test_generate_evaluate_and_chat_are_queued(
     http: Served, settings: Settings, redis: aioredis.Redis, keys: Keys, tmp_path: Path
 ) -> None:
     await make_run(redis, keys, "run-g", completed=True)
-    gen = {"prompt": "Once", "max_new_tokens": 5, "stop": ["\n"], "num_return_sequences": 2,
-           "stop_on_eos": False}  # fmt: skip
+    gen = {
+        "prompt": "Once",
+        "max_new_tokens": 5,
+        "stop": ["\n"],
+        "num_return_sequences": 2,
+        "stop_on_eos": False,
+    }
     async with http.session.post("/runs/run-g/generate", json=gen) as resp:
         gen_id = (await resp.json())["request_id"]
         assert resp.status == 202
@@ -475,8 +497,9 @@ async def test_generate_evaluate_and_chat_are_queued(
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     await redis.set(keys.chat(session), json.dumps(history))
     reply = {"reply": "hello", "session_id": session, "history": history}
-    await redis.set(keys.result(c1.request_id), json.dumps({"ok": True, "what": "chat",
-                                                            "result": reply}))  # fmt: skip
+    await redis.set(
+        keys.result(c1.request_id), json.dumps({"ok": True, "what": "chat", "result": reply})
+    )
     async with http.session.get(chat_path) as resp:
         assert await resp.json() == {"session_id": session, "run_id": "run-g", "messages": history}
     async with http.session.get(f"{chat_path}/{c1.request_id}") as resp:
@@ -542,9 +565,15 @@ async def test_tokenizer_jobs_and_records(
     stats = json.dumps({"coverage": 0.99, "vocab_size": 40, "note": "x"})
     await redis.hset(
         keys.tokenizer(tok_id),
-        mapping={"status": "ready", "kind": "char", "run_id": created["run_id"], "stats": stats,
-                 "path": "/somewhere", "created_at": "1700000000.5"},
-    )  # fmt: skip
+        mapping={
+            "status": "ready",
+            "kind": "char",
+            "run_id": created["run_id"],
+            "stats": stats,
+            "path": "/somewhere",
+            "created_at": "1700000000.5",
+        },
+    )
     async with http.session.get(f"/tokenizers/{tok_id}") as resp:
         info = await resp.json()
     assert (info["status"], info["kind"], info["path"]) == ("ready", "char", "/somewhere")
@@ -567,8 +596,13 @@ def write_log(settings: Settings, run_id: str, *lines: dict[str, object]) -> Pat
 
 
 def log_line(n: int) -> dict[str, object]:
-    return {"event": f"step {n}", "timestamp": "2025-01-02T03:04:05.123Z", "level": "info",
-            "run_id": "run-l", "loss": 1.25}  # fmt: skip
+    return {
+        "event": f"step {n}",
+        "timestamp": "2025-01-02T03:04:05.123Z",
+        "level": "info",
+        "run_id": "run-l",
+        "loss": 1.25,
+    }
 
 
 async def test_logs_tail_is_readable_text(

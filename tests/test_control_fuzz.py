@@ -14,8 +14,8 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from actors.config import Settings
-from actors.runtime import add_event
+from actors.runtime.config import Settings
+from actors.runtime.streams import add_event
 from protocol.events import RunCompleted, RunQueued
 from protocol.keys import Keys
 from protocol.requests import (
@@ -54,10 +54,37 @@ json_values = st.recursive(
 )
 # Values that get past the type checks, so the deeper checks (paths, ids, names) run too.
 plausible = st.sampled_from(
-    ["tiny.txt", "../outside.txt", "/etc/hostname", "escape.txt", "missing.txt", "", "shakespeare",
-     "tok-ready", "run-fuzz", "bpe", "char", "test", "gpt2", "tiny", "a" * 300, "x\x00y",
-     "hello", 0, 1, 64, 2**40, -1, 0.5, 1e9, True, [], ["a"], {}]
-)  # fmt: skip
+    [
+        "tiny.txt",
+        "../outside.txt",
+        "/etc/hostname",
+        "escape.txt",
+        "missing.txt",
+        "",
+        "shakespeare",
+        "tok-ready",
+        "run-fuzz",
+        "bpe",
+        "char",
+        "test",
+        "gpt2",
+        "tiny",
+        "a" * 300,
+        "x\x00y",
+        "hello",
+        0,
+        1,
+        64,
+        2**40,
+        -1,
+        0.5,
+        1e9,
+        True,
+        [],
+        ["a"],
+        {},
+    ]
+)
 
 
 def valid_values(typ: type[msgspec.Struct] | None) -> dict[str, st.SearchStrategy[object]]:

@@ -16,9 +16,9 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from actors.config import Settings
-from actors.control import bound_url, create_app
-from actors.dashboard import STATIC_DIR, STATIC_FILES, add_routes
+from actors.runtime.config import Settings
+from actors.web.app import bound_url, create_app
+from actors.web.dashboard import STATIC_DIR, STATIC_FILES, add_routes
 from protocol.events import AnyEvent
 from protocol.keys import Keys
 from protocol.requests import GenerateRequest, TokenizerTrainRequest, TrainRequest
@@ -154,10 +154,27 @@ async def test_sse_routes_accept_the_key_as_a_query_parameter(
 
 # What app.js reads of each object (checked against the real types, so a rename breaks this).
 RUN_FIELDS = (
-    "run_id", "status", "step", "model_family", "model_size", "corpus", "tokenizer_id",
-    "epoch", "total_epochs", "train_step", "total_steps", "loss", "val_loss", "tokens_per_s",
-    "message", "attempt", "created_at", "started_at", "ended_at", "artifact",
-)  # fmt: skip
+    "run_id",
+    "status",
+    "step",
+    "model_family",
+    "model_size",
+    "corpus",
+    "tokenizer_id",
+    "epoch",
+    "total_epochs",
+    "train_step",
+    "total_steps",
+    "loss",
+    "val_loss",
+    "tokens_per_s",
+    "message",
+    "attempt",
+    "created_at",
+    "started_at",
+    "ended_at",
+    "artifact",
+)
 EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "run.queued": ("steps",),
     "step.started": ("step", "attempt", "at"),
@@ -165,15 +182,33 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "corpus.ready": ("corpus_id", "chars", "lines"),
     "tokenizer.ready": ("tokenizer_id", "tokenizer_kind", "stats"),
     "train.started": ("total_steps", "parameters", "device", "precision"),
-    "train.progress": ("step", "epoch", "total_epochs", "total_steps", "loss", "lr",
-                       "tokens_per_s", "val_loss"),
-    "train.completed": ("status", "steps", "tokens", "train_loss", "val_loss", "test_loss",
-                        "test_ppl", "best_step", "early_stopped", "tokens_per_s"),
+    "train.progress": (
+        "step",
+        "epoch",
+        "total_epochs",
+        "total_steps",
+        "loss",
+        "lr",
+        "tokens_per_s",
+        "val_loss",
+    ),
+    "train.completed": (
+        "status",
+        "steps",
+        "tokens",
+        "train_loss",
+        "val_loss",
+        "test_loss",
+        "test_ppl",
+        "best_step",
+        "early_stopped",
+        "tokens_per_s",
+    ),
     "eval.completed": ("request_id",),
     "artifact.stored": ("storage", "target", "uri", "file_id", "size", "sha256"),
     "run.failed": ("step", "message"),
     "run.cancelled": ("step",),
-}  # fmt: skip
+}
 
 
 def _event_types() -> dict[str, type[msgspec.Struct]]:
@@ -333,8 +368,20 @@ def test_form_inputs_match_the_request_fields(
 def test_the_train_form_covers_the_main_settings() -> None:
     inputs = _parse_forms()["train-form"]
     main = (
-        "corpus_path", "corpus_name", "corpus_file_id", "tokenizer_id", "tokenizer_kind",
-        "vocab_size", "model_family", "model_size", "max_seq_len", "num_epochs", "max_steps",
-        "batch_size", "learning_rate", "eval_every", "checkpoint_every",
-    )  # fmt: skip
+        "corpus_path",
+        "corpus_name",
+        "corpus_file_id",
+        "tokenizer_id",
+        "tokenizer_kind",
+        "vocab_size",
+        "model_family",
+        "model_size",
+        "max_seq_len",
+        "num_epochs",
+        "max_steps",
+        "batch_size",
+        "learning_rate",
+        "eval_every",
+        "checkpoint_every",
+    )
     assert set(main) <= set(inputs)

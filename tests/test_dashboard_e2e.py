@@ -38,11 +38,12 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from actors import log, service
-from actors.config import Settings
-from actors.control import bound_url, create_app
-from actors.dashboard import add_routes
-from actors.runtime import RuntimeConfig
+from actors import service
+from actors.runtime import log
+from actors.runtime.config import Settings
+from actors.runtime.streams import RuntimeConfig
+from actors.web.app import bound_url, create_app
+from actors.web.dashboard import add_routes
 from protocol.keys import COMMAND_ACTORS, ActorName
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -110,11 +111,14 @@ class Background:
             if self.names:
                 actors = asyncio.create_task(
                     service.serve(
-                        self.settings, self.redis_url, self.names,
+                        self.settings,
+                        self.redis_url,
+                        self.names,
                         config=RuntimeConfig(block_ms=100, grace_s=10.0),
-                        stop=self._stop, install_signals=False,
+                        stop=self._stop,
+                        install_signals=False,
                     )
-                )  # fmt: skip
+                )
             self._ready.set()
             await self._stop.wait()
             if actors is not None:
@@ -171,9 +175,14 @@ def driver() -> Iterator[webdriver.Chrome]:
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM or ""
     for arg in (
-        "--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-        "--window-size=1400,1000", "--disable-extensions", "--no-first-run",
-    ):  # fmt: skip
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1000",
+        "--disable-extensions",
+        "--no-first-run",
+    ):
         options.add_argument(arg)
     try:
         browser = webdriver.Chrome(
@@ -346,10 +355,15 @@ def test_a_run_from_the_form_trains_live_completes_and_generates(
     Select(by_id(driver, "train-model_family")).select_by_value("gpt2")
     Select(by_id(driver, "train-model_size")).select_by_value("tiny")
     for name, value in {
-        "max_seq_len": "32", "batch_size": "8", "num_epochs": "50", "max_steps": "30",
-        "eval_every": "10", "checkpoint_every": "10", "warmup_steps": "5",
+        "max_seq_len": "32",
+        "batch_size": "8",
+        "num_epochs": "50",
+        "max_steps": "30",
+        "eval_every": "10",
+        "checkpoint_every": "10",
+        "warmup_steps": "5",
         "learning_rate": "0.003",
-    }.items():  # fmt: skip
+    }.items():
         fill(driver, f"train-{name}", value)
     driver.find_element(By.CSS_SELECTOR, "#train-advanced summary").click()
     fill(driver, "train-threads", "1")  # the machine is shared: one training thread
@@ -404,17 +418,20 @@ def test_a_run_from_the_form_trains_live_completes_and_generates(
     fill(driver, "gen-max_new_tokens", "12")
     by_id(driver, "generate-button").click()
     sample = wait_for(
-        driver, "a generated sample",
-        lambda: driver.find_elements(By.CSS_SELECTOR, '[data-testid="sample"]'), 120,
-    )  # fmt: skip
+        driver,
+        "a generated sample",
+        lambda: driver.find_elements(By.CSS_SELECTOR, '[data-testid="sample"]'),
+        120,
+    )
     assert sample[0].text.startswith("the cat")
     shot(driver, "run-completed")
 
     open_page(driver, f"{server.url}/#/")
     row = wait_for(
-        driver, "the run in the list",
+        driver,
+        "the run in the list",
         lambda: driver.find_elements(By.CSS_SELECTOR, f'tr[data-run-id="{run_id}"]'),
-    )  # fmt: skip
+    )
     assert row[0].get_attribute("data-status") == "completed"
     assert "gpt2 / tiny" in row[0].text
     shot(driver, "runs")
@@ -431,10 +448,16 @@ def test_a_running_run_is_cancelled_from_its_page(
     if "trainer" not in names:
         pytest.skip("no trainer actor registered")
     body = {
-        "corpus_path": "tiny.txt", "vocab_size": 300, "max_seq_len": 32, "batch_size": 8,
-        "num_epochs": 1000, "max_steps": 100_000, "eval_every": 50, "checkpoint_every": 1000,
+        "corpus_path": "tiny.txt",
+        "vocab_size": 300,
+        "max_seq_len": 32,
+        "batch_size": 8,
+        "num_epochs": 1000,
+        "max_steps": 100_000,
+        "eval_every": 50,
+        "checkpoint_every": 1000,
         "threads": 1,
-    }  # fmt: skip
+    }
     status, created = api(server, "POST", "/runs/train", body)
     assert status == 202
     run_id = str(created["run_id"])
@@ -460,9 +483,11 @@ def test_an_api_key_is_asked_for_and_used(
     queued): the page asks for the key, keeps it for the tab, and its live views (SSE, with
     ?api_key=) work with it."""
     keyed = Settings(
-        data_dir=settings.data_dir, corpus_root=settings.corpus_root,
-        prefix=f"{settings.prefix}k", api_key=KEY,
-    )  # fmt: skip
+        data_dir=settings.data_dir,
+        corpus_root=settings.corpus_root,
+        prefix=f"{settings.prefix}k",
+        api_key=KEY,
+    )
     with Background(keyed, redis_url, []) as guarded:
         status, created = api(guarded, "POST", "/runs/train", {"corpus_path": "tiny.txt"}, KEY)
         assert status == 202  # queued: no actors behind this endpoint
@@ -480,9 +505,10 @@ def test_an_api_key_is_asked_for_and_used(
         fill(driver, "api-key-input", KEY)
         by_id(driver, "api-key-save").click()
         wait_for(
-            driver, "the runs list",
+            driver,
+            "the runs list",
             lambda: driver.find_elements(By.CSS_SELECTOR, f'tr[data-run-id="{run_id}"]'),
-        )  # fmt: skip
+        )
         assert not dialog.is_displayed()
         assert driver.execute_script("return sessionStorage.getItem('mt-api-key')") == KEY
 

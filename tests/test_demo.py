@@ -16,14 +16,26 @@ def test_the_quick_demo_runs_end_to_end(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("MT_")}
     env.update(MT_DATA_DIR=str(tmp_path / "data"), MT_HTTP_PORT="0")
     done = subprocess.run(
-        [sys.executable, "-m", "actors.cli", "demo", "--quick"], env=env, cwd=tmp_path,
-        capture_output=True, text=True, timeout=840, check=False,
-    )  # fmt: skip
+        [sys.executable, "-m", "actors.cli.main", "demo", "--quick"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=840,
+        check=False,
+    )
     out = done.stdout
     assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
-    for expected in ("dashboard", "run completed", "== summary", "tokenizer   bpe",
-                     "validation  perplexity", "test        perplexity", "samples",
-                     "AutoModelForCausalLM.from_pretrained"):  # fmt: skip
+    for expected in (
+        "dashboard",
+        "run completed",
+        "== summary",
+        "tokenizer   bpe",
+        "validation  perplexity",
+        "test        perplexity",
+        "samples",
+        "AutoModelForCausalLM.from_pretrained",
+    ):
         assert expected in out, (expected, out[-3000:])
     runs = list((tmp_path / "data" / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "model.safetensors").is_file()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import redis
 
-from actors.embedded import EmbeddedRedis
+from actors.runtime.embedded import EmbeddedRedis
 
 
 def test_embedded_server_starts_persists_and_stops(tmp_path: Path) -> None:

@@ -17,8 +17,8 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from actors.config import Settings
-from actors.notifier import (
+from actors.runtime.config import Settings
+from actors.workers.notifier import (
     GROUP,
     Discord,
     JobProgress,
@@ -56,36 +56,72 @@ STEPS: list[ActorName] = ["ingest", "tokenizer", "trainer", "evaluator", "upload
 # The bot's shapes: every key, and the type of each value.
 SHAPES: dict[str, dict[str, type]] = {
     "trainer.job.started.v1": {
-        "type": str, "domain": str, "job_id": str, "user_id": int, "queue": str,
+        "type": str,
+        "domain": str,
+        "job_id": str,
+        "user_id": int,
+        "queue": str,
     },
     "trainer.job.progress.v1": {
-        "type": str, "domain": str, "job_id": str, "user_id": int, "progress": int,
+        "type": str,
+        "domain": str,
+        "job_id": str,
+        "user_id": int,
+        "progress": int,
         "message": str,
     },
     "trainer.job.completed.v1": {
-        "type": str, "domain": str, "job_id": str, "user_id": int, "result_id": str,
+        "type": str,
+        "domain": str,
+        "job_id": str,
+        "user_id": int,
+        "result_id": str,
         "result_bytes": int,
     },
     "trainer.job.failed.v1": {
-        "type": str, "domain": str, "job_id": str, "user_id": int, "error_kind": str,
+        "type": str,
+        "domain": str,
+        "job_id": str,
+        "user_id": int,
+        "error_kind": str,
         "message": str,
     },
     "trainer.metrics.config.v1": {
-        "type": str, "job_id": str, "user_id": int, "model_family": str, "model_size": str,
-        "total_epochs": int, "queue": str, "cpu_cores": int, "memory_mb": int,
-        "optimal_threads": int, "optimal_workers": int, "batch_size": int,
+        "type": str,
+        "job_id": str,
+        "user_id": int,
+        "model_family": str,
+        "model_size": str,
+        "total_epochs": int,
+        "queue": str,
+        "cpu_cores": int,
+        "memory_mb": int,
+        "optimal_threads": int,
+        "optimal_workers": int,
+        "batch_size": int,
         "learning_rate": float,
     },
     "trainer.metrics.progress.v1": {
-        "type": str, "job_id": str, "user_id": int, "epoch": int, "total_epochs": int,
-        "step": int, "train_loss": float, "train_ppl": float, "grad_norm": float,
+        "type": str,
+        "job_id": str,
+        "user_id": int,
+        "epoch": int,
+        "total_epochs": int,
+        "step": int,
+        "train_loss": float,
+        "train_ppl": float,
+        "grad_norm": float,
         "samples_per_sec": float,
     },
     "trainer.metrics.completed.v1": {
-        "type": str, "job_id": str, "user_id": int, "test_loss": float, "test_ppl": float,
+        "type": str,
+        "job_id": str,
+        "user_id": int,
+        "test_loss": float,
+        "test_ppl": float,
         "artifact_path": str,
     },
-}  # fmt: skip
+}
 VALIDATION = {"val_loss": float, "val_ppl": float}
 
 
@@ -97,10 +133,18 @@ def progress(i: int, at: float, **extra: float) -> TrainProgress:
         **extra,
     }
     return TrainProgress(
-        run_id="r1", user_id=42, at=at, step=i, epoch=1 + i // 50, total_epochs=2,
-        total_steps=100, loss=values["loss"], grad_norm=values["grad_norm"],
-        samples_per_s=values["samples_per_s"], val_loss=extra.get("val_loss"),
-    )  # fmt: skip
+        run_id="r1",
+        user_id=42,
+        at=at,
+        step=i,
+        epoch=1 + i // 50,
+        total_epochs=2,
+        total_steps=100,
+        loss=values["loss"],
+        grad_norm=values["grad_norm"],
+        samples_per_s=values["samples_per_s"],
+        val_loss=extra.get("val_loss"),
+    )
 
 
 def successful_run() -> list[AnyEvent]:
@@ -116,11 +160,18 @@ def successful_run() -> list[AnyEvent]:
         StepCompleted(at=t + 4, step="tokenizer", command_id="r1.tokenizer"),
         StepStarted(at=t + 5, step="trainer", command_id="r1.trainer"),
         TrainStarted(
-            at=t + 6, model_family="gpt2", model_size="tiny", total_epochs=2,
-            total_steps=100, batch_size=8, learning_rate=3e-4, threads=2, cpu_cores=2,
+            at=t + 6,
+            model_family="gpt2",
+            model_size="tiny",
+            total_epochs=2,
+            total_steps=100,
+            batch_size=8,
+            learning_rate=3e-4,
+            threads=2,
+            cpu_cores=2,
             memory_mb=4096,
         ),
-    ]  # fmt: skip
+    ]
     # 40 steps within 4 s, a validation among them, then one 6.5 s after the validation
     # (sent) and one just after it (not sent).
     for i in range(1, 41):
@@ -149,12 +200,18 @@ def failed_runs() -> list[AnyEvent]:
     return [
         RunQueued(run_id="r2", user_id=43, at=T0, steps=["ingest", "tokenizer"]),
         StepStarted(run_id="r2", user_id=43, at=T0 + 1, step="ingest", command_id="r2.ingest"),
-        RunFailed(run_id="r2", user_id=43, at=T0 + 2, step="ingest", error_kind="user",
-                  message="the corpus is empty"),
+        RunFailed(
+            run_id="r2",
+            user_id=43,
+            at=T0 + 2,
+            step="ingest",
+            error_kind="user",
+            message="the corpus is empty",
+        ),
         RunQueued(run_id="r3", user_id=44, at=T0, steps=["ingest"]),
         StepStarted(run_id="r3", user_id=44, at=T0 + 1, step="ingest", command_id="r3.ingest"),
         RunCancelled(run_id="r3", user_id=44, at=T0 + 2, step="ingest", message="by request"),
-    ]  # fmt: skip
+    ]
 
 
 async def add(redis: aioredis.Redis, keys: Keys, events: list[AnyEvent]) -> None:
@@ -186,9 +243,11 @@ async def received(pubsub: aioredis.client.PubSub) -> list[dict[str, object]]:
 @pytest.fixture
 def settings(data_dir: Path, keys: Keys) -> Settings:
     return Settings(
-        data_dir=data_dir, corpus_root=data_dir / "corpus", prefix=keys.prefix,
+        data_dir=data_dir,
+        corpus_root=data_dir / "corpus",
+        prefix=keys.prefix,
         events_channel=f"{keys.prefix}:bot-events",
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture
@@ -234,15 +293,24 @@ async def test_events_become_the_bots_messages_rate_limited(
     r1 = [m for m in messages if m["job_id"] == "r1"]
     assert [str(m["type"]).split(".", 1)[1] for m in r1] == [
         "job.started.v1",
-        "job.progress.v1", "job.progress.v1", "job.progress.v1", "job.progress.v1",
+        "job.progress.v1",
+        "job.progress.v1",
+        "job.progress.v1",
+        "job.progress.v1",
         "metrics.config.v1",
-        "job.progress.v1", "metrics.progress.v1",  # step 1: the first
-        "job.progress.v1", "metrics.progress.v1",  # step 20: the validation
-        "job.progress.v1", "metrics.progress.v1",  # step 41: 6.5 s after the last one
+        "job.progress.v1",
+        "metrics.progress.v1",  # step 1: the first
+        "job.progress.v1",
+        "metrics.progress.v1",  # step 20: the validation
+        "job.progress.v1",
+        "metrics.progress.v1",  # step 41: 6.5 s after the last one
         "metrics.completed.v1",
-        "job.progress.v1", "job.progress.v1", "job.progress.v1", "job.progress.v1",
+        "job.progress.v1",
+        "job.progress.v1",
+        "job.progress.v1",
+        "job.progress.v1",
         "job.completed.v1",
-    ]  # fmt: skip
+    ]
     assert all(m["user_id"] == 42 for m in r1)
     assert r1[0]["queue"] == "ingest"
     percents = [m["progress"] for m in r1 if m["type"] == "trainer.job.progress.v1"]
@@ -266,12 +334,15 @@ async def test_events_become_the_bots_messages_rate_limited(
 
     rest = [m for m in messages if m["job_id"] != "r1"]
     assert [(m["job_id"], m["type"]) for m in rest] == [
-        ("r2", "trainer.job.started.v1"), ("r2", "trainer.job.failed.v1"),
-        ("r3", "trainer.job.started.v1"), ("r3", "trainer.job.failed.v1"),
-    ]  # fmt: skip
+        ("r2", "trainer.job.started.v1"),
+        ("r2", "trainer.job.failed.v1"),
+        ("r3", "trainer.job.started.v1"),
+        ("r3", "trainer.job.failed.v1"),
+    ]
     assert (rest[1]["error_kind"], rest[1]["message"]) == (
-        "user", "ingest failed: the corpus is empty"
-    )  # fmt: skip
+        "user",
+        "ingest failed: the corpus is empty",
+    )
     assert (rest[3]["error_kind"], rest[3]["message"]) == ("user", "cancelled: by request")
     assert not [m for m in messages if m["job_id"] == "old"]
     assert (await redis.xpending(keys.events, GROUP))["pending"] == 0
@@ -284,10 +355,14 @@ async def test_completed_reads_the_pointer_from_run_state_and_pending_comes_firs
     await notifier.ensure_group()
     pointer = {"storage": "local", "uri": "file:///a/r9.tar.gz", "file_id": "", "size": 77}
     await redis.hset(keys.run("r9"), "artifact", json.dumps(pointer))
-    await add(redis, keys, [
-        StepStarted(run_id="r9", user_id=5, at=T0, step="uploader", command_id="r9.up"),
-        RunCompleted(run_id="r9", user_id=5, at=T0 + 1),
-    ])  # fmt: skip
+    await add(
+        redis,
+        keys,
+        [
+            StepStarted(run_id="r9", user_id=5, at=T0, step="uploader", command_id="r9.up"),
+            RunCompleted(run_id="r9", user_id=5, at=T0 + 1),
+        ],
+    )
     # A previous life of this consumer read the entries and died before acknowledging them.
     await redis.xreadgroup(GROUP, "n-1", {keys.events: ">"})
     assert (await redis.xpending(keys.events, GROUP))["pending"] == 2
@@ -299,9 +374,14 @@ async def test_completed_reads_the_pointer_from_run_state_and_pending_comes_firs
 
     # Redis lost the group: it comes back after the last entry handled, skipping nothing new.
     await redis.xgroup_destroy(keys.events, GROUP)
-    await add(redis, keys, [RunQueued(run_id="r10", user_id=6, at=T0),
-                            StepStarted(run_id="r10", user_id=6, at=T0, step="ingest",
-                                        command_id="r10.ingest")])  # fmt: skip
+    await add(
+        redis,
+        keys,
+        [
+            RunQueued(run_id="r10", user_id=6, at=T0),
+            StepStarted(run_id="r10", user_id=6, at=T0, step="ingest", command_id="r10.ingest"),
+        ],
+    )
     await notifier.run(until_idle=True)
     assert [m["job_id"] for m in await received(pubsub)] == ["r10"]
 
@@ -312,9 +392,18 @@ def test_non_finite_floats_never_reach_the_bot(settings: Settings) -> None:
     translator = Translator(settings, NotifierConfig())
     view = translator.view("r1")
     event = TrainProgress(
-        run_id="r1", user_id=42, at=T0, step=3, epoch=1, total_epochs=1, total_steps=10,
-        loss=math.nan, grad_norm=math.inf, samples_per_s=-math.inf, val_loss=math.inf,
-    )  # fmt: skip
+        run_id="r1",
+        user_id=42,
+        at=T0,
+        step=3,
+        epoch=1,
+        total_epochs=1,
+        total_steps=10,
+        loss=math.nan,
+        grad_norm=math.inf,
+        samples_per_s=-math.inf,
+        val_loss=math.inf,
+    )
     job, metrics = translator.messages(event, view)
     assert isinstance(job, JobProgress) and isinstance(metrics, MetricsProgress)
     decoded = json.loads(msgspec.json.encode(metrics), parse_constant=_no_constants)
@@ -346,9 +435,13 @@ def card(body: object) -> dict[str, object]:
 
 def dm_settings(settings: Settings, discord: FakeDiscord, token: str | None) -> Settings:
     return Settings(
-        data_dir=settings.data_dir, corpus_root=settings.corpus_root, prefix=settings.prefix,
-        events_channel=settings.events_channel, discord_token=token, discord_api=discord.url,
-    )  # fmt: skip
+        data_dir=settings.data_dir,
+        corpus_root=settings.corpus_root,
+        prefix=settings.prefix,
+        events_channel=settings.events_channel,
+        discord_token=token,
+        discord_api=discord.url,
+    )
 
 
 async def test_one_dm_per_run_edited_in_place_and_429_honoured(
@@ -366,10 +459,15 @@ async def test_one_dm_per_run_edited_in_place_and_429_honoured(
         await asyncio.sleep(0.05)
     await add(redis, keys, successful_run()[-6:])  # evaluator → completed
     # Another run of the same user (the DM channel is reused) and one without a user.
-    await add(redis, keys, [
-        RunQueued(run_id="r5", user_id=42, at=T0), RunQueued(run_id="r6", user_id=0, at=T0),
-        StepStarted(run_id="r6", at=T0, step="ingest", command_id="r6.ingest"),
-    ])  # fmt: skip
+    await add(
+        redis,
+        keys,
+        [
+            RunQueued(run_id="r5", user_id=42, at=T0),
+            RunQueued(run_id="r6", user_id=0, at=T0),
+            StepStarted(run_id="r6", at=T0, step="ingest", command_id="r6.ingest"),
+        ],
+    )
     await asyncio.sleep(1.0)
     notifier.stop()
     await task
@@ -397,9 +495,13 @@ async def test_one_dm_per_run_edited_in_place_and_429_honoured(
 
 
 async def test_without_a_token_nothing_goes_to_discord(
-    redis: aioredis.Redis, redis_url: str, keys: Keys, settings: Settings,
-    discord: FakeDiscord, pubsub: aioredis.client.PubSub,
-) -> None:  # fmt: skip
+    redis: aioredis.Redis,
+    redis_url: str,
+    keys: Keys,
+    settings: Settings,
+    discord: FakeDiscord,
+    pubsub: aioredis.client.PubSub,
+) -> None:
     s = dm_settings(settings, discord, None)
     await Notifier(redis, s, consumer="unused", keys=keys).ensure_group()
     await add(redis, keys, successful_run())

@@ -61,12 +61,20 @@ from protocol.state import RunState, state_fields
 
 COMMANDS: list[Base] = [
     CorpusIngest(
-        command_id="c-ingest", run_id="r1", corpus_id="k1", path="a.txt",
+        command_id="c-ingest",
+        run_id="r1",
+        corpus_id="k1",
+        path="a.txt",
         rest=[
             TokenizerTrain(command_id="c-tok", run_id="r1", tokenizer_id="t1", corpus_id="k1"),
             ModelTrain(
-                command_id="c-train", run_id="r1", corpus_id="k1", tokenizer_id="t1",
-                max_steps=10, early_stopping_patience=2, finetune_lr_cap=1e-4,
+                command_id="c-train",
+                run_id="r1",
+                corpus_id="k1",
+                tokenizer_id="t1",
+                max_steps=10,
+                early_stopping_patience=2,
+                finetune_lr_cap=1e-4,
             ),
             ModelEvaluate(command_id="c-eval", run_id="r1"),
             ArtifactUpload(command_id="c-up", run_id="r1"),
@@ -80,7 +88,7 @@ COMMANDS: list[Base] = [
     ModelChat(command_id="c7", run_id="r1", request_id="q4", session_id="s1", message="hi"),
     ArtifactUpload(command_id="c8", run_id="r1", target="tokenizer", tokenizer_id="t1"),
     RunCancel(command_id="c9", run_id="r1"),
-]  # fmt: skip
+]
 
 EVENTS: list[AnyEvent] = [
     RunQueued(run_id="r1", steps=["ingest", "tokenizer"], model_family="gpt2"),
@@ -151,8 +159,11 @@ def test_garbage_bytes_are_rejected(raw: bytes) -> None:
 )
 def test_out_of_range_field_names_the_field(field: str, value: object, message: str) -> None:
     payload: dict[str, object] = {
-        "kind": "corpus.ingest", "command_id": "c1", "run_id": "r1", "corpus_id": "k1"
-    }  # fmt: skip
+        "kind": "corpus.ingest",
+        "command_id": "c1",
+        "run_id": "r1",
+        "corpus_id": "k1",
+    }
     payload[field] = value
     with pytest.raises(msgspec.ValidationError) as info:
         decode_command("ingest", msgspec.json.encode(payload))
@@ -162,10 +173,21 @@ def test_out_of_range_field_names_the_field(field: str, value: object, message: 
 
 def test_nested_chain_command_errors_name_the_path() -> None:
     bad = {
-        "kind": "corpus.ingest", "command_id": "c1", "run_id": "r1", "corpus_id": "k1",
-        "rest": [{"kind": "tokenizer.train", "command_id": "c2", "run_id": "r1",
-                  "tokenizer_id": "t1", "corpus_id": "k1", "vocab_size": 3}],
-    }  # fmt: skip
+        "kind": "corpus.ingest",
+        "command_id": "c1",
+        "run_id": "r1",
+        "corpus_id": "k1",
+        "rest": [
+            {
+                "kind": "tokenizer.train",
+                "command_id": "c2",
+                "run_id": "r1",
+                "tokenizer_id": "t1",
+                "corpus_id": "k1",
+                "vocab_size": 3,
+            }
+        ],
+    }
     with pytest.raises(msgspec.ValidationError, match=r"\$\.rest\[0\]\.vocab_size"):
         decode_command("ingest", msgspec.json.encode(bad))
 
@@ -181,9 +203,14 @@ class IngestV0(msgspec.Struct, kw_only=True, tag_field="kind", tag="corpus.inges
 
 def test_old_decoder_ignores_fields_added_later() -> None:
     new = CorpusIngest(
-        command_id="c1", run_id="r1", corpus_id="k1", path="a.txt", lowercase=True, seed=7,
+        command_id="c1",
+        run_id="r1",
+        corpus_id="k1",
+        path="a.txt",
+        lowercase=True,
+        seed=7,
         rest=[TokenizerTrain(command_id="c2", run_id="r1", tokenizer_id="t1", corpus_id="k1")],
-    )  # fmt: skip
+    )
     old = msgspec.json.decode(encode(new), type=IngestV0)
     assert old == IngestV0(command_id="c1", run_id="r1", corpus_id="k1", path="a.txt")
     # And today's decoders accept what a newer producer sends (fields we do not know yet).
@@ -200,8 +227,9 @@ def test_new_decoder_fills_defaults_for_missing_fields() -> None:
     assert isinstance(cmd, CorpusIngest)
     assert (cmd.lowercase, cmd.seed, cmd.validation_fraction, cmd.rest) == (False, 1337, 0.1, [])
     assert (cmd.user_id, cmd.requested_at) == (0, 0.0)
-    progress = decode_event(b'{"kind": "train.progress", "step": 1, "epoch": 1, '
-                            b'"total_epochs": 1, "loss": 3.0}')  # fmt: skip
+    progress = decode_event(
+        b'{"kind": "train.progress", "step": 1, "epoch": 1, "total_epochs": 1, "loss": 3.0}'
+    )
     assert isinstance(progress, TrainProgress)
     assert (progress.val_loss, progress.lr, progress.run_id) == (None, 0.0, "")
 
@@ -251,22 +279,36 @@ def _text(value: bytes | str) -> str:
 
 def _completed_run() -> list[AnyEvent]:
     return [
-        RunQueued(run_id="r1", user_id=42, steps=["ingest", "trainer"], model_family="gpt2",
-                  model_size="tiny", corpus="shakespeare"),
+        RunQueued(
+            run_id="r1",
+            user_id=42,
+            steps=["ingest", "trainer"],
+            model_family="gpt2",
+            model_size="tiny",
+            corpus="shakespeare",
+        ),
         StepStarted(run_id="r1", step="ingest", command_id="c1"),
         CorpusReady(run_id="r1", corpus_id="k1", chars={"train": 900, "validation": 100}),
         StepCompleted(run_id="r1", step="ingest", command_id="c1"),
         StepStarted(run_id="r1", step="trainer", command_id="c2", attempt=2),
-        TrainStarted(run_id="r1", model_family="gpt2", model_size="tiny", total_epochs=2,
-                     total_steps=10),
-        TrainProgress(run_id="r1", step=5, epoch=1, total_epochs=2, total_steps=10, loss=2.5,
-                      val_loss=3.0, tokens_per_s=1234.5),
-        TrainProgress(run_id="r1", step=10, epoch=2, total_epochs=2, total_steps=10,
-                      loss=2.25),
+        TrainStarted(
+            run_id="r1", model_family="gpt2", model_size="tiny", total_epochs=2, total_steps=10
+        ),
+        TrainProgress(
+            run_id="r1",
+            step=5,
+            epoch=1,
+            total_epochs=2,
+            total_steps=10,
+            loss=2.5,
+            val_loss=3.0,
+            tokens_per_s=1234.5,
+        ),
+        TrainProgress(run_id="r1", step=10, epoch=2, total_epochs=2, total_steps=10, loss=2.25),
         TrainCompleted(run_id="r1", steps=10, val_loss=2.0, test_loss=2.125),
         ArtifactStored(run_id="r1", storage="local", uri="file:///a.tar.gz", size=3),
         RunCompleted(run_id="r1"),
-    ]  # fmt: skip
+    ]
 
 
 async def test_run_state_from_events_through_a_real_hash(redis: aioredis.Redis, keys: Keys) -> None:
@@ -288,12 +330,15 @@ async def test_run_state_from_events_through_a_real_hash(redis: aioredis.Redis, 
 @pytest.mark.parametrize(
     ("last", "status", "message"),
     [
-        (RunFailed(run_id="r1", step="trainer", error_kind="user", message="empty corpus"),
-         "failed", "trainer failed: empty corpus"),
+        (
+            RunFailed(run_id="r1", step="trainer", error_kind="user", message="empty corpus"),
+            "failed",
+            "trainer failed: empty corpus",
+        ),
         (RunCancelled(run_id="r1", step="trainer"), "cancelled", "cancelled"),
         (CancelRequested(run_id="r1"), "running", "cancel requested"),
     ],
-)  # fmt: skip
+)
 def test_run_state_ends(last: Event, status: str, message: str) -> None:
     events: list[AnyEvent] = [
         RunQueued(run_id="r1", steps=["ingest"]),

@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from actors import cli, replay, service
-from actors.config import Settings
-from actors.runtime import Actor, Context, Outcome, Runtime, RuntimeConfig
-from actors.submit import plan_tokenizer, submit
-from actors.watch import stream_entries
+from actors import service
+from actors.cli import main as cli
+from actors.client import replay
+from actors.client.submit import plan_tokenizer, submit
+from actors.client.watch import stream_entries
+from actors.runtime.config import Settings
+from actors.runtime.streams import Actor, Context, Outcome, Runtime, RuntimeConfig
 from protocol.codec import FIELD, decode_event
 from protocol.commands import Base, CorpusIngest, TokenizerTrain
 from protocol.events import CorpusReady, TokenizerReady
@@ -56,8 +58,9 @@ FAST = RuntimeConfig(block_ms=50, backoff_s=0.01)
 
 @pytest.fixture
 def settings(data_dir: Path, keys: Keys, redis_url: str) -> Settings:
-    return Settings(redis_url=redis_url, data_dir=data_dir, corpus_root=data_dir / "corpus",
-                    prefix=keys.prefix)  # fmt: skip
+    return Settings(
+        redis_url=redis_url, data_dir=data_dir, corpus_root=data_dir / "corpus", prefix=keys.prefix
+    )
 
 
 async def recorded_run(redis: aioredis.Redis, keys: Keys, settings: Settings) -> str:
@@ -83,8 +86,10 @@ async def command_kinds(redis: aioredis.Redis, keys: Keys, run_id: str) -> list[
 
 
 async def event_kinds(redis: aioredis.Redis, keys: Keys) -> list[str]:
-    return [str(decode_event(f[FIELD.encode()]).__struct_config__.tag)
-            for _, f in stream_entries(await redis.xrange(keys.events))]  # fmt: skip
+    return [
+        str(decode_event(f[FIELD.encode()]).__struct_config__.tag)
+        for _, f in stream_entries(await redis.xrange(keys.events))
+    ]
 
 
 async def test_replay_of_a_run_reproduces_it_and_leaves_the_original_untouched(
@@ -103,8 +108,9 @@ async def test_replay_of_a_run_reproduces_it_and_leaves_the_original_untouched(
     assert [e.kind for e, _ in done.entries] == ["corpus.ingest"]  # the chain does the rest
     steps = await replay.drain(redis_url, target, actors=FAKES, config=FAST)
     assert [(s.actor, s.kind) for s in steps] == [
-        ("ingest", "corpus.ingest"), ("tokenizer", "tokenizer.train")
-    ]  # fmt: skip
+        ("ingest", "corpus.ingest"),
+        ("tokenizer", "tokenizer.train"),
+    ]
 
     new = Keys(target.prefix)
     assert await command_kinds(redis, new, run_id) == await command_kinds(redis, keys, run_id)
@@ -170,9 +176,14 @@ async def test_replay_refuses_a_prefix_in_use_and_the_source_prefix(
 
 
 async def test_cli_replay_drain_then_diff(
-    redis: aioredis.Redis, keys: Keys, settings: Settings, data_dir: Path, redis_url: str,
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+    redis: aioredis.Redis,
+    keys: Keys,
+    settings: Settings,
+    data_dir: Path,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     monkeypatch.setenv("REDIS_URL", redis_url)
     monkeypatch.setenv("MT_PREFIX", keys.prefix)
     monkeypatch.setenv("MT_DATA_DIR", str(data_dir))
@@ -203,9 +214,14 @@ async def test_cli_replay_drain_then_diff(
 
 
 async def test_cli_replay_of_a_stream_range_copies_those_entries(
-    redis: aioredis.Redis, keys: Keys, settings: Settings, data_dir: Path, redis_url: str,
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+    redis: aioredis.Redis,
+    keys: Keys,
+    settings: Settings,
+    data_dir: Path,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     monkeypatch.setenv("REDIS_URL", redis_url)
     monkeypatch.setenv("MT_PREFIX", keys.prefix)
     monkeypatch.setenv("MT_DATA_DIR", str(data_dir))
@@ -214,8 +230,17 @@ async def test_cli_replay_of_a_stream_range_copies_those_entries(
     ids = [i for i, _ in stream_entries(await redis.xrange(keys.cmd("tokenizer")))]
     assert len(ids) == 2
     to = Keys(f"{keys.prefix}-range")
-    argv = ["replay", "--stream", "tokenizer", "--start", ids[0], "--end", ids[0],
-            "--to-prefix", to.prefix]  # fmt: skip
+    argv = [
+        "replay",
+        "--stream",
+        "tokenizer",
+        "--start",
+        ids[0],
+        "--end",
+        ids[0],
+        "--to-prefix",
+        to.prefix,
+    ]
     assert await cli.run(argv) == 0
     assert "(undecodable)" in capsys.readouterr().out
     assert [f for _, f in stream_entries(await redis.xrange(to.cmd("tokenizer")))] == [

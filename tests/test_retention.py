@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from actors import cli, retention
-from actors.watch import read_entries, stream_entries
+from actors.cli import main as cli
+from actors.client.watch import read_entries, stream_entries
+from actors.runtime import retention
 from protocol.keys import Keys
 from trainer.errors import UserError
 
@@ -74,9 +75,13 @@ async def test_streams_without_groups_are_trimmed_by_age_only(
 
 
 async def test_trim_command_and_retention_days(
-    redis: aioredis.Redis, keys: Keys, redis_url: str, data_dir: Path,
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+    redis: aioredis.Redis,
+    keys: Keys,
+    redis_url: str,
+    data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     monkeypatch.setenv("REDIS_URL", redis_url)
     monkeypatch.setenv("MT_PREFIX", keys.prefix)
     monkeypatch.setenv("MT_DATA_DIR", str(data_dir))

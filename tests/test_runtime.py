@@ -21,8 +21,8 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from actors.embedded import EmbeddedRedis
-from actors.runtime import (
+from actors.runtime.embedded import EmbeddedRedis
+from actors.runtime.streams import (
     Actor,
     Context,
     Fenced,
@@ -150,10 +150,22 @@ class ActorProcs:
         self, consumer: str, *, grace: float = 5.0, url: str = "", keys: Keys | None = None
     ) -> subprocess.Popen[bytes]:
         args = [
-            sys.executable, "-m", "tests.actors_for_tests", "--url", url or self.url,
-            "--prefix", (keys or self.keys).prefix, "--consumer", consumer,
-            "--work-dir", str(self.work), "--lease", str(LEASE), "--grace", str(grace),
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "tests.actors_for_tests",
+            "--url",
+            url or self.url,
+            "--prefix",
+            (keys or self.keys).prefix,
+            "--consumer",
+            consumer,
+            "--work-dir",
+            str(self.work),
+            "--lease",
+            str(LEASE),
+            "--grace",
+            str(grace),
+        ]
         with (self.logs / f"{consumer}.log").open("ab") as log:
             proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
@@ -215,8 +227,10 @@ async def test_command_of_a_killed_actor_is_finished_exactly_once(
     assert await pending(redis, keys) == []
     starts = [e for e in await events(redis, keys) if isinstance(e, StepStarted)]
     assert sorted((e.command_id, e.attempt, e.consumer) for e in starts) == [
-        ("c-kill", 1, "a"), ("c-kill", 2, taker), ("c-next", 1, taker)
-    ]  # fmt: skip
+        ("c-kill", 1, "a"),
+        ("c-kill", 2, taker),
+        ("c-next", 1, taker),
+    ]
 
 
 async def test_live_handler_keeps_its_lease_and_a_dead_one_loses_it(
@@ -325,9 +339,10 @@ async def test_poison_payloads_are_dead_lettered_and_the_actor_goes_on(
         b"\x00\xff\xfe not json": "JSON is malformed",
         b'{"kind": "corpus.shred", "command_id": "c1"}': "Invalid value 'corpus.shred'",
         msgspec.json.encode({**valid, "validation_fraction": 0.9}): "$.validation_fraction",
-        encode(TokenizerTrain(command_id="c2", run_id="r1", tokenizer_id="t", corpus_id="k")):
-            "Invalid value 'tokenizer.train'",
-    }  # fmt: skip
+        encode(
+            TokenizerTrain(command_id="c2", run_id="r1", tokenizer_id="t", corpus_id="k")
+        ): "Invalid value 'tokenizer.train'",
+    }
     ids = {raw: _text(await redis.xadd(stream, {FIELD: raw})) for raw in poison}
     no_data = _text(await redis.xadd(stream, {"other": "x"}))
     await send(redis, keys, ingest("c-good", "ok"))
@@ -465,9 +480,13 @@ async def test_a_running_actor_rides_out_a_server_restart_and_a_flushall(
     rt_redis = connect(server.url)
     blocking = connect(server.url, blocking=True, block_ms=CONFIG.block_ms)
     rt = Runtime(
-        ScriptedActor(work), rt_redis, keys=keys, consumer="w-0", config=CONFIG,
+        ScriptedActor(work),
+        rt_redis,
+        keys=keys,
+        consumer="w-0",
+        config=CONFIG,
         blocking_redis=blocking,
-    )  # fmt: skip
+    )
     task = asyncio.create_task(rt.run())
     client = connect(server.url)
     try:

@@ -25,9 +25,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from actors import service
-from actors.config import Settings
-from actors.runtime import RuntimeConfig, connect
-from actors.submit import plan_train, submit
+from actors.client.submit import plan_train, submit
+from actors.runtime.config import Settings
+from actors.runtime.streams import RuntimeConfig, connect
 from protocol.codec import FIELD, decode_event
 from protocol.events import (
     AnyEvent,
@@ -59,10 +59,19 @@ def corpus_text() -> str:
 
 def tiny(**overrides: object) -> TrainRequest:
     base = TrainRequest(
-        corpus_path="play.txt", vocab_size=300, model_family="gpt2", model_size="tiny",
-        max_seq_len=32, batch_size=4, max_steps=16, eval_every=8, checkpoint_every=8,
-        warmup_steps=2, learning_rate=2e-3, threads=1,
-    )  # fmt: skip
+        corpus_path="play.txt",
+        vocab_size=300,
+        model_family="gpt2",
+        model_size="tiny",
+        max_seq_len=32,
+        batch_size=4,
+        max_steps=16,
+        eval_every=8,
+        checkpoint_every=8,
+        warmup_steps=2,
+        learning_rate=2e-3,
+        threads=1,
+    )
     return msgspec.structs.replace(base, **overrides)
 
 
@@ -70,8 +79,13 @@ def make_settings(root: Path, prefix: str) -> Settings:
     data = root / "data"
     (data / "corpus").mkdir(parents=True, exist_ok=True)
     (data / "corpus" / "play.txt").write_text(corpus_text(), encoding="utf-8")
-    return Settings(data_dir=data, corpus_root=data / "corpus", prefix=prefix,
-                    events_channel=f"{prefix}:trainer:events", lease_s=2.0)  # fmt: skip
+    return Settings(
+        data_dir=data,
+        corpus_root=data / "corpus",
+        prefix=prefix,
+        events_channel=f"{prefix}:trainer:events",
+        lease_s=2.0,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -114,8 +128,14 @@ async def wait_for_end(redis: aioredis.Redis, keys: Keys, run_id: str, timeout: 
     raise AssertionError(f"run {run_id} did not end in {timeout}s")
 
 
-async def wait_for_event(redis: aioredis.Redis, keys: Keys, run_id: str, kind: str,
-                         timeout: float = 120, at_least: int = 1) -> list[AnyEvent]:  # fmt: skip
+async def wait_for_event(
+    redis: aioredis.Redis,
+    keys: Keys,
+    run_id: str,
+    kind: str,
+    timeout: float = 120,
+    at_least: int = 1,
+) -> list[AnyEvent]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = [e for e in await events_of(redis, keys, run_id) if event_kind(e) == kind]
@@ -170,8 +190,16 @@ async def test_a_full_chain_finishes_with_every_step_in_order(finished: Finished
     steps = [e.step for e in finished.events if isinstance(e, StepStarted)]
     assert steps == ["ingest", "tokenizer", "trainer", "evaluator", "uploader"]
     assert kinds[0] == "run.queued" and kinds[-1] == "run.completed"
-    order = ["corpus.ready", "tokenizer.ready", "train.started", "train.progress",
-             "train.completed", "eval.completed", "artifact.stored", "run.completed"]  # fmt: skip
+    order = [
+        "corpus.ready",
+        "tokenizer.ready",
+        "train.started",
+        "train.progress",
+        "train.completed",
+        "eval.completed",
+        "artifact.stored",
+        "run.completed",
+    ]
     positions = [kinds.index(k) for k in order]
     assert positions == sorted(positions), kinds
     assert kinds.count("run.completed") == 1 and "run.failed" not in kinds
@@ -225,17 +253,50 @@ def test_the_model_loads_with_transformers(finished: Finished) -> None:
 BOT_KEYS = {
     "trainer.job.started.v1": {"type", "domain", "job_id", "user_id", "queue"},
     "trainer.job.progress.v1": {"type", "domain", "job_id", "user_id", "progress", "message"},
-    "trainer.job.completed.v1": {"type", "domain", "job_id", "user_id", "result_id",
-                                 "result_bytes"},
-    "trainer.metrics.config.v1": {"type", "job_id", "user_id", "model_family", "model_size",
-                                  "total_epochs", "queue", "cpu_cores", "memory_mb",
-                                  "optimal_threads", "optimal_workers", "batch_size",
-                                  "learning_rate"},
-    "trainer.metrics.completed.v1": {"type", "job_id", "user_id", "test_loss", "test_ppl",
-                                     "artifact_path"},
-}  # fmt: skip
-PROGRESS_KEYS = {"type", "job_id", "user_id", "epoch", "total_epochs", "step", "train_loss",
-                 "train_ppl", "grad_norm", "samples_per_sec"}  # fmt: skip
+    "trainer.job.completed.v1": {
+        "type",
+        "domain",
+        "job_id",
+        "user_id",
+        "result_id",
+        "result_bytes",
+    },
+    "trainer.metrics.config.v1": {
+        "type",
+        "job_id",
+        "user_id",
+        "model_family",
+        "model_size",
+        "total_epochs",
+        "queue",
+        "cpu_cores",
+        "memory_mb",
+        "optimal_threads",
+        "optimal_workers",
+        "batch_size",
+        "learning_rate",
+    },
+    "trainer.metrics.completed.v1": {
+        "type",
+        "job_id",
+        "user_id",
+        "test_loss",
+        "test_ppl",
+        "artifact_path",
+    },
+}
+PROGRESS_KEYS = {
+    "type",
+    "job_id",
+    "user_id",
+    "epoch",
+    "total_epochs",
+    "step",
+    "train_loss",
+    "train_ppl",
+    "grad_norm",
+    "samples_per_sec",
+}
 
 
 def test_the_bot_gets_its_shapes_in_order(finished: Finished) -> None:
@@ -263,7 +324,7 @@ def test_the_bot_gets_its_shapes_in_order(finished: Finished) -> None:
 
 
 async def test_replay_of_the_finished_run_reproduces_its_event_kinds(finished: Finished) -> None:
-    from actors import replay
+    from actors.client import replay
 
     redis = connect(finished.url)
     source = Keys(finished.settings.prefix)
@@ -320,8 +381,9 @@ async def test_http_routes_through_the_real_actors(finished: Finished) -> None:
                 req = (await posted.json())["request_id"]
                 result = await poll(http, f"/runs/{rid}/{route}/{req}")
                 assert result["ok"] is True, result
-            chat = await http.post(f"/runs/{rid}/chat", json={"message": "Hello", "seed": 3,
-                                                              "max_new_tokens": 8})  # fmt: skip
+            chat = await http.post(
+                f"/runs/{rid}/chat", json={"message": "Hello", "seed": 3, "max_new_tokens": 8}
+            )
             chat_body = await chat.json()
             sid, req = chat_body["session_id"], chat_body["request_id"]
             await poll(http, f"/runs/{rid}/chat/{sid}/{req}")
@@ -375,9 +437,14 @@ async def test_a_model_missing_here_is_fetched_through_its_artifact_pointer(
     ],
 )
 async def test_bad_commands_fail_as_user_errors_without_retries(
-    redis_url: str, redis: aioredis.Redis, keys: Keys, tmp_path: Path,
-    overrides: dict[str, object], step: str, words: str,
-) -> None:  # fmt: skip
+    redis_url: str,
+    redis: aioredis.Redis,
+    keys: Keys,
+    tmp_path: Path,
+    overrides: dict[str, object],
+    step: str,
+    words: str,
+) -> None:
     settings = make_settings(tmp_path, keys.prefix)
     (tmp_path / "data" / "outside.txt").write_text(corpus_text())
     async with running(settings, redis_url):
@@ -404,8 +471,11 @@ async def test_cancel_mid_run_ends_cancelled_and_stops_the_child(
         assert await wait_for_end(redis, keys, info.run_id, timeout=30) == "cancelled"
         assert time.monotonic() - asked < 10
     run_dir = settings.run_dir(info.run_id)
-    pids = [int(line["pid"]) for line in map(json.loads, (run_dir / "logs.jsonl").open())
-            if line.get("event") == "training child started"]  # fmt: skip
+    pids = [
+        int(line["pid"])
+        for line in map(json.loads, (run_dir / "logs.jsonl").open())
+        if line.get("event") == "training child started"
+    ]
     assert pids and not Path(f"/proc/{pids[-1]}").exists(), "the training child is still alive"
     assert any((run_dir / "checkpoints").glob("step-*")), "the checkpoint is kept"
 
@@ -413,11 +483,21 @@ async def test_cancel_mid_run_ends_cancelled_and_stops_the_child(
 def actor_process(
     url: str, settings: Settings, name: str, consumer: str
 ) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "REDIS_URL": url, "MT_PREFIX": settings.prefix,
-           "MT_DATA_DIR": str(settings.data_dir), "MT_CORPUS_ROOT": str(settings.corpus_root),
-           "MT_CONSUMER": consumer, "MT_LEASE_S": str(settings.lease_s)}  # fmt: skip
-    return subprocess.Popen([sys.executable, "-m", "actors.cli", "actor", name], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    env = {
+        **os.environ,
+        "REDIS_URL": url,
+        "MT_PREFIX": settings.prefix,
+        "MT_DATA_DIR": str(settings.data_dir),
+        "MT_CORPUS_ROOT": str(settings.corpus_root),
+        "MT_CONSUMER": consumer,
+        "MT_LEASE_S": str(settings.lease_s),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "actors.cli.main", "actor", name],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 async def test_a_killed_trainer_is_taken_over_and_resumes_from_its_checkpoint(
@@ -459,26 +539,52 @@ async def test_two_trainers_split_two_runs(
     settings = make_settings(tmp_path, keys.prefix)
     rest: list[ActorName] = ["ingest", "tokenizer", "evaluator", "uploader"]
     a, b = replace(settings, consumer="a"), replace(settings, consumer="b")
-    async with running(a, redis_url, rest), running(a, redis_url, ["trainer"]), \
-            running(b, redis_url, ["trainer"]):  # fmt: skip
+    async with (
+        running(a, redis_url, rest),
+        running(a, redis_url, ["trainer"]),
+        running(b, redis_url, ["trainer"]),
+    ):
         runs = [await submit(redis, keys, plan_train(tiny(max_steps=60))) for _ in range(2)]
         for info in runs:
             assert await wait_for_end(redis, keys, info.run_id) == "completed"
-    consumers = {e.consumer for info in runs
-                 for e in trainer_steps(await events_of(redis, keys, info.run_id))}  # fmt: skip
+    consumers = {
+        e.consumer
+        for info in runs
+        for e in trainer_steps(await events_of(redis, keys, info.run_id))
+    }
     assert consumers == {"a-trainer-0", "b-trainer-0"}
 
 
 async def test_cli_train_runs_a_tiny_config_to_completion(
-    redis_url: str, redis: aioredis.Redis, keys: Keys, tmp_path: Path,
+    redis_url: str,
+    redis: aioredis.Redis,
+    keys: Keys,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
-    from actors import cli
+) -> None:
+    from actors.cli import main as cli
 
     settings = replace(make_settings(tmp_path, keys.prefix), redis_url=redis_url)
-    flags = ["--corpus-path", "play.txt", "--vocab-size", "300", "--max-seq-len", "32",
-             "--batch-size", "4", "--max-steps", "8", "--eval-every", "4",
-             "--checkpoint-every", "4", "--threads", "1", "--user-id", "7"]  # fmt: skip
+    flags = [
+        "--corpus-path",
+        "play.txt",
+        "--vocab-size",
+        "300",
+        "--max-seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "8",
+        "--eval-every",
+        "4",
+        "--checkpoint-every",
+        "4",
+        "--threads",
+        "1",
+        "--user-id",
+        "7",
+    ]
     async with running(settings, redis_url):
         code = await cli.run(["train", *flags], settings)
     out = capsys.readouterr().out
@@ -498,8 +604,9 @@ async def test_a_data_bank_corpus_is_downloaded_checked_and_split(
     bank = FakeDataBank(tmp_path / "bank")
     url = await bank.start()
     try:
-        settings = replace(make_settings(tmp_path, keys.prefix), data_bank_url=url,
-                           data_bank_key=bank.key)  # fmt: skip
+        settings = replace(
+            make_settings(tmp_path, keys.prefix), data_bank_url=url, data_bank_key=bank.key
+        )
         file_id = bank.put(corpus_text().encode())
         async with running(settings, redis_url, ["ingest"]):
             info = await submit(

@@ -14,10 +14,10 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from actors.config import Settings
-from actors.databank import DataBankError, download, upload
-from actors.runtime import Runtime, RuntimeConfig
-from actors.uploader import UploaderActor, build_archive
+from actors.runtime.config import Settings
+from actors.runtime.streams import Runtime, RuntimeConfig
+from actors.workers.databank import DataBankError, download, upload
+from actors.workers.uploader import UploaderActor, build_archive
 from protocol.codec import FIELD, decode_event, encode
 from protocol.commands import ArtifactUpload
 from protocol.events import AnyEvent, ArtifactStored, RunFailed, event_kind
@@ -55,9 +55,12 @@ async def bank(tmp_path: Path) -> AsyncIterator[FakeDataBank]:
 
 def settings_for(data_dir: Path, keys: Keys, bank: FakeDataBank | None = None) -> Settings:
     return Settings(
-        data_dir=data_dir, corpus_root=data_dir / "corpus", prefix=keys.prefix,
-        data_bank_url=bank.url if bank else None, data_bank_key=bank.key if bank else None,
-    )  # fmt: skip
+        data_dir=data_dir,
+        corpus_root=data_dir / "corpus",
+        prefix=keys.prefix,
+        data_bank_url=bank.url if bank else None,
+        data_bank_key=bank.key if bank else None,
+    )
 
 
 async def run_upload(
@@ -92,8 +95,11 @@ async def test_local_store_archives_the_run_without_checkpoints(
         redis, keys, settings, ArtifactUpload(command_id="r1.uploader", run_id="r1", user_id=7)
     )
     assert [event_kind(e) for e in events] == [
-        "step.started", "artifact.stored", "step.completed", "run.completed"
-    ]  # fmt: skip
+        "step.started",
+        "artifact.stored",
+        "step.completed",
+        "run.completed",
+    ]
     stored = events[1]
     assert isinstance(stored, ArtifactStored)
     archive = data_dir / "artifacts" / "run" / "r1.tar.gz"
@@ -106,15 +112,22 @@ async def test_local_store_archives_the_run_without_checkpoints(
         weights = tar.extractfile("r1/model.safetensors")
         assert weights is not None and weights.read() == WEIGHTS
     assert sorted(names) == [
-        "r1/best", "r1/best/model.safetensors", "r1/config.json", "r1/manifest.json",
+        "r1/best",
+        "r1/best/model.safetensors",
+        "r1/config.json",
+        "r1/manifest.json",
         "r1/model.safetensors",
-    ]  # fmt: skip
+    ]
     assert not list(archive.parent.glob(".*"))  # no temporary left behind
 
     pointer = {
-        "storage": "local", "target": "run", "uri": archive.as_uri(), "file_id": "",
-        "size": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
-    }  # fmt: skip
+        "storage": "local",
+        "target": "run",
+        "uri": archive.as_uri(),
+        "file_id": "",
+        "size": len(blob),
+        "sha256": hashlib.sha256(blob).hexdigest(),
+    }
     state = await run_state(redis, keys, "r1")
     assert json.loads(state["artifact"]) == pointer
     assert state["status"] == "completed"
@@ -196,8 +209,11 @@ async def test_server_errors_and_bad_checksums_are_retried_until_the_upload_succ
     )
     assert [r.status for r in bank.requests] == [503, 201, 201]
     assert [event_kind(e) for e in events] == [
-        "step.started", "artifact.stored", "step.completed", "run.completed"
-    ]  # fmt: skip
+        "step.started",
+        "artifact.stored",
+        "step.completed",
+        "run.completed",
+    ]
     assert (await run_state(redis, keys, "r4"))["status"] == "completed"
 
 

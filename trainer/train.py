@@ -569,9 +569,16 @@ def train(
     )
     write_manifest(run_dir, manifest)
     if on_start is not None:
-        on_start(StartInfo(device=str(device), precision=precision, parameters=n_params,
-                           total_steps=total_steps, total_epochs=total_epochs,
-                           resumed_from_step=resumed_from or 0))  # fmt: skip
+        on_start(
+            StartInfo(
+                device=str(device),
+                precision=precision,
+                parameters=n_params,
+                total_steps=total_steps,
+                total_epochs=total_epochs,
+                resumed_from_step=resumed_from or 0,
+            )
+        )
 
     def checkpoint() -> None:
         states: dict[str, object] = {

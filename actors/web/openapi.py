@@ -104,16 +104,27 @@ def build(
     for op in operations:
         given = {p.name: p for p in op.params}
         parameters: list[JsonObject] = [
-            {"name": name, "in": "path", "required": True,
-             "schema": given[name].schema if name in given
-             else {"type": "string", "pattern": id_pattern}}
+            {
+                "name": name,
+                "in": "path",
+                "required": True,
+                "schema": given[name].schema
+                if name in given
+                else {"type": "string", "pattern": id_pattern},
+            }
             for name in _PATH_PARAM.findall(op.path)
-        ]  # fmt: skip
+        ]
         parameters += [
-            {"name": p.name, "in": p.where, "required": False, "schema": p.schema,
-             "description": p.description}
-            for p in op.params if p.where != "path"
-        ]  # fmt: skip
+            {
+                "name": p.name,
+                "in": p.where,
+                "required": False,
+                "schema": p.schema,
+                "description": p.description,
+            }
+            for p in op.params
+            if p.where != "path"
+        ]
         responses: JsonObject = {
             str(r.status): {
                 "description": r.description,

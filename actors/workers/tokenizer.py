@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from actors.pool import PoolActor
-from actors.runtime import Context, Outcome
+from actors.runtime.pool import PoolActor
+from actors.runtime.streams import Context, Outcome
 from protocol.commands import Base, TokenizerTrain
 from protocol.events import TokenizerReady
 from trainer.errors import UserError
@@ -33,10 +33,15 @@ def train(
     """Runs in a pool child."""
     from trainer.tokenizer import TokenizerConfig, train_tokenizer
 
-    config = TokenizerConfig.from_dict({
-        "kind": kind, "vocab_size": vocab_size, "min_frequency": min_frequency,
-        "spm_model_type": spm_model_type, "threads": threads,
-    })  # fmt: skip
+    config = TokenizerConfig.from_dict(
+        {
+            "kind": kind,
+            "vocab_size": vocab_size,
+            "min_frequency": min_frequency,
+            "spm_model_type": spm_model_type,
+            "threads": threads,
+        }
+    )
     return train_tokenizer(Path(corpus_dir), Path(out_dir), config)
 
 
@@ -57,16 +62,27 @@ class TokenizerActor(PoolActor):
         if not (corpus_dir / "corpus.json").is_file():
             raise UserError(f"corpus {cmd.corpus_id!r} has not been ingested")
         record = ctx.keys.tokenizer(cmd.tokenizer_id)
-        await ctx.redis.hset(record, mapping={
-            "status": "training", "kind": cmd.tokenizer_kind, "run_id": cmd.run_id,
-            "path": str(s.tokenizer_dir(cmd.tokenizer_id)), "created_at": str(time.time()),
-        })  # fmt: skip
+        await ctx.redis.hset(
+            record,
+            mapping={
+                "status": "training",
+                "kind": cmd.tokenizer_kind,
+                "run_id": cmd.run_id,
+                "path": str(s.tokenizer_dir(cmd.tokenizer_id)),
+                "created_at": str(time.time()),
+            },
+        )
         try:
             stats = await self.pool.run(
-                train, str(corpus_dir), str(s.tokenizer_dir(cmd.tokenizer_id)),
-                cmd.tokenizer_kind, cmd.vocab_size, cmd.min_frequency, cmd.spm_model_type,
+                train,
+                str(corpus_dir),
+                str(s.tokenizer_dir(cmd.tokenizer_id)),
+                cmd.tokenizer_kind,
+                cmd.vocab_size,
+                cmd.min_frequency,
+                cmd.spm_model_type,
                 cmd.threads,
-            )  # fmt: skip
+            )
         except Exception as e:  # recorded, then handled by the runtime's error policy
             await ctx.redis.hset(record, mapping={"status": "failed", "message": str(e)})
             raise

@@ -16,7 +16,7 @@ import msgspec
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 
-from actors.runtime import Redis, connect
+from actors.runtime.streams import Redis, connect
 from protocol.codec import FIELD, decode_event
 from protocol.events import (
     AnyEvent,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 import time
 
-from actors.runtime import Redis, add_command, add_event
+from actors.runtime.streams import Redis, add_command, add_event
 from protocol.commands import (
     ArtifactUpload,
     ChainCommand,
@@ -35,23 +35,36 @@ def _ingest(req: TokenizerFields, run_id: str, corpus_id: str, now: float) -> Co
     if len(sources) != 1:
         raise UserError("give exactly one of corpus_path, corpus_name, corpus_file_id")
     return CorpusIngest(
-        command_id=f"{run_id}.ingest", run_id=run_id, corpus_id=corpus_id,
-        user_id=req.user_id, requested_at=now, path=req.corpus_path,
-        named=req.corpus_name, file_id=req.corpus_file_id, lowercase=req.lowercase,
-        validation_fraction=req.holdout_fraction, test_fraction=req.test_split_ratio,
+        command_id=f"{run_id}.ingest",
+        run_id=run_id,
+        corpus_id=corpus_id,
+        user_id=req.user_id,
+        requested_at=now,
+        path=req.corpus_path,
+        named=req.corpus_name,
+        file_id=req.corpus_file_id,
+        lowercase=req.lowercase,
+        validation_fraction=req.holdout_fraction,
+        test_fraction=req.test_split_ratio,
         seed=req.seed,
-    )  # fmt: skip
+    )
 
 
 def _tokenizer(
     req: TokenizerFields, run_id: str, corpus_id: str, tok_id: str, now: float
 ) -> TokenizerTrain:
     return TokenizerTrain(
-        command_id=f"{run_id}.tokenizer", run_id=run_id, tokenizer_id=tok_id,
-        corpus_id=corpus_id, user_id=req.user_id, requested_at=now,
-        tokenizer_kind=req.tokenizer_kind, vocab_size=req.vocab_size,
-        min_frequency=req.min_frequency, spm_model_type=req.spm_model_type,
-    )  # fmt: skip
+        command_id=f"{run_id}.tokenizer",
+        run_id=run_id,
+        tokenizer_id=tok_id,
+        corpus_id=corpus_id,
+        user_id=req.user_id,
+        requested_at=now,
+        tokenizer_kind=req.tokenizer_kind,
+        vocab_size=req.vocab_size,
+        min_frequency=req.min_frequency,
+        spm_model_type=req.spm_model_type,
+    )
 
 
 def plan_train(req: TrainRequest, run_id: str | None = None) -> list[ChainCommand]:
@@ -67,21 +80,37 @@ def plan_train(req: TrainRequest, run_id: str | None = None) -> list[ChainComman
         chain.append(_tokenizer(req, run_id, corpus_id, tok_id, now))
     chain.append(
         ModelTrain(
-            command_id=f"{run_id}.trainer", run_id=run_id, corpus_id=corpus_id,
-            tokenizer_id=tok_id, user_id=req.user_id, requested_at=now,
-            model_family=req.model_family, model_size=req.model_size,
-            max_seq_len=req.max_seq_len, num_epochs=req.num_epochs, max_steps=req.max_steps,
-            batch_size=req.batch_size, learning_rate=req.learning_rate,
-            optimizer=req.optimizer, weight_decay=req.weight_decay,
-            warmup_steps=req.warmup_steps, gradient_clipping=req.gradient_clipping,
-            grad_accum_steps=req.grad_accum_steps, dropout=req.dropout,
-            eval_every=req.eval_every, checkpoint_every=req.checkpoint_every,
+            command_id=f"{run_id}.trainer",
+            run_id=run_id,
+            corpus_id=corpus_id,
+            tokenizer_id=tok_id,
+            user_id=req.user_id,
+            requested_at=now,
+            model_family=req.model_family,
+            model_size=req.model_size,
+            max_seq_len=req.max_seq_len,
+            num_epochs=req.num_epochs,
+            max_steps=req.max_steps,
+            batch_size=req.batch_size,
+            learning_rate=req.learning_rate,
+            optimizer=req.optimizer,
+            weight_decay=req.weight_decay,
+            warmup_steps=req.warmup_steps,
+            gradient_clipping=req.gradient_clipping,
+            grad_accum_steps=req.grad_accum_steps,
+            dropout=req.dropout,
+            eval_every=req.eval_every,
+            checkpoint_every=req.checkpoint_every,
             early_stopping_patience=req.early_stopping_patience,
-            pretrained_run_id=req.pretrained_run_id, freeze_embed=req.freeze_embed,
-            finetune_lr_cap=req.finetune_lr_cap, device=req.device,
-            precision=req.precision, threads=req.threads, seed=req.seed,
+            pretrained_run_id=req.pretrained_run_id,
+            freeze_embed=req.freeze_embed,
+            finetune_lr_cap=req.finetune_lr_cap,
+            device=req.device,
+            precision=req.precision,
+            threads=req.threads,
+            seed=req.seed,
         )
-    )  # fmt: skip
+    )
     chain.append(
         ModelEvaluate(
             command_id=f"{run_id}.evaluator",
@@ -141,10 +170,15 @@ async def submit(redis: Redis, keys: Keys, chain: list[ChainCommand]) -> RunCrea
         )
     now = time.time()
     event = RunQueued(
-        run_id=info.run_id, user_id=first.user_id, at=now, steps=steps, corpus=corpus,
+        run_id=info.run_id,
+        user_id=first.user_id,
+        at=now,
+        steps=steps,
+        corpus=corpus,
         model_family=train.model_family if train else "",
-        model_size=train.model_size if train else "", tokenizer_id=info.tokenizer_id,
-    )  # fmt: skip
+        model_size=train.model_size if train else "",
+        tokenizer_id=info.tokenizer_id,
+    )
     async with redis.pipeline(transaction=True) as pipe:
         add_event(pipe, keys, event)
         pipe.zadd(keys.runs, {info.run_id: now})

@@ -37,9 +37,11 @@ from pathlib import Path
 import msgspec
 from redis.exceptions import ResponseError
 
-from actors import service, watch
-from actors.config import Settings
-from actors.runtime import (
+from actors import service
+from actors.client import watch
+from actors.client.watch import stream_entries
+from actors.runtime.config import Settings
+from actors.runtime.streams import (
     Actor,
     Redis,
     Runtime,
@@ -49,7 +51,6 @@ from actors.runtime import (
     is_chain_step,
     run_id_of,
 )
-from actors.watch import stream_entries
 from protocol.codec import FIELD, decode_command
 from protocol.commands import Base, kind_of
 from protocol.events import RunQueued
@@ -60,9 +61,19 @@ ActorFactories = Mapping[ActorName, Callable[[Settings], Actor]]
 
 # Fields that differ between two faithful executions of the same commands.
 VOLATILE = frozenset(
-    {"at", "duration_s", "consumer", "attempt", "tokens_per_s", "samples_per_s",
-     "memory_mb", "cpu_cores", "threads", "uri"}
-)  # fmt: skip
+    {
+        "at",
+        "duration_s",
+        "consumer",
+        "attempt",
+        "tokens_per_s",
+        "samples_per_s",
+        "memory_mb",
+        "cpu_cores",
+        "threads",
+        "uri",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -214,11 +225,16 @@ async def redrive(
         "run_id": run_id,
         "replayed_at": time.time(),
         "commands": [
-            {"stream": source.cmd(e.actor), "entry_id": e.entry_id, "new_id": new,
-             "kind": e.kind, "command_id": e.command_id}
+            {
+                "stream": source.cmd(e.actor),
+                "entry_id": e.entry_id,
+                "new_id": new,
+                "kind": e.kind,
+                "command_id": e.command_id,
+            }
             for e, new in zip(commands, new_ids, strict=True)
         ],
-    }  # fmt: skip
+    }
     (target.data_dir / "replay.json").write_text(json.dumps(record, indent=2) + "\n")
     return Replayed(to.prefix, target.data_dir, list(zip(commands, new_ids, strict=True)))
 
@@ -298,9 +314,13 @@ async def step(
         tail = stream_entries(await redis.xrevrange(keys.events, count=1))
         before = tail[0][0] if tail else "0-0"
         runtime = _OneCommand(
-            factories[actor_name](settings), redis, keys=keys,
-            consumer=step_consumer(actor_name), config=cfg, blocking_redis=blocking,
-        )  # fmt: skip
+            factories[actor_name](settings),
+            redis,
+            keys=keys,
+            consumer=step_consumer(actor_name),
+            config=cfg,
+            blocking_redis=blocking,
+        )
         await runtime.run(until_idle=True)
         if runtime.started is None:
             return None

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import msgspec
 
-from actors.pool import PoolActor
-from actors.runtime import Context, Outcome, answer
+from actors.runtime.pool import PoolActor
+from actors.runtime.streams import Context, Outcome, answer
 from protocol.commands import Base, ModelChat, ModelEvaluate, ModelGenerate, ModelScore
 from protocol.events import EvalCompleted
 from trainer.errors import UserError
@@ -130,10 +130,18 @@ class EvaluatorActor(PoolActor):
             case ModelGenerate():
                 run_dir = await self.run_dir(cmd.run_id, ctx)
                 samples = await self.pool.run(
-                    generate_job, str(run_dir), cmd.prompt, cmd.max_new_tokens, cmd.temperature,
-                    cmd.top_k, cmd.top_p, list(cmd.stop), cmd.stop_on_eos, cmd.seed,
+                    generate_job,
+                    str(run_dir),
+                    cmd.prompt,
+                    cmd.max_new_tokens,
+                    cmd.temperature,
+                    cmd.top_k,
+                    cmd.top_p,
+                    list(cmd.stop),
+                    cmd.stop_on_eos,
+                    cmd.seed,
                     cmd.num_return_sequences,
-                )  # fmt: skip
+                )
                 result = {"prompt": cmd.prompt, "samples": samples}
                 return answer(ctx.keys, cmd, {"result": result})
             case ModelChat():
@@ -152,10 +160,12 @@ class EvaluatorActor(PoolActor):
         metrics = await self.pool.run(evaluate_job, str(run_dir), cmd.split, path, out_name)
         loss, ppl = metrics.get("loss"), metrics.get("perplexity")
         event = EvalCompleted(
-            request_id=cmd.request_id, split=cmd.path or cmd.split,
+            request_id=cmd.request_id,
+            split=cmd.path or cmd.split,
             loss=float(loss) if isinstance(loss, int | float) else None,
-            ppl=float(ppl) if isinstance(ppl, int | float) else None, metrics=_numbers(metrics),
-        )  # fmt: skip
+            ppl=float(ppl) if isinstance(ppl, int | float) else None,
+            metrics=_numbers(metrics),
+        )
         if cmd.request_id:
             outcome = answer(ctx.keys, cmd, {"result": metrics})
             outcome.events.insert(0, event)
@@ -168,9 +178,16 @@ class EvaluatorActor(PoolActor):
         raw = await ctx.redis.get(key)
         turns = msgspec.json.decode(raw, type=list[Turn]) if raw else []
         reply = await self.pool.run(
-            chat_job, str(run_dir), [(t.role, t.content) for t in turns], cmd.message,
-            cmd.max_new_tokens, cmd.temperature, cmd.top_k, cmd.top_p, cmd.seed,
-        )  # fmt: skip
+            chat_job,
+            str(run_dir),
+            [(t.role, t.content) for t in turns],
+            cmd.message,
+            cmd.max_new_tokens,
+            cmd.temperature,
+            cmd.top_k,
+            cmd.top_p,
+            cmd.seed,
+        )
         turns += [Turn("user", cmd.message), Turn("assistant", reply)]
         await ctx.redis.set(key, msgspec.json.encode(turns), ex=CHAT_TTL_S)
         history = [{"role": t.role, "content": t.content} for t in turns]
@@ -199,7 +216,7 @@ class EvaluatorActor(PoolActor):
             if not path.is_file():
                 raise UserError(f"the run's local artifact {path} is missing")
             return path
-        from actors.databank import fetch
+        from actors.workers.databank import fetch
 
         sha = str(pointer.get("sha256") or "") or None
         return await fetch(s, str(pointer.get("file_id", "")), ".tar.gz", sha, "the run's model")

@@ -35,12 +35,12 @@ import msgspec
 from aiohttp import web
 from redis.exceptions import RedisError, WatchError
 
-from actors import log
-from actors.config import Settings
-from actors.dashboard import add_routes as add_dashboard
-from actors.openapi import Operation, Param, Reply, build
-from actors.runtime import Redis, add_command, add_event, connect, request_kind
-from actors.submit import new_id, plan_tokenizer, plan_train, submit
+from actors.client.submit import new_id, plan_tokenizer, plan_train, submit
+from actors.runtime import log
+from actors.runtime.config import Settings
+from actors.runtime.streams import Redis, add_command, add_event, connect, request_kind
+from actors.web.dashboard import add_routes as add_dashboard
+from actors.web.openapi import Operation, Param, Reply, build
 from protocol.codec import FIELD
 from protocol.commands import (
     Id,
@@ -201,10 +201,16 @@ def invalid(field: str, message: str) -> ApiError:
 
 
 _HTTP_CODES: dict[int, str] = {
-    400: "BAD_REQUEST", 401: "UNAUTHORIZED", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
-    409: "CONFLICT", 413: "PAYLOAD_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE",
-    422: "INVALID_INPUT", 503: "UNAVAILABLE",
-}  # fmt: skip
+    400: "BAD_REQUEST",
+    401: "UNAUTHORIZED",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    409: "CONFLICT",
+    413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+    422: "INVALID_INPUT",
+    503: "UNAVAILABLE",
+}
 
 
 def _error_response(request: web.Request, e: ApiError) -> web.Response:
@@ -279,9 +285,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
     except Exception:
         _log.exception(
-            "unhandled error", request_id=request[REQUEST_ID], method=request.method,
+            "unhandled error",
+            request_id=request[REQUEST_ID],
+            method=request.method,
             path=request.path,
-        )  # fmt: skip
+        )
         message = (
             f"internal error; the server log has the details under request {request[REQUEST_ID]}"
         )
@@ -309,9 +317,11 @@ async def _stamp_request_id(request: web.Request, response: web.StreamResponse) 
 
 def _json(obj: object, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
     return web.Response(
-        body=msgspec.json.encode(obj), status=status, content_type="application/json",
+        body=msgspec.json.encode(obj),
+        status=status,
+        content_type="application/json",
         headers=headers,
-    )  # fmt: skip
+    )
 
 
 def field_of(message: str) -> str:
@@ -637,15 +647,19 @@ async def readyz(request: web.Request) -> web.StreamResponse:
             counts = await alive_kinds(redis, keys)
     except (RedisError, OSError, TimeoutError) as e:
         raise ApiError(
-            503, "NOT_READY", f"Redis is unreachable ({type(e).__name__})",
+            503,
+            "NOT_READY",
+            f"Redis is unreachable ({type(e).__name__})",
             extra={"status": "degraded", "reason": "redis-unavailable"},
-        ) from None  # fmt: skip
+        ) from None
     missing = [actor for actor in ACTOR_NAMES if actor not in counts]
     if missing:
         raise ApiError(
-            503, "NOT_READY", f"no live consumer for: {', '.join(missing)}",
+            503,
+            "NOT_READY",
+            f"no live consumer for: {', '.join(missing)}",
             extra={"status": "degraded", "reason": "no-worker", "missing": missing},
-        )  # fmt: skip
+        )
     return _json(Ready(status="ready", actors={k: v for k, v in counts.items()}))
 
 
@@ -738,10 +752,15 @@ async def evaluate(request: web.Request) -> web.StreamResponse:
     return await _queue(
         request.app,
         ModelEvaluate(
-            command_id=request_id, run_id=state.run_id, request_id=request_id,
-            user_id=req.user_id, requested_at=time.time(), split=req.split, path=path,
+            command_id=request_id,
+            run_id=state.run_id,
+            request_id=request_id,
+            user_id=req.user_id,
+            requested_at=time.time(),
+            split=req.split,
+            path=path,
         ),
-    )  # fmt: skip
+    )
 
 
 async def score(request: web.Request) -> web.StreamResponse:
@@ -751,11 +770,16 @@ async def score(request: web.Request) -> web.StreamResponse:
     return await _queue(
         request.app,
         ModelScore(
-            command_id=request_id, run_id=state.run_id, request_id=request_id,
-            user_id=req.user_id, requested_at=time.time(), text=req.text, detail=req.detail,
+            command_id=request_id,
+            run_id=state.run_id,
+            request_id=request_id,
+            user_id=req.user_id,
+            requested_at=time.time(),
+            text=req.text,
+            detail=req.detail,
             top_k=req.top_k,
         ),
-    )  # fmt: skip
+    )
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
@@ -765,13 +789,22 @@ async def generate(request: web.Request) -> web.StreamResponse:
     return await _queue(
         request.app,
         ModelGenerate(
-            command_id=request_id, run_id=state.run_id, request_id=request_id,
-            user_id=req.user_id, requested_at=time.time(), prompt=req.prompt, stop=req.stop,
-            num_return_sequences=req.num_return_sequences, max_new_tokens=req.max_new_tokens,
-            temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed,
+            command_id=request_id,
+            run_id=state.run_id,
+            request_id=request_id,
+            user_id=req.user_id,
+            requested_at=time.time(),
+            prompt=req.prompt,
+            stop=req.stop,
+            num_return_sequences=req.num_return_sequences,
+            max_new_tokens=req.max_new_tokens,
+            temperature=req.temperature,
+            top_k=req.top_k,
+            top_p=req.top_p,
+            seed=req.seed,
             stop_on_eos=req.stop_on_eos,
         ),
-    )  # fmt: skip
+    )
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
@@ -782,12 +815,20 @@ async def chat(request: web.Request) -> web.StreamResponse:
     return await _queue(
         request.app,
         ModelChat(
-            command_id=request_id, run_id=state.run_id, request_id=request_id,
-            session_id=session_id, user_id=req.user_id, requested_at=time.time(),
-            message=req.message, max_new_tokens=req.max_new_tokens,
-            temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed,
+            command_id=request_id,
+            run_id=state.run_id,
+            request_id=request_id,
+            session_id=session_id,
+            user_id=req.user_id,
+            requested_at=time.time(),
+            message=req.message,
+            max_new_tokens=req.max_new_tokens,
+            temperature=req.temperature,
+            top_k=req.top_k,
+            top_p=req.top_p,
+            seed=req.seed,
         ),
-    )  # fmt: skip
+    )
 
 
 async def _result(request: web.Request, what: str) -> web.StreamResponse:
@@ -809,9 +850,11 @@ async def _result(request: web.Request, what: str) -> web.StreamResponse:
         return _json({**stored, "request_id": request_id, "status": "completed"})
     kind = str(stored.get("error_kind", "system"))
     raise ApiError(
-        422 if kind == "user" else 502, "REQUEST_FAILED", str(stored.get("message", "failed")),
+        422 if kind == "user" else 502,
+        "REQUEST_FAILED",
+        str(stored.get("message", "failed")),
         extra={"what": what, "error_kind": kind, "status": "failed"},
-    )  # fmt: skip
+    )
 
 
 async def score_result(request: web.Request) -> web.StreamResponse:
@@ -916,24 +959,32 @@ async def get_tokenizer(request: web.Request) -> web.StreamResponse:
             decoded = msgspec.json.decode(fields.get("stats") or "{}")
             if isinstance(decoded, dict):
                 stats = {
-                    str(k): float(v) for k, v in decoded.items()
+                    str(k): float(v)
+                    for k, v in decoded.items()
                     if isinstance(v, int | float) and not isinstance(v, bool)
-                }  # fmt: skip
+                }
         path = fields.get("path", "")
         return _json(
             TokenizerInfo(
-                tokenizer_id=tokenizer_id, status=fields.get("status", "unknown"),
-                kind=fields.get("kind", ""), run_id=fields.get("run_id", ""), stats=stats,
-                path=path, artifact_path=path, created_at=fields.get("created_at", ""),
+                tokenizer_id=tokenizer_id,
+                status=fields.get("status", "unknown"),
+                kind=fields.get("kind", ""),
+                run_id=fields.get("run_id", ""),
+                stats=stats,
+                path=path,
+                artifact_path=path,
+                created_at=fields.get("created_at", ""),
             )
-        )  # fmt: skip
+        )
     if await asyncio.to_thread(tok_dir.is_dir):
         return _json(
             TokenizerInfo(
-                tokenizer_id=tokenizer_id, status="ready", path=str(tok_dir),
+                tokenizer_id=tokenizer_id,
+                status="ready",
+                path=str(tok_dir),
                 artifact_path=str(tok_dir),
             )
-        )  # fmt: skip
+        )
     # A tokenizer that a queued run or tokenizer job will train has no record yet.
     if tokenizer_id.endswith("-tok"):
         state = await load_run(app[REDIS], app[KEYS], tokenizer_id.removesuffix("-tok"))
@@ -1067,8 +1118,11 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
 
 # ----------------------------------------------------------------------------- route table
 
-_TAIL = Param("tail", {"type": "integer", "minimum": 0, "maximum": 10_000, "default": 200},
-              "lines of history to send first")  # fmt: skip
+_TAIL = Param(
+    "tail",
+    {"type": "integer", "minimum": 0, "maximum": 10_000, "default": 200},
+    "lines of history to send first",
+)
 _FOLLOW = Param("follow", {"type": "boolean", "default": True}, "keep streaming until the run ends")
 _LAST_ID = Param("Last-Event-ID", {"type": "string"}, "resume after this SSE id", where="header")
 _QUEUED = (400, 401, 404, 409, 413, 422)
@@ -1077,66 +1131,253 @@ _DONE = Reply(200, "the stored result with request_id and status 'completed'")
 _SSE = "text/event-stream"
 
 ROUTES: tuple[tuple[Operation, Handler], ...] = (
-    (Operation("GET", "/healthz", "liveness", (Reply(200, "the process is up", Health),),
-               errors=(), public=True), healthz),
-    (Operation("GET", "/readyz", "readiness: Redis and a live consumer of every actor kind",
-               (Reply(200, "ready", Ready),), errors=(503,), public=True), readyz),
-    (Operation("GET", "/openapi.json", "this document", (Reply(200, "OpenAPI 3.1"),),
-               errors=(401,)), openapi),
-    (Operation("POST", "/runs/train", "submit a training run",
-               (Reply(202, "queued", RunCreated),), body=TrainRequest,
-               errors=(400, 401, 413, 422)), train),
-    (Operation("GET", "/runs", "recent runs, newest first", (Reply(200, "runs", RunList),),
-               params=(Param("limit", {"type": "integer", "minimum": 1, "maximum": 500,
-                                       "default": 20}),), errors=(401, 422)), list_runs),
+    (
+        Operation(
+            "GET",
+            "/healthz",
+            "liveness",
+            (Reply(200, "the process is up", Health),),
+            errors=(),
+            public=True,
+        ),
+        healthz,
+    ),
+    (
+        Operation(
+            "GET",
+            "/readyz",
+            "readiness: Redis and a live consumer of every actor kind",
+            (Reply(200, "ready", Ready),),
+            errors=(503,),
+            public=True,
+        ),
+        readyz,
+    ),
+    (
+        Operation(
+            "GET", "/openapi.json", "this document", (Reply(200, "OpenAPI 3.1"),), errors=(401,)
+        ),
+        openapi,
+    ),
+    (
+        Operation(
+            "POST",
+            "/runs/train",
+            "submit a training run",
+            (Reply(202, "queued", RunCreated),),
+            body=TrainRequest,
+            errors=(400, 401, 413, 422),
+        ),
+        train,
+    ),
+    (
+        Operation(
+            "GET",
+            "/runs",
+            "recent runs, newest first",
+            (Reply(200, "runs", RunList),),
+            params=(
+                Param("limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 20}),
+            ),
+            errors=(401, 422),
+        ),
+        list_runs,
+    ),
     (Operation("GET", "/runs/{id}", "a run's state", (Reply(200, "state", RunState),)), get_run),
-    (Operation("GET", "/runs/{id}/logs", "the last lines of the run's log",
-               (Reply(200, "log lines", media="text/plain"),), params=(_TAIL,),
-               errors=(401, 404, 422)), get_logs),
-    (Operation("GET", "/runs/{id}/logs/stream", "the run's log as server-sent events",
-               (Reply(200, "SSE: data = a log line; event 'end' at the end", media=_SSE),),
-               params=(_TAIL, _FOLLOW, _LAST_ID), errors=(401, 404, 422)), stream_logs),
-    (Operation("GET", "/runs/{id}/events", "the run's events as server-sent events",
-               (Reply(200, "SSE: event = kind, data = the event JSON, id = entry id",
-                      media=_SSE),),
-               params=(_FOLLOW, _LAST_ID), errors=(401, 404, 422)), stream_events),
-    (Operation("POST", "/runs/{id}/cancel", "cancel a queued or running run",
-               (Reply(202, "cancellation requested", CancelAccepted),),
-               errors=(401, 404, 409)), cancel),
-    (Operation("POST", "/runs/{id}/evaluate", "evaluate a completed run",
-               (Reply(202, "queued", Accepted),), body=EvaluateRequest, errors=_QUEUED), evaluate),
-    (Operation("GET", "/runs/{id}/evaluate/{request_id}", "an evaluate request's result",
-               (_DONE, _PENDING), errors=(401, 404, 422, 502)), evaluate_result),
-    (Operation("GET", "/runs/{id}/eval", "the run's evaluation (metrics and samples)",
-               (Reply(200, "metrics and samples"),)), get_eval),
-    (Operation("GET", "/runs/{id}/artifact", "the run's artifact pointer",
-               (Reply(200, "storage, uri, file_id, size, sha256"),)), get_artifact),
-    (Operation("POST", "/runs/{id}/score", "score text with a completed run's model",
-               (Reply(202, "queued", Accepted),), body=ScoreRequest, errors=_QUEUED), score),
-    (Operation("GET", "/runs/{id}/score/{request_id}", "a score request's result",
-               (_DONE, _PENDING), errors=(401, 404, 422, 502)), score_result),
-    (Operation("POST", "/runs/{id}/generate", "sample text from a completed run's model",
-               (Reply(202, "queued", Accepted),), body=GenerateRequest, errors=_QUEUED),
-     generate),
-    (Operation("GET", "/runs/{id}/generate/{request_id}", "a generate request's result",
-               (_DONE, _PENDING), errors=(401, 404, 422, 502)), generate_result),
-    (Operation("POST", "/runs/{id}/chat", "send a chat message (new session when none given)",
-               (Reply(202, "queued", Accepted),), body=ChatRequest, errors=_QUEUED), chat),
-    (Operation("GET", "/runs/{id}/chat/{session_id}", "a chat session's messages",
-               (Reply(200, "history", ChatHistory),)), chat_history),
-    (Operation("DELETE", "/runs/{id}/chat/{session_id}", "forget a chat session",
-               (Reply(200, "deleted", Deleted),)), chat_delete),
-    (Operation("GET", "/runs/{id}/chat/{session_id}/{request_id}", "a chat request's result",
-               (_DONE, _PENDING), errors=(401, 404, 422, 502)), chat_result),
-    (Operation("GET", "/artifacts/{kind}/{artifact_id}", "download a local artifact (.tar.gz)",
-               (Reply(200, "the archive", media="application/gzip"),),
-               params=(Param("kind", {"enum": ["run", "tokenizer"]}, where="path"),)), download),
-    (Operation("POST", "/tokenizers/train", "train a tokenizer on its own",
-               (Reply(202, "queued", RunCreated),), body=TokenizerTrainRequest,
-               errors=(400, 401, 413, 422)), train_tokenizer),
-    (Operation("GET", "/tokenizers/{tokenizer_id}", "a tokenizer's status and stats",
-               (Reply(200, "tokenizer", TokenizerInfo),)), get_tokenizer),
-)  # fmt: skip
+    (
+        Operation(
+            "GET",
+            "/runs/{id}/logs",
+            "the last lines of the run's log",
+            (Reply(200, "log lines", media="text/plain"),),
+            params=(_TAIL,),
+            errors=(401, 404, 422),
+        ),
+        get_logs,
+    ),
+    (
+        Operation(
+            "GET",
+            "/runs/{id}/logs/stream",
+            "the run's log as server-sent events",
+            (Reply(200, "SSE: data = a log line; event 'end' at the end", media=_SSE),),
+            params=(_TAIL, _FOLLOW, _LAST_ID),
+            errors=(401, 404, 422),
+        ),
+        stream_logs,
+    ),
+    (
+        Operation(
+            "GET",
+            "/runs/{id}/events",
+            "the run's events as server-sent events",
+            (Reply(200, "SSE: event = kind, data = the event JSON, id = entry id", media=_SSE),),
+            params=(_FOLLOW, _LAST_ID),
+            errors=(401, 404, 422),
+        ),
+        stream_events,
+    ),
+    (
+        Operation(
+            "POST",
+            "/runs/{id}/cancel",
+            "cancel a queued or running run",
+            (Reply(202, "cancellation requested", CancelAccepted),),
+            errors=(401, 404, 409),
+        ),
+        cancel,
+    ),
+    (
+        Operation(
+            "POST",
+            "/runs/{id}/evaluate",
+            "evaluate a completed run",
+            (Reply(202, "queued", Accepted),),
+            body=EvaluateRequest,
+            errors=_QUEUED,
+        ),
+        evaluate,
+    ),
+    (
+        Operation(
+            "GET",
+            "/runs/{id}/evaluate/{request_id}",
+            "an evaluate request's result",
+            (_DONE, _PENDING),
+            errors=(401, 404, 422, 502),
+        ),
+        evaluate_result,
+    ),
+    (
+        Operation(
+            "GET",
+            "/runs/{id}/eval",
+            "the run's evaluation (metrics and samples)",
+            (Reply(200, "metrics and samples"),),
+        ),
+        get_eval,
+    ),
+    (
+        Operation(
+            "GET",
+            "/runs/{id}/artifact",
+            "the run's artifact pointer",
+            (Reply(200, "storage, uri, file_id, size, sha256"),),
+        ),
+        get_artifact,
+    ),
+    (
+        Operation(
+            "POST",
+            "/runs/{id}/score",
+            "score text with a completed run's model",
+            (Reply(202, "queued", Accepted),),
+            body=ScoreRequest,
+            errors=_QUEUED,
+        ),
+        score,
+    ),
+    (
+        Operation(
+            "GET",
+            "/runs/{id}/score/{request_id}",
+            "a score request's result",
+            (_DONE, _PENDING),
+            errors=(401, 404, 422, 502),
+        ),
+        score_result,
+    ),
+    (
+        Operation(
+            "POST",
+            "/runs/{id}/generate",
+            "sample text from a completed run's model",
+            (Reply(202, "queued", Accepted),),
+            body=GenerateRequest,
+            errors=_QUEUED,
+        ),
+        generate,
+    ),
+    (
+        Operation(
+            "GET",
+            "/runs/{id}/generate/{request_id}",
+            "a generate request's result",
+            (_DONE, _PENDING),
+            errors=(401, 404, 422, 502),
+        ),
+        generate_result,
+    ),
+    (
+        Operation(
+            "POST",
+            "/runs/{id}/chat",
+            "send a chat message (new session when none given)",
+            (Reply(202, "queued", Accepted),),
+            body=ChatRequest,
+            errors=_QUEUED,
+        ),
+        chat,
+    ),
+    (
+        Operation(
+            "GET",
+            "/runs/{id}/chat/{session_id}",
+            "a chat session's messages",
+            (Reply(200, "history", ChatHistory),),
+        ),
+        chat_history,
+    ),
+    (
+        Operation(
+            "DELETE",
+            "/runs/{id}/chat/{session_id}",
+            "forget a chat session",
+            (Reply(200, "deleted", Deleted),),
+        ),
+        chat_delete,
+    ),
+    (
+        Operation(
+            "GET",
+            "/runs/{id}/chat/{session_id}/{request_id}",
+            "a chat request's result",
+            (_DONE, _PENDING),
+            errors=(401, 404, 422, 502),
+        ),
+        chat_result,
+    ),
+    (
+        Operation(
+            "GET",
+            "/artifacts/{kind}/{artifact_id}",
+            "download a local artifact (.tar.gz)",
+            (Reply(200, "the archive", media="application/gzip"),),
+            params=(Param("kind", {"enum": ["run", "tokenizer"]}, where="path"),),
+        ),
+        download,
+    ),
+    (
+        Operation(
+            "POST",
+            "/tokenizers/train",
+            "train a tokenizer on its own",
+            (Reply(202, "queued", RunCreated),),
+            body=TokenizerTrainRequest,
+            errors=(400, 401, 413, 422),
+        ),
+        train_tokenizer,
+    ),
+    (
+        Operation(
+            "GET",
+            "/tokenizers/{tokenizer_id}",
+            "a tokenizer's status and stats",
+            (Reply(200, "tokenizer", TokenizerInfo),),
+        ),
+        get_tokenizer,
+    ),
+)
 
 
 # -------------------------------------------------------------------------------- the app
@@ -1159,9 +1400,13 @@ async def _on_shutdown(app: web.Application) -> None:
 
 def openapi_document(settings: Settings) -> dict[str, object]:
     return build(
-        [op for op, _ in ROUTES], title="model-trainer control endpoint", version="1",
-        error=ErrorBody, id_pattern=_ID_PATTERN, api_key=settings.api_key is not None,
-    )  # fmt: skip
+        [op for op, _ in ROUTES],
+        title="model-trainer control endpoint",
+        version="1",
+        error=ErrorBody,
+        id_pattern=_ID_PATTERN,
+        api_key=settings.api_key is not None,
+    )
 
 
 def create_app(settings: Settings, redis_url: str) -> web.Application:

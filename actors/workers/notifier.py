@@ -42,9 +42,9 @@ import msgspec
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from actors import log
-from actors.config import Settings
-from actors.runtime import GroupReader, Redis, connect, keep_alive
+from actors.runtime import log
+from actors.runtime.config import Settings
+from actors.runtime.streams import GroupReader, Redis, connect, keep_alive
 from protocol.codec import FIELD, decode_event
 from protocol.events import (
     AnyEvent,
@@ -281,14 +281,20 @@ class Translator:
                 view.message = f"training {event.model_family} {event.model_size}"
                 return [
                     MetricsConfig(
-                        job_id=rid, user_id=uid, model_family=event.model_family,
-                        model_size=event.model_size, total_epochs=event.total_epochs,
+                        job_id=rid,
+                        user_id=uid,
+                        model_family=event.model_family,
+                        model_size=event.model_size,
+                        total_epochs=event.total_epochs,
                         queue="trainer",
-                        cpu_cores=event.cpu_cores, memory_mb=event.memory_mb,
-                        optimal_threads=event.threads, optimal_workers=1,
-                        batch_size=event.batch_size, learning_rate=clamp(event.learning_rate),
+                        cpu_cores=event.cpu_cores,
+                        memory_mb=event.memory_mb,
+                        optimal_threads=event.threads,
+                        optimal_workers=1,
+                        batch_size=event.batch_size,
+                        learning_rate=clamp(event.learning_rate),
                     )
-                ]  # fmt: skip
+                ]
             case TrainProgress():
                 return self._train_progress(event, view)
             case TrainCompleted():
@@ -299,20 +305,24 @@ class Translator:
                 test_ppl = event.test_ppl if event.test_ppl is not None else ppl(event.test_loss)
                 return [
                     MetricsCompleted(
-                        job_id=rid, user_id=uid, test_loss=clamp(event.test_loss),
+                        job_id=rid,
+                        user_id=uid,
+                        test_loss=clamp(event.test_loss),
                         test_ppl=clamp(test_ppl),
                         artifact_path=str(self.settings.run_dir(view.run_id)),
                     )
-                ]  # fmt: skip
+                ]
             case EvalCompleted():
                 loss = "" if event.loss is None else f": loss {event.loss:.4f}"
                 view.message = f"evaluated on {event.split or 'test'}{loss}"
                 return [self._progress(view, done="evaluator")]
             case ArtifactStored():
                 view.artifact = {
-                    "storage": event.storage, "uri": event.uri, "file_id": event.file_id,
+                    "storage": event.storage,
+                    "uri": event.uri,
+                    "file_id": event.file_id,
                     "size": event.size,
-                }  # fmt: skip
+                }
                 view.message = f"artifact stored ({event.storage}, {event.size:,} bytes)"
                 return [self._progress(view, done="uploader")]
             case RunCompleted():
@@ -351,9 +361,11 @@ class Translator:
         if done is not None:
             view.progress = max(view.progress, percent(done, 1.0))
         return JobProgress(
-            job_id=view.run_id, user_id=int(view.user_id), progress=view.progress,
+            job_id=view.run_id,
+            user_id=int(view.user_id),
+            progress=view.progress,
             message=view.message,
-        )  # fmt: skip
+        )
 
     def _train_progress(self, event: TrainProgress, view: RunView) -> list[BotMessage]:
         view.epoch, view.total_epochs = event.epoch, event.total_epochs or view.total_epochs
@@ -387,12 +399,19 @@ class Translator:
         return [
             self._progress(view),
             MetricsProgress(
-                job_id=view.run_id, user_id=int(view.user_id), epoch=event.epoch,
-                total_epochs=view.total_epochs, step=event.step, train_loss=clamp(event.loss),
-                train_ppl=ppl(event.loss), grad_norm=clamp(event.grad_norm),
-                samples_per_sec=clamp(event.samples_per_s), val_loss=val_loss, val_ppl=val_ppl,
+                job_id=view.run_id,
+                user_id=int(view.user_id),
+                epoch=event.epoch,
+                total_epochs=view.total_epochs,
+                step=event.step,
+                train_loss=clamp(event.loss),
+                train_ppl=ppl(event.loss),
+                grad_norm=clamp(event.grad_norm),
+                samples_per_sec=clamp(event.samples_per_s),
+                val_loss=val_loss,
+                val_ppl=val_ppl,
             ),
-        ]  # fmt: skip
+        ]
 
 
 # ------------------------------------------------------------------ Discord
@@ -422,9 +441,11 @@ def embed(view: RunView) -> dict[str, object]:
         total = f"/{view.total_steps}" if view.total_steps else ""
         fields.append(("Train step", f"{view.train_step}{total}"))
     for name, value in (
-        ("Loss", view.loss), ("Val loss", view.val_loss), ("Test loss", view.test_loss),
+        ("Loss", view.loss),
+        ("Val loss", view.val_loss),
+        ("Test loss", view.test_loss),
         ("Test ppl", view.test_ppl),
-    ):  # fmt: skip
+    ):
         if value is not None:
             fields.append((name, f"{value:.4f}"))
     if view.artifact:
@@ -617,9 +638,13 @@ class Notifier:
         self._last_id: str | None = None
         self._mailer: Mailer | None = None
         self.reader = GroupReader(
-            redis, blocking_redis or redis, self.keys.events, GROUP, consumer,
+            redis,
+            blocking_redis or redis,
+            self.keys.events,
+            GROUP,
+            consumer,
             lambda: self._last_id or "$",
-        )  # fmt: skip
+        )
 
     async def ensure_group(self, start: str | None = None) -> None:
         """Create the group: at `start`, else after the last entry handled, else at "$"."""
@@ -635,9 +660,11 @@ class Notifier:
         if self.settings.discord_token:
             session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
             discord = Discord(
-                session, self.settings.discord_api, self.settings.discord_token,
+                session,
+                self.settings.discord_api,
+                self.settings.discord_token,
                 self.config.discord_tries,
-            )  # fmt: skip
+            )
             self._mailer = Mailer(discord, self.config)
         else:
             self.log.info("Discord DMs are off (no MT_DISCORD_TOKEN)")
@@ -733,9 +760,12 @@ async def run_notifier(
     redis = connect(url)
     blocking = connect(url, blocking=True, block_ms=cfg.block_ms)
     notifier = Notifier(
-        redis, settings, consumer=settings.consumer_name("notifier"), config=cfg,
+        redis,
+        settings,
+        consumer=settings.consumer_name("notifier"),
+        config=cfg,
         blocking_redis=blocking,
-    )  # fmt: skip
+    )
 
     async def stop_on(event: asyncio.Event) -> None:
         await event.wait()

@@ -20,7 +20,7 @@ from pathlib import Path
 import aiohttp
 import msgspec
 
-from actors.config import Settings
+from actors.runtime.config import Settings
 from trainer.errors import UserError
 
 CHUNK = 1 << 16
@@ -177,10 +177,18 @@ async def fetch(
     """Download a Data Bank file into <data dir>/downloads (resuming a partial one);
     `what` names it in the error when no Data Bank is configured."""
     if not (settings.data_bank_url and settings.data_bank_key):
-        raise UserError(f"{what} is in the Data Bank, which is not configured "
-                        "(MT_DATA_BANK_URL / MT_DATA_BANK_KEY)")  # fmt: skip
+        raise UserError(
+            f"{what} is in the Data Bank, which is not configured "
+            "(MT_DATA_BANK_URL / MT_DATA_BANK_KEY)"
+        )
     dest = settings.data_dir / "downloads" / f"{file_id}{suffix}"
     dest.parent.mkdir(parents=True, exist_ok=True)
     async with aiohttp.ClientSession() as session:
-        return await download(session, settings.data_bank_url, settings.data_bank_key, file_id,
-                              dest, expected_sha256=expected_sha256)  # fmt: skip
+        return await download(
+            session,
+            settings.data_bank_url,
+            settings.data_bank_key,
+            file_id,
+            dest,
+            expected_sha256=expected_sha256,
+        )

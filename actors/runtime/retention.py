@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError, ResponseError
 
-from actors import log
-from actors.runtime import Redis
+from actors.runtime import log
+from actors.runtime.streams import Redis
 from protocol.keys import COMMAND_ACTORS, Keys
 from trainer.errors import UserError
 

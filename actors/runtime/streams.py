@@ -39,7 +39,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from actors import log
+from actors.runtime import log
 from protocol.codec import FIELD, decode_command, encode
 from protocol.commands import (
     ArtifactUpload,
@@ -238,9 +238,14 @@ class GroupReader:
     """
 
     def __init__(
-        self, redis: Redis, blocking: Redis, stream: str, group: str, consumer: str,
+        self,
+        redis: Redis,
+        blocking: Redis,
+        stream: str,
+        group: str,
+        consumer: str,
         recreate_at: Callable[[], str],
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.redis = redis
         self.blocking = blocking  # its own connection: the socket timeout exceeds BLOCK
         self.stream, self.group, self.consumer = stream, group, consumer
@@ -346,7 +351,7 @@ class Runtime:
         runs_dir: Path | None = None,
     ) -> None:
         self.actor = actor
-        self.runs_dir = runs_dir  # where per-run logs.jsonl go (see actors.log)
+        self.runs_dir = runs_dir  # where per-run logs.jsonl go (see actors.runtime.log)
         self.redis = redis
         self.keys = keys or Keys()
         self.consumer = consumer
@@ -379,10 +384,13 @@ class Runtime:
         self._last_claim = time.monotonic()
         try:
             reply = await self.redis.xautoclaim(
-                self.stream, self.group, self.consumer,
-                min_idle_time=int(self.config.lease_s * 1000), start_id="0-0",
+                self.stream,
+                self.group,
+                self.consumer,
+                min_idle_time=int(self.config.lease_s * 1000),
+                start_id="0-0",
                 count=max(1, self._free()),
-            )  # fmt: skip
+            )
         except ResponseError as e:
             if "NOGROUP" not in str(e):
                 raise
@@ -653,9 +661,14 @@ class Runtime:
 
     # --------------------------------------------------------------- writing
     async def commit(
-        self, ctx: Context, events: list[AnyEvent], send: list[Base], *, finish: bool,
+        self,
+        ctx: Context,
+        events: list[AnyEvent],
+        send: list[Base],
+        *,
+        finish: bool,
         writes: Sequence[Write] = (),
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Events + state (+ next commands, other writes, done record and XACK when
         finishing), atomically, and only while this consumer's attempt is still the current
         one (attempt 0: unfenced)."""
@@ -776,9 +789,13 @@ def connect(url: str, *, blocking: bool = False, block_ms: int = 1000) -> Redis:
     """RESP2 (predictable reply shapes); blocking clients get a timeout longer than BLOCK."""
     timeout = block_ms / 1000 + 10 if blocking else 10.0
     return aioredis.Redis.from_url(
-        url, protocol=2, socket_timeout=timeout, socket_connect_timeout=5.0,
-        health_check_interval=30, retry_on_timeout=False,
-    )  # fmt: skip
+        url,
+        protocol=2,
+        socket_timeout=timeout,
+        socket_connect_timeout=5.0,
+        health_check_interval=30,
+        retry_on_timeout=False,
+    )
 
 
 async def run_actors(

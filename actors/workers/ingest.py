@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from actors.pool import PoolActor
-from actors.runtime import Context, Outcome
+from actors.runtime.pool import PoolActor
+from actors.runtime.streams import Context, Outcome
 from protocol.commands import Base, CorpusIngest
 from protocol.events import CorpusReady
 from trainer.errors import UserError
@@ -66,9 +66,16 @@ class IngestActor(PoolActor):
             raise UserError("no corpus given: set path, named or file_id")
         ctx.log.info("preparing corpus", source=source, corpus_id=cmd.corpus_id)
         manifest = await self.pool.run(
-            prepare, source, bool(cmd.named), str(out_dir), root, cmd.lowercase,
-            cmd.validation_fraction, cmd.test_fraction, cmd.seed,
-        )  # fmt: skip
+            prepare,
+            source,
+            bool(cmd.named),
+            str(out_dir),
+            root,
+            cmd.lowercase,
+            cmd.validation_fraction,
+            cmd.test_fraction,
+            cmd.seed,
+        )
         chars = {name: split.chars for name, split in manifest.splits.items()}
         lines = {name: split.lines for name, split in manifest.splits.items()}
         return Outcome(
@@ -80,7 +87,7 @@ class IngestActor(PoolActor):
         )
 
     async def download(self, file_id: str, ctx: Context) -> Path:
-        from actors.databank import fetch
+        from actors.workers.databank import fetch
 
         ctx.log.info("downloading corpus from the Data Bank", file_id=file_id)
         sha = file_id if len(file_id) == 64 else None  # Data Bank ids are the sha256

@@ -36,10 +36,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rich.console import Console
 from rich.table import Table
 
-from actors import log, replay, retention, service, watch
-from actors.config import Settings
-from actors.runtime import Redis, RuntimeConfig, add_command, add_event, connect
-from actors.submit import new_id, plan_tokenizer, plan_train, submit
+from actors import service
+from actors.client import replay, watch
+from actors.client.submit import new_id, plan_tokenizer, plan_train, submit
+from actors.runtime import log, retention
+from actors.runtime.config import Settings
+from actors.runtime.streams import Redis, RuntimeConfig, add_command, add_event, connect
 from protocol.commands import Base, ChainCommand, ModelEvaluate, ModelGenerate, actor_of
 from protocol.events import CancelRequested
 from protocol.keys import ACTOR_NAMES, ActorName, Keys
@@ -160,10 +162,15 @@ async def with_service(
 
         actors = asyncio.create_task(
             service.serve(
-                settings, url, names, config=config, on_ready=on_ready,
-                stop=stop, install_signals=False,
+                settings,
+                url,
+                names,
+                config=config,
+                on_ready=on_ready,
+                stop=stop,
+                install_signals=False,
             )
-        )  # fmt: skip
+        )
         waiting = asyncio.create_task(ready.wait())
         await asyncio.wait([actors, waiting], return_when=asyncio.FIRST_COMPLETED)
         waiting.cancel()
@@ -217,9 +224,12 @@ def add_request_flags(p: argparse.ArgumentParser, struct: type[msgspec.Struct]) 
         dest = f"req_{f.name}"
         if isinstance(t, mi.BoolType):
             group.add_argument(
-                flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                flag,
+                dest=dest,
+                action=argparse.BooleanOptionalAction,
+                default=None,
                 help=help_text,
-            )  # fmt: skip
+            )
         elif isinstance(t, mi.LiteralType):
             group.add_argument(
                 flag, dest=dest, choices=[str(v) for v in t.values], default=None, help=help_text
@@ -370,7 +380,7 @@ async def follow_run(url: str, redis: Redis, settings: Settings, run_id: str) ->
 async def serve_control(settings: Settings, url: str) -> None:
     """The control endpoint until cancelled; prints its bound URL once it listens. Imported
     here so that commands that do not serve HTTP never load aiohttp."""
-    from actors.control import serve
+    from actors.web.app import serve
 
     async def listening(where: str) -> None:
         print(f"control: {where}", flush=True)
@@ -532,12 +542,17 @@ async def cmd_runs(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     rows = [
         [
-            s.run_id, s.status, s.step,
+            s.run_id,
+            s.status,
+            s.step,
             f"{s.train_step}/{s.total_steps}" if s.total_steps else "",
-            _num(s.loss), _num(s.val_loss), _when(s.created_at), s.message[:60],
+            _num(s.loss),
+            _num(s.val_loss),
+            _when(s.created_at),
+            s.message[:60],
         ]
         for s in states
-    ]  # fmt: skip
+    ]
     print_table(["RUN", "STATUS", "STEP", "PROGRESS", "LOSS", "VAL", "CREATED", "MESSAGE"], rows)
     return 0
 
@@ -669,12 +684,16 @@ async def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
     request_id = new_id("eval")
     cmd = convert(
         {
-            "command_id": request_id, "run_id": args.run, "request_id": request_id,
-            "split": args.split, "path": args.path, "user_id": args.user_id,
+            "command_id": request_id,
+            "run_id": args.run,
+            "request_id": request_id,
+            "split": args.split,
+            "path": args.path,
+            "user_id": args.user_id,
             "requested_at": time.time(),
         },
         ModelEvaluate,
-    )  # fmt: skip
+    )
     async with connected(settings) as (_url, client, keys):
         await require_run(client, keys, args.run)
         await _send_request(client, keys, cmd, "evaluator")
@@ -695,10 +714,15 @@ async def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     request_id = new_id("gen")
     values: dict[str, object] = {
-        "command_id": request_id, "run_id": args.run, "request_id": request_id,
-        "prompt": args.prompt, "user_id": args.user_id, "requested_at": time.time(),
-        "stop": args.stop or [], "num_return_sequences": args.num,
-    }  # fmt: skip
+        "command_id": request_id,
+        "run_id": args.run,
+        "request_id": request_id,
+        "prompt": args.prompt,
+        "user_id": args.user_id,
+        "requested_at": time.time(),
+        "stop": args.stop or [],
+        "num_return_sequences": args.num,
+    }
     for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed"):
         if (value := getattr(args, name)) is not None:
             values[name] = value
@@ -805,13 +829,15 @@ async def _replay_diff(args: argparse.Namespace, settings: Settings) -> int:
     for i, (ka, kb, mark) in enumerate(result.rows, 1):
         print(f"{i:>4}  {ka or '-':<{width}}  {kb or '-':<24} {mark}")
     same = "match" if result.kinds_match else "DIFFER"
-    print(f"event kinds {same} ({len(result.rows)} rows); "
-          f"{result.fields_differ} events differ in more than timings")  # fmt: skip
+    print(
+        f"event kinds {same} ({len(result.rows)} rows); "
+        f"{result.fields_differ} events differ in more than timings"
+    )
     return 0 if result.kinds_match else 1
 
 
 async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from actors.demo import run_demo
+    from actors.cli.demo import run_demo
 
     return await run_demo(settings, quick=args.quick)
 
@@ -843,8 +869,11 @@ def _follow_flags(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="model-trainer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="model-trainer",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="embedded Redis (unless REDIS_URL) + every actor + endpoint")

@@ -18,8 +18,8 @@ from functools import partial
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
-from actors.config import Settings
-from actors.runtime import Actor
+from actors.runtime.config import Settings
+from actors.runtime.streams import Actor
 
 P = ParamSpec("P")
 R = TypeVar("R")

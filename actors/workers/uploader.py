@@ -26,10 +26,10 @@ from typing import BinaryIO, Literal
 
 import aiohttp
 
-from actors import databank
-from actors.config import Settings
-from actors.pool import PoolActor
-from actors.runtime import Context, Outcome
+from actors.runtime.config import Settings
+from actors.runtime.pool import PoolActor
+from actors.runtime.streams import Context, Outcome
+from actors.workers import databank
 from protocol.commands import ArtifactUpload, Base
 from protocol.events import ArtifactStored
 from trainer.errors import UserError
@@ -193,19 +193,29 @@ class UploaderActor(PoolActor):
             finally:
                 await asyncio.to_thread(_remove, archive.path)
             event = ArtifactStored(
-                storage="data-bank", target=cmd.target,
-                uri=f"{bank[0].rstrip('/')}/files/{stored.file_id}", file_id=stored.file_id,
-                size=stored.size, sha256=stored.sha256,
-            )  # fmt: skip
+                storage="data-bank",
+                target=cmd.target,
+                uri=f"{bank[0].rstrip('/')}/files/{stored.file_id}",
+                file_id=stored.file_id,
+                size=stored.size,
+                sha256=stored.sha256,
+            )
         else:
             event = ArtifactStored(
-                storage="local", target=cmd.target, uri=Path(archive.path).as_uri(),
-                size=archive.size, sha256=archive.sha256,
-            )  # fmt: skip
+                storage="local",
+                target=cmd.target,
+                uri=Path(archive.path).as_uri(),
+                size=archive.size,
+                sha256=archive.sha256,
+            )
         pointer: dict[str, object] = {
-            "storage": event.storage, "target": event.target, "uri": event.uri,
-            "file_id": event.file_id, "size": event.size, "sha256": event.sha256,
-        }  # fmt: skip
+            "storage": event.storage,
+            "target": event.target,
+            "uri": event.uri,
+            "file_id": event.file_id,
+            "size": event.size,
+            "sha256": event.sha256,
+        }
         await asyncio.to_thread(record_in_manifest, s.run_dir(cmd.run_id), pointer)
         return Outcome(events=[event])
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import msgspec
 
-from actors.config import Settings
-from actors.pool import CancelFlag, WorkerDied
-from actors.runtime import Actor, Cancelled, Context, Outcome
+from actors.runtime.config import Settings
+from actors.runtime.pool import CancelFlag, WorkerDied
+from actors.runtime.streams import Actor, Cancelled, Context, Outcome
 from protocol.commands import Base, ModelTrain
 from protocol.events import TrainCompleted, TrainProgress, TrainStarted
 from trainer.errors import UserError
@@ -178,25 +178,40 @@ class TrainerActor(Actor):
             # Local HF model dirs are read from under the data dir only.
             pretrained = str(resolve_corpus_path(s.data_dir, cmd.pretrained_path))
         config: dict[str, object] = {
-            "family": cmd.model_family, "size": cmd.model_size, "max_seq_len": cmd.max_seq_len,
-            "dropout": cmd.dropout, "pretrained": pretrained, "freeze_embed": cmd.freeze_embed,
-            "num_epochs": cmd.num_epochs, "max_steps": cmd.max_steps,
-            "batch_size": cmd.batch_size, "learning_rate": cmd.learning_rate,
-            "finetune_lr_cap": cmd.finetune_lr_cap, "optimizer": cmd.optimizer,
-            "weight_decay": cmd.weight_decay, "warmup_steps": cmd.warmup_steps,
-            "gradient_clipping": cmd.gradient_clipping, "grad_accum_steps": cmd.grad_accum_steps,
-            "eval_every": cmd.eval_every, "checkpoint_every": cmd.checkpoint_every,
-            "early_stopping_patience": cmd.early_stopping_patience, "seed": cmd.seed,
-            "device": cmd.device, "precision": cmd.precision, "threads": cmd.threads,
-        }  # fmt: skip
+            "family": cmd.model_family,
+            "size": cmd.model_size,
+            "max_seq_len": cmd.max_seq_len,
+            "dropout": cmd.dropout,
+            "pretrained": pretrained,
+            "freeze_embed": cmd.freeze_embed,
+            "num_epochs": cmd.num_epochs,
+            "max_steps": cmd.max_steps,
+            "batch_size": cmd.batch_size,
+            "learning_rate": cmd.learning_rate,
+            "finetune_lr_cap": cmd.finetune_lr_cap,
+            "optimizer": cmd.optimizer,
+            "weight_decay": cmd.weight_decay,
+            "warmup_steps": cmd.warmup_steps,
+            "gradient_clipping": cmd.gradient_clipping,
+            "grad_accum_steps": cmd.grad_accum_steps,
+            "eval_every": cmd.eval_every,
+            "checkpoint_every": cmd.checkpoint_every,
+            "early_stopping_patience": cmd.early_stopping_patience,
+            "seed": cmd.seed,
+            "device": cmd.device,
+            "precision": cmd.precision,
+            "threads": cmd.threads,
+        }
         flags = s.cancel_dir()
         return TrainJob(
-            config=config, corpus_dir=str(corpus_dir), tokenizer_dir=str(tokenizer_dir),
+            config=config,
+            corpus_dir=str(corpus_dir),
+            tokenizer_dir=str(tokenizer_dir),
             run_dir=str(s.run_dir(cmd.run_id)),
             cancel_path=str(flags / f"{cmd.run_id}.cancel"),
             stop_path=str(flags / f"{cmd.run_id}.{os.getpid()}.stop"),
             inductor_cache=str(s.data_dir / "inductor-cache"),
-        )  # fmt: skip
+        )
 
     async def train(self, cmd: ModelTrain, ctx: Context) -> Outcome:
         job = self.job(cmd)
@@ -218,19 +233,31 @@ class TrainerActor(Actor):
         if result.get("status") == "cancelled":
             raise Cancelled(f"cancelled at step {_int(result, 'steps')}; checkpoint kept")
         cancel.clear()
-        return Outcome(events=[TrainCompleted(
-            status=str(result.get("status", "completed")), steps=_int(result, "steps"),
-            tokens=_int(result, "tokens"), train_loss=_opt_float(result, "train_loss"),
-            val_loss=_opt_float(result, "val_loss"), test_loss=_opt_float(result, "test_loss"),
-            test_ppl=_opt_float(result, "test_ppl"), best_step=_int(result, "best_step"),
-            early_stopped=result.get("status") == "early_stopped",
-            tokens_per_s=_float(result, "tokens_per_s"),
-        )])  # fmt: skip
+        return Outcome(
+            events=[
+                TrainCompleted(
+                    status=str(result.get("status", "completed")),
+                    steps=_int(result, "steps"),
+                    tokens=_int(result, "tokens"),
+                    train_loss=_opt_float(result, "train_loss"),
+                    val_loss=_opt_float(result, "val_loss"),
+                    test_loss=_opt_float(result, "test_loss"),
+                    test_ppl=_opt_float(result, "test_ppl"),
+                    best_step=_int(result, "best_step"),
+                    early_stopped=result.get("status") == "early_stopped",
+                    tokens_per_s=_float(result, "tokens_per_s"),
+                )
+            ]
+        )
 
     async def follow(
-        self, cmd: ModelTrain, ctx: Context, child: multiprocessing.process.BaseProcess,
-        out: Queue[Message], cancel: CancelFlag,
-    ) -> dict[str, object]:  # fmt: skip
+        self,
+        cmd: ModelTrain,
+        ctx: Context,
+        child: multiprocessing.process.BaseProcess,
+        out: Queue[Message],
+        cancel: CancelFlag,
+    ) -> dict[str, object]:
         """Forward progress until the child reports its result; watch the cancel flag."""
         last_emit = last_cancel_check = 0.0
         pending: dict[str, object] | None = None
@@ -280,24 +307,36 @@ class TrainerActor(Actor):
 def _started_event(cmd: ModelTrain, info: dict[str, object]) -> TrainStarted:
     """What was asked for, and what the child resolved (device, precision, sizes)."""
     return TrainStarted(
-        model_family=cmd.model_family, model_size=cmd.model_size,
-        total_epochs=_int(info, "total_epochs"), total_steps=_int(info, "total_steps"),
-        batch_size=cmd.batch_size, learning_rate=cmd.learning_rate,
-        threads=cmd.threads or (os.cpu_count() or 1), cpu_cores=os.cpu_count() or 1,
-        memory_mb=_memory_mb(), device=str(info.get("device", cmd.device)),
+        model_family=cmd.model_family,
+        model_size=cmd.model_size,
+        total_epochs=_int(info, "total_epochs"),
+        total_steps=_int(info, "total_steps"),
+        batch_size=cmd.batch_size,
+        learning_rate=cmd.learning_rate,
+        threads=cmd.threads or (os.cpu_count() or 1),
+        cpu_cores=os.cpu_count() or 1,
+        memory_mb=_memory_mb(),
+        device=str(info.get("device", cmd.device)),
         precision=str(info.get("precision", cmd.precision)),
-        parameters=_int(info, "parameters"), resumed_from_step=_int(info, "resumed_from_step"),
-    )  # fmt: skip
+        parameters=_int(info, "parameters"),
+        resumed_from_step=_int(info, "resumed_from_step"),
+    )
 
 
 def _progress_event(p: dict[str, object]) -> TrainProgress:
     return TrainProgress(
-        step=_int(p, "step"), epoch=_int(p, "epoch"), total_epochs=_int(p, "total_epochs"),
-        total_steps=_int(p, "total_steps"), loss=_float(p, "loss"), lr=_float(p, "lr"),
-        grad_norm=_float(p, "grad_norm"), tokens_per_s=_float(p, "tokens_per_s"),
-        samples_per_s=_float(p, "samples_per_s"), val_loss=_opt_float(p, "val_loss"),
+        step=_int(p, "step"),
+        epoch=_int(p, "epoch"),
+        total_epochs=_int(p, "total_epochs"),
+        total_steps=_int(p, "total_steps"),
+        loss=_float(p, "loss"),
+        lr=_float(p, "lr"),
+        grad_norm=_float(p, "grad_norm"),
+        tokens_per_s=_float(p, "tokens_per_s"),
+        samples_per_s=_float(p, "samples_per_s"),
+        val_loss=_opt_float(p, "val_loss"),
         val_ppl=_opt_float(p, "val_ppl"),
-    )  # fmt: skip
+    )
 
 
 async def _stop_child(child: multiprocessing.process.BaseProcess, stop: CancelFlag) -> None:

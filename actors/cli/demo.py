@@ -17,10 +17,10 @@ from collections.abc import AsyncIterator
 
 import msgspec
 
-from actors.config import Settings
-from actors.runtime import Redis, add_command, connect
-from actors.submit import new_id, plan_train, submit
-from actors.watch import renderer_for, run_history, watch
+from actors.client.submit import new_id, plan_train, submit
+from actors.client.watch import renderer_for, run_history, watch
+from actors.runtime.config import Settings
+from actors.runtime.streams import Redis, add_command, connect
 from protocol.commands import ModelGenerate
 from protocol.events import TokenizerReady, TrainProgress
 from protocol.keys import Keys
@@ -33,24 +33,40 @@ def demo_request(quick: bool) -> TrainRequest:
     """Sized for a few minutes on 2 CPU cores (quick: about a minute, for CI)."""
     if quick:
         return TrainRequest(
-            corpus_name="shakespeare", tokenizer_kind="bpe", vocab_size=1024,
-            model_family="gpt2", model_size="tiny", max_seq_len=64, batch_size=8,
-            max_steps=60, eval_every=20, checkpoint_every=30, learning_rate=1e-3,
+            corpus_name="shakespeare",
+            tokenizer_kind="bpe",
+            vocab_size=1024,
+            model_family="gpt2",
+            model_size="tiny",
+            max_seq_len=64,
+            batch_size=8,
+            max_steps=60,
+            eval_every=20,
+            checkpoint_every=30,
+            learning_rate=1e-3,
             warmup_steps=10,
-        )  # fmt: skip
+        )
     return TrainRequest(
-        corpus_name="shakespeare", tokenizer_kind="bpe", vocab_size=2048,
-        model_family="gpt2", model_size="tiny", max_seq_len=128, batch_size=16,
-        max_steps=500, eval_every=50, checkpoint_every=100, learning_rate=1e-3,
+        corpus_name="shakespeare",
+        tokenizer_kind="bpe",
+        vocab_size=2048,
+        model_family="gpt2",
+        model_size="tiny",
+        max_seq_len=128,
+        batch_size=16,
+        max_steps=500,
+        eval_every=50,
+        checkpoint_every=100,
+        learning_rate=1e-3,
         warmup_steps=30,
-    )  # fmt: skip
+    )
 
 
 @contextlib.asynccontextmanager
 async def control_endpoint(settings: Settings, url: str) -> AsyncIterator[str]:
     """The HTTP endpoint (and dashboard) for the demo's duration; yields its URL ("" if it
     could not start: the demo goes on without it)."""
-    from actors.control import serve
+    from actors.web.app import serve
 
     address: list[str] = []
     started = asyncio.Event()
@@ -80,10 +96,17 @@ async def control_endpoint(settings: Settings, url: str) -> AsyncIterator[str]:
 async def generate(redis: Redis, keys: Keys, run_id: str, timeout_s: float = 120) -> list[str]:
     request_id = new_id("req")
     cmd = ModelGenerate(
-        command_id=request_id, run_id=run_id, request_id=request_id, prompt="",
-        max_new_tokens=48, temperature=0.8, top_k=40, seed=7, num_return_sequences=1,
+        command_id=request_id,
+        run_id=run_id,
+        request_id=request_id,
+        prompt="",
+        max_new_tokens=48,
+        temperature=0.8,
+        top_k=40,
+        seed=7,
+        num_return_sequences=1,
         stop_on_eos=False,
-    )  # fmt: skip
+    )
     samples: list[str] = []
     for i, prompt in enumerate(PROMPTS):
         cmd.command_id = cmd.request_id = f"{request_id}-{i}"
@@ -121,17 +144,26 @@ async def summary(settings: Settings, redis: Redis, keys: Keys, run_id: str) -> 
     print("\n== summary", file=out)
     if tok is not None:
         st = tok.stats
-        print(f"tokenizer   {tok.tokenizer_kind}, vocab {int(st.get('vocab_size', 0))}, "
-              f"{st.get('tokens_per_char', 0):.3f} tokens/char, "
-              f"{st.get('tokens_per_word', 0):.2f} tokens/word, "
-              f"coverage {st.get('coverage', 0):.4f}", file=out)  # fmt: skip
+        print(
+            f"tokenizer   {tok.tokenizer_kind}, vocab {int(st.get('vocab_size', 0))}, "
+            f"{st.get('tokens_per_char', 0):.3f} tokens/char, "
+            f"{st.get('tokens_per_word', 0):.2f} tokens/word, "
+            f"coverage {st.get('coverage', 0):.4f}",
+            file=out,
+        )
     if val:
         first, last = val[0], val[-1]
-        print(f"validation  perplexity {_fmt(first.val_ppl)} at step {first.step} "
-              f"→ {_fmt(last.val_ppl)} at step {last.step}", file=out)  # fmt: skip
+        print(
+            f"validation  perplexity {_fmt(first.val_ppl)} at step {first.step} "
+            f"→ {_fmt(last.val_ppl)} at step {last.step}",
+            file=out,
+        )
     if metrics:
-        print(f"test        perplexity {_fmt(metrics.get('perplexity'))}, "
-              f"{_fmt(metrics.get('bits_per_char'))} bits/char", file=out)  # fmt: skip
+        print(
+            f"test        perplexity {_fmt(metrics.get('perplexity'))}, "
+            f"{_fmt(metrics.get('bits_per_char'))} bits/char",
+            file=out,
+        )
     print("samples", file=out)
     for text in await generate(redis, keys, run_id):
         print("  " + text.replace("\n", "\n  "), file=out)
@@ -142,13 +174,16 @@ async def summary(settings: Settings, redis: Redis, keys: Keys, run_id: str) -> 
             f"artifact    {pointer.decode() if isinstance(pointer, bytes) else pointer}", file=out
         )
     where = repr(str(run_dir))
-    print("load it     from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-          f"            model = AutoModelForCausalLM.from_pretrained({where})\n"
-          f"            tokenizer = AutoTokenizer.from_pretrained({where})", file=out)  # fmt: skip
+    print(
+        "load it     from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"            model = AutoModelForCausalLM.from_pretrained({where})\n"
+        f"            tokenizer = AutoTokenizer.from_pretrained({where})",
+        file=out,
+    )
 
 
 async def run_demo(settings: Settings, quick: bool) -> int:
-    from actors.cli import with_service
+    from actors.cli.main import with_service
 
     req = demo_request(quick)
     async with with_service(settings) as url, control_endpoint(settings, url) as http:
@@ -157,13 +192,18 @@ async def run_demo(settings: Settings, quick: bool) -> int:
         try:
             info = await submit(redis, keys, plan_train(req))
             print(f"redis       {url}")
-            print(f"logs        {settings.data_dir / 'logs' / 'model-trainer.log'} "
-                  f"(and {settings.run_dir(info.run_id) / 'logs.jsonl'})")  # fmt: skip
+            print(
+                f"logs        {settings.data_dir / 'logs' / 'model-trainer.log'} "
+                f"(and {settings.run_dir(info.run_id) / 'logs.jsonl'})"
+            )
             if http:
                 print(f"dashboard   {http}/#/runs/{info.run_id}")
-            print(f"run         {info.run_id}: shakespeare → bpe {req.vocab_size} → "
-                  f"gpt2 tiny, {req.max_steps} steps of {req.batch_size}x{req.max_seq_len} "
-                  "tokens", flush=True)  # fmt: skip
+            print(
+                f"run         {info.run_id}: shakespeare → bpe {req.vocab_size} → "
+                f"gpt2 tiny, {req.max_steps} steps of {req.batch_size}x{req.max_seq_len} "
+                "tokens",
+                flush=True,
+            )
             renderer = renderer_for()
             try:
                 state = await watch(url, redis, keys, info.run_id, renderer)

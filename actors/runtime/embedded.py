@@ -40,11 +40,25 @@ class EmbeddedRedis:
         self.dir.mkdir(parents=True, exist_ok=True)
         args = [
             str(_binary()),
-            "--port", str(self.port), "--bind", "127.0.0.1", "--protected-mode", "yes",
-            "--dir", str(self.dir.absolute()), "--appendonly", "yes",
-            "--appendfsync", "always", "--save", "", "--daemonize", "no",
-            "--logfile", str((self.dir / "server.log").absolute()),
-        ]  # fmt: skip
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--protected-mode",
+            "yes",
+            "--dir",
+            str(self.dir.absolute()),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str((self.dir / "server.log").absolute()),
+        ]
         # Its own session: a Ctrl-C in the terminal must not stop the server while the actors
         # are still finishing their work; we stop it ourselves, last.
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
