@@ -1,136 +1,102 @@
 """Every command an actor accepts. msgspec JSON in the stream field `data`, tagged by `kind`.
 
-New fields always get defaults; a breaking change gets a new tag. Bounds live here (Meta) so
-the contract, the validation and the OpenAPI schema are one thing.
+New fields always get defaults; a breaking change gets a new tag. A command is its settings
+(protocol.settings: the knobs, bounds and defaults, written once) plus who asked and where it
+belongs. A Struct can inherit fields from one base only, so `Base` is field-less and each
+command declares its header (command_id, user_id, requested_at) itself.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
-from msgspec import Meta
 
 from protocol.keys import ActorName
-
-Id = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
-OptId = Annotated[str, Meta(pattern=r"^([A-Za-z0-9][A-Za-z0-9_.:-]{0,127})?$")]
-UserId = Annotated[int, Meta(ge=0, le=2**63 - 1)]
-Seed = Annotated[int, Meta(ge=0, le=2**32 - 1)]
-Fraction = Annotated[float, Meta(ge=0.01, le=0.5)]
-PromptText = Annotated[str, Meta(max_length=20_000)]
-TokenizerKind = Literal["bpe", "sentencepiece", "char"]
-ModelFamily = Literal["gpt2", "llama", "qwen", "char_lstm"]
-ModelSize = Literal["tiny", "small", "medium", "large"]
-Optimizer = Literal["adamw", "adam", "sgd"]
-Device = Literal["auto", "cpu", "cuda"]
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
-
-# Bounds shared by the commands and the HTTP bodies (protocol.requests).
-VocabSize = Annotated[int, Meta(ge=16, le=200_000)]
-MinFrequency = Annotated[int, Meta(ge=1, le=1_000_000)]
-SeqLen = Annotated[int, Meta(ge=8, le=8192)]
-Epochs = Annotated[int, Meta(ge=1, le=1000)]
-Steps = Annotated[int, Meta(ge=1, le=10_000_000)]
-BatchSize = Annotated[int, Meta(ge=1, le=4096)]
-Rate = Annotated[float, Meta(gt=0.0, le=1.0)]
-Decay = Annotated[float, Meta(ge=0.0, le=1.0)]
-Warmup = Annotated[int, Meta(ge=0, le=1_000_000)]
-Clip = Annotated[float, Meta(ge=0.0, le=1000.0)]
-Accum = Annotated[int, Meta(ge=1, le=1024)]
-Dropout = Annotated[float, Meta(ge=0.0, le=0.9)]
-Every = Annotated[int, Meta(ge=1, le=1_000_000)]
-Patience = Annotated[int, Meta(ge=1, le=1000)]
-Threads = Annotated[int, Meta(ge=0, le=256)]
-PathText = Annotated[str, Meta(max_length=1024)]
-Name = Annotated[str, Meta(max_length=64)]
-FileId = Annotated[str, Meta(max_length=128)]
-ScoreText = Annotated[str, Meta(min_length=1, max_length=100_000)]
-ScoreTopK = Annotated[int, Meta(ge=0, le=50)]
-NewTokens = Annotated[int, Meta(ge=1, le=2048)]
-Temperature = Annotated[float, Meta(ge=0.0, le=5.0)]
-TopK = Annotated[int, Meta(ge=0, le=100_000)]
-TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
-StopList = Annotated[list[Annotated[str, Meta(min_length=1, max_length=64)]], Meta(max_length=8)]
-Sequences = Annotated[int, Meta(ge=1, le=8)]
-ChatMessage = Annotated[str, Meta(min_length=1, max_length=4000)]
+from protocol.requests import (
+    ChatMessage,
+    FileId,
+    Name,
+    PromptText,
+    ScoreText,
+    ScoreTopK,
+    Split,
+    UserId,
+)
+from protocol.settings import (
+    CorpusSettings,
+    GenerateSettings,
+    Id,
+    OptId,
+    PathText,
+    SamplingSettings,
+    TokenizerSettings,
+    TrainSettings,
+)
 
 
 class Base(msgspec.Struct, kw_only=True, tag_field="kind", forbid_unknown_fields=False):
+    """The root of every command. It has no fields of its own (see the module docstring); the
+    type checker is told of the header that every command declares, and a test checks that
+    each one does."""
+
+    if TYPE_CHECKING:
+        command_id: str
+        user_id: int
+        requested_at: float
+
+
+class CorpusIngest(CorpusSettings, Base, kw_only=True, tag="corpus.ingest"):
+    """Normalize and split a corpus: exactly one of path / named / file_id."""
+
     command_id: Id
     user_id: UserId = 0
     requested_at: float = 0.0
-
-
-class CorpusIngest(Base, kw_only=True, tag="corpus.ingest"):
-    """Normalize and split a corpus: exactly one of path / named / file_id."""
-
     run_id: Id
     corpus_id: Id
     path: PathText = ""
     named: Name = ""
     file_id: FileId = ""
-    lowercase: bool = False
-    validation_fraction: Fraction = 0.1
-    test_fraction: Fraction = 0.1
-    seed: Seed = 1337
     rest: list[ChainCommand] = []
 
 
-class TokenizerTrain(Base, kw_only=True, tag="tokenizer.train"):
+class TokenizerTrain(TokenizerSettings, Base, kw_only=True, tag="tokenizer.train"):
+    command_id: Id
+    user_id: UserId = 0
+    requested_at: float = 0.0
     run_id: Id
     tokenizer_id: Id
     corpus_id: Id
-    tokenizer_kind: TokenizerKind = "bpe"
-    vocab_size: VocabSize = 4096
-    min_frequency: MinFrequency = 2
-    spm_model_type: Literal["unigram", "bpe"] = "unigram"
-    threads: Threads = 0
     rest: list[ChainCommand] = []
 
 
-class ModelTrain(Base, kw_only=True, tag="model.train"):
+class ModelTrain(TrainSettings, Base, kw_only=True, tag="model.train"):
+    command_id: Id
+    user_id: UserId = 0
+    requested_at: float = 0.0
     run_id: Id
     corpus_id: Id
     tokenizer_id: Id
-    model_family: ModelFamily = "gpt2"
-    model_size: ModelSize = "tiny"
-    max_seq_len: SeqLen = 256
-    num_epochs: Epochs = 1
-    max_steps: Steps | None = None
-    batch_size: BatchSize = 8
-    learning_rate: Rate = 3e-4
-    optimizer: Optimizer = "adamw"
-    weight_decay: Decay = 0.1
-    warmup_steps: Warmup = 20
-    gradient_clipping: Clip = 1.0
-    grad_accum_steps: Accum = 1
-    dropout: Dropout = 0.0
-    eval_every: Every = 100
-    checkpoint_every: Every = 100
-    early_stopping_patience: Patience | None = None
-    pretrained_run_id: OptId = ""
-    pretrained_path: PathText = ""
-    freeze_embed: bool = False
-    finetune_lr_cap: Rate | None = None
-    device: Device = "auto"
-    precision: Precision = "auto"
-    threads: Threads = 0
-    seed: Seed = 1337
     rest: list[ChainCommand] = []
 
 
 class ModelEvaluate(Base, kw_only=True, tag="model.evaluate"):
     """Evaluate a run on its validation or test split, or on a file under the corpus root."""
 
+    command_id: Id
+    user_id: UserId = 0
+    requested_at: float = 0.0
     run_id: Id
     request_id: OptId = ""
-    split: Literal["validation", "test"] = "test"
+    split: Split = "test"
     path: PathText = ""
     rest: list[ChainCommand] = []
 
 
 class ModelScore(Base, kw_only=True, tag="model.score"):
+    command_id: Id
+    user_id: UserId = 0
+    requested_at: float = 0.0
     run_id: Id
     request_id: Id
     text: ScoreText
@@ -138,26 +104,19 @@ class ModelScore(Base, kw_only=True, tag="model.score"):
     top_k: ScoreTopK = 5
 
 
-class SamplingBase(Base, kw_only=True):
-    """Sampling settings shared by generate and chat."""
-
-    max_new_tokens: NewTokens = 64
-    temperature: Temperature = 0.8
-    top_k: TopK = 50
-    top_p: TopP = 1.0
-    seed: Seed = 0
-
-
-class ModelGenerate(SamplingBase, kw_only=True, tag="model.generate"):
+class ModelGenerate(GenerateSettings, Base, kw_only=True, tag="model.generate"):
+    command_id: Id
+    user_id: UserId = 0
+    requested_at: float = 0.0
     run_id: Id
     request_id: Id
     prompt: PromptText = ""
-    stop: StopList = []
-    num_return_sequences: Sequences = 1
-    stop_on_eos: bool = True  # eos ends a line of the corpus: off, it becomes a newline
 
 
-class ModelChat(SamplingBase, kw_only=True, tag="model.chat"):
+class ModelChat(SamplingSettings, Base, kw_only=True, tag="model.chat"):
+    command_id: Id
+    user_id: UserId = 0
+    requested_at: float = 0.0
     run_id: Id
     request_id: Id
     session_id: Id
@@ -167,6 +126,9 @@ class ModelChat(SamplingBase, kw_only=True, tag="model.chat"):
 class ArtifactUpload(Base, kw_only=True, tag="artifact.upload"):
     """Archive a run dir (or a tokenizer dir) and store it locally or in the Data Bank."""
 
+    command_id: Id
+    user_id: UserId = 0
+    requested_at: float = 0.0
     run_id: Id
     target: Literal["run", "tokenizer"] = "run"
     tokenizer_id: OptId = ""
@@ -176,6 +138,9 @@ class ArtifactUpload(Base, kw_only=True, tag="artifact.upload"):
 class RunCancel(Base, kw_only=True, tag="run.cancel"):
     """Accepted on every command stream: sets the run's cancel flag."""
 
+    command_id: Id
+    user_id: UserId = 0
+    requested_at: float = 0.0
     run_id: Id
 
 

@@ -47,7 +47,7 @@ def _prepare_tokenizer(corpus: Path, work: Path, vocab_size: int) -> Path:
     from trainer.tokenizer import TokenizerConfig, read_tokenizer_manifest, train_tokenizer
 
     out = work / f"tok-bpe-{vocab_size}"
-    cfg = TokenizerConfig(kind="bpe", vocab_size=vocab_size)
+    cfg = TokenizerConfig(tokenizer_kind="bpe", vocab_size=vocab_size)
     if (out / "mt_tokenizer.json").is_file() and read_tokenizer_manifest(out)[0] == cfg:
         return out
     train_tokenizer(corpus, out, cfg)
@@ -101,15 +101,16 @@ def _ours(
     args: argparse.Namespace, corpus: Path, tok: Path, precision: str, work: Path
 ) -> tuple[tuple[float, float], float | None, float]:
     """(rates over the measured steps, final validation loss, validation seconds)."""
-    from trainer.train import Progress, TrainConfig, train
+    from trainer.config import load_config
+    from trainer.train import Progress, train
 
     run_dir = work / f"run-{precision}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a leftover checkpoint would be resumed
     steps = args.warmup + args.steps
-    cfg = TrainConfig.from_dict(
+    cfg = load_config(
         {
-            "family": "gpt2",
-            "size": "tiny",
+            "model_family": "gpt2",
+            "model_size": "tiny",
             "max_seq_len": args.seq_len,
             "batch_size": args.batch_size,
             "max_steps": steps + 1,
@@ -432,8 +433,9 @@ def _timed(fn: Callable[[Path], object], work: Path) -> float:
 
 def bench_tokenizer(args: argparse.Namespace) -> None:
     """Tokenizer training through trainer/ against the libraries called directly."""
+    from protocol.settings import TokenizerKind
     from trainer.corpus import split_path
-    from trainer.tokenizer import TokenizerConfig, TokenizerKind, train_tokenizer
+    from trainer.tokenizer import TokenizerConfig, train_tokenizer
 
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
@@ -452,7 +454,7 @@ def bench_tokenizer(args: argparse.Namespace) -> None:
     rows: list[tuple[str, float, float, float]] = []
     for name in args.kinds:
         kind, direct = kinds[name]
-        cfg = TokenizerConfig(kind=kind, vocab_size=args.vocab_size)
+        cfg = TokenizerConfig(tokenizer_kind=kind, vocab_size=args.vocab_size)
         train_only: list[float] = []
 
         def ours(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from trainer.config import TrainConfig, load_config
 from trainer.model import ModelFamily
 from trainer.tokenizer import TokenizerConfig, train_tokenizer
-from trainer.train import TrainConfig
 
 # Plain English prose written for these tests: real words and sentences, so that a small
 # model has something to learn (frequent letters, common words, line structure).
@@ -48,7 +48,7 @@ def small_corpus(root: Path, repeat: int = 3) -> Path:
 
 
 def char_tokenizer(corpus_dir: Path, out_dir: Path) -> Path:
-    train_tokenizer(corpus_dir, out_dir, TokenizerConfig(kind="char", min_frequency=1))
+    train_tokenizer(corpus_dir, out_dir, TokenizerConfig(tokenizer_kind="char", min_frequency=1))
     return out_dir
 
 
@@ -63,8 +63,8 @@ TINY_DIMS: dict[ModelFamily, dict[str, int]] = {
 def tiny_config(family: ModelFamily, **changes: object) -> TrainConfig:
     """size "tiny" shrunk further through model_overrides, seq 32, batch 4, one thread."""
     base: dict[str, object] = {
-        "family": family,
-        "size": "tiny",
+        "model_family": family,
+        "model_size": "tiny",
         "model_overrides": dict(TINY_DIMS[family]),
         "max_seq_len": 32,
         "batch_size": 4,
@@ -79,4 +79,4 @@ def tiny_config(family: ModelFamily, **changes: object) -> TrainConfig:
         "precision": "fp32",
     }
     base.update(changes)
-    return TrainConfig.from_dict(base)
+    return load_config(base)

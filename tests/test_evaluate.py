@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from protocol.settings import GenerateSettings, SamplingSettings
 from tests.helpers_ml import TINY_DIMS, char_tokenizer, small_corpus, tiny_config, write_corpus
 from trainer.errors import UserError
 from trainer.evaluate import (
     ContextLogits,
     LoadedModel,
     ModelCache,
-    SamplingConfig,
     chat,
     distinct_n,
     eval_paths,
@@ -74,7 +74,9 @@ def run(corpus: Path, char_tok: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 def test_generation_is_reproducible_with_a_seed(run: Path) -> None:
     def sample(seed: int) -> str:
-        return generate(run, "The river", seed=seed, max_new_tokens=24, stop_on_eos=False)[0]
+        return generate(
+            run, "The river", GenerateSettings(seed=seed, max_new_tokens=24, stop_on_eos=False)
+        )[0]
 
     first = sample(7)
     assert first == sample(7)
@@ -83,33 +85,45 @@ def test_generation_is_reproducible_with_a_seed(run: Path) -> None:
 
 
 def test_greedy_is_deterministic_and_ignores_the_seed(run: Path) -> None:
-    a = generate(run, "The", temperature=0, seed=1, max_new_tokens=20, stop_on_eos=False)
-    b = generate(run, "The", temperature=0, seed=2, max_new_tokens=20, stop_on_eos=False)
+    a = generate(
+        run, "The", GenerateSettings(temperature=0, seed=1, max_new_tokens=20, stop_on_eos=False)
+    )
+    b = generate(
+        run, "The", GenerateSettings(temperature=0, seed=2, max_new_tokens=20, stop_on_eos=False)
+    )
     assert a == b and len(a) == 1
 
 
 def test_stop_sequences_cut_the_output(run: Path) -> None:
-    full = generate(run, "The", seed=3, max_new_tokens=40, stop_on_eos=False)[0]
+    full = generate(run, "The", GenerateSettings(seed=3, max_new_tokens=40, stop_on_eos=False))[0]
     assert len(full) >= 10
     stop = full[6:8]
-    cut = generate(run, "The", seed=3, max_new_tokens=40, stop_on_eos=False, stop=[stop])[0]
+    cut = generate(
+        run, "The", GenerateSettings(seed=3, max_new_tokens=40, stop_on_eos=False, stop=[stop])
+    )[0]
     assert cut == full[: full.find(stop)]
     assert stop not in cut
 
 
 def test_stop_on_eos_ends_the_line(run: Path) -> None:
-    texts = generate(run, "The", seed=5, max_new_tokens=60, num_return_sequences=4)
+    texts = generate(
+        run, "The", GenerateSettings(seed=5, max_new_tokens=60, num_return_sequences=4)
+    )
     assert all("\n" not in t for t in texts)
 
 
 def test_num_return_sequences(run: Path) -> None:
     texts = generate(
-        run, "In the", seed=11, max_new_tokens=20, num_return_sequences=3, stop_on_eos=False
+        run,
+        "In the",
+        GenerateSettings(seed=11, max_new_tokens=20, num_return_sequences=3, stop_on_eos=False),
     )
     assert len(texts) == 3
     assert len(set(texts)) > 1
     assert texts == generate(
-        run, "In the", seed=11, max_new_tokens=20, num_return_sequences=3, stop_on_eos=False
+        run,
+        "In the",
+        GenerateSettings(seed=11, max_new_tokens=20, num_return_sequences=3, stop_on_eos=False),
     )
 
 
@@ -118,8 +132,10 @@ def test_every_family_generates_past_max_seq_len(
     family: ModelFamily, char_tok: Path, tmp_path: Path
 ) -> None:
     run_dir = save_random_run(tmp_path / family, char_tok, family, seq_len=16)
-    a = generate(run_dir, "The", max_new_tokens=40, stop_on_eos=False, seed=1)
-    assert a == generate(run_dir, "The", max_new_tokens=40, stop_on_eos=False, seed=1)
+    a = generate(run_dir, "The", GenerateSettings(max_new_tokens=40, stop_on_eos=False, seed=1))
+    assert a == generate(
+        run_dir, "The", GenerateSettings(max_new_tokens=40, stop_on_eos=False, seed=1)
+    )
     assert a[0]
 
 
@@ -150,25 +166,25 @@ def test_filter_logits_keeps_top_k_and_nucleus() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad",
+    ("bad", "field"),
     [
-        SamplingConfig(max_new_tokens=0),
-        SamplingConfig(temperature=-1.0),
-        SamplingConfig(top_k=-1),
-        SamplingConfig(top_p=0.0),
-        SamplingConfig(top_p=1.5),
-        SamplingConfig(num_return_sequences=0),
-        SamplingConfig(stop=("",)),
+        (GenerateSettings(max_new_tokens=0), "max_new_tokens"),
+        (GenerateSettings(temperature=-1.0), "temperature"),
+        (GenerateSettings(top_k=-1), "top_k"),
+        (GenerateSettings(top_p=0.0), "top_p"),
+        (GenerateSettings(top_p=1.5), "top_p"),
+        (GenerateSettings(num_return_sequences=0), "num_return_sequences"),
+        (GenerateSettings(stop=[""]), "stop"),
     ],
 )
-def test_bad_sampling_options_are_user_errors(bad: SamplingConfig) -> None:
-    with pytest.raises(UserError):
-        bad.validate()
+def test_bad_sampling_options_are_user_errors(bad: GenerateSettings, field: str, run: Path) -> None:
+    with pytest.raises(UserError, match=rf"\$\.{field}"):
+        generate(run, "The", bad)
 
 
 def test_generate_validates_its_options(run: Path) -> None:
     with pytest.raises(UserError, match="top_p"):
-        generate(run, "The", top_p=0.0)
+        generate(run, "The", GenerateSettings(top_p=0.0))
 
 
 # ---------------------------------------------------------------------------- chat
@@ -195,7 +211,7 @@ def scripted(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     root = tmp_path_factory.mktemp("chat")
     chat_lines = ["User: Hi there", "Assistant: Hello!", "User: How are you?", "Assistant: Hi."]
     corpus = write_corpus(root / "corpus", chat_lines * 3, chat_lines, chat_lines)
-    train_tokenizer(corpus, root / "tok", TokenizerConfig(kind="char", min_frequency=1))
+    train_tokenizer(corpus, root / "tok", TokenizerConfig(tokenizer_kind="char", min_frequency=1))
     tok = load_tokenizer(root / "tok")
     ids = {c: tok.encode(c)[0] for c in "Userhi: H"}
     script = [":", " ", "H", "i", "\n", "U", "s", "e", "r", ":"]
@@ -212,15 +228,18 @@ def scripted(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
 
 def test_chat_stops_at_the_next_user_turn(scripted: LoadedModel) -> None:
     assert generate(
-        scripted, "Assistant:", temperature=0, max_new_tokens=12, stop_on_eos=False
+        scripted,
+        "Assistant:",
+        GenerateSettings(temperature=0, max_new_tokens=12, stop_on_eos=False),
     ) == [" Hi\nUser: Hi"]
-    assert generate(scripted, "Assistant:", temperature=0, max_new_tokens=12) == [" Hi"]
+    assert generate(scripted, "Assistant:", GenerateSettings(temperature=0, max_new_tokens=12)) == [
+        " Hi"
+    ]
     reply = chat(
         scripted,
         [("user", "Hi there"), ("assistant", "Hello!")],
         "How are you?",
-        temperature=0,
-        max_new_tokens=50,
+        SamplingSettings(temperature=0, max_new_tokens=50),
     )
     assert reply == "Hi"
 
@@ -229,12 +248,15 @@ def test_chat_drops_old_turns_to_fit(scripted: LoadedModel) -> None:
     history = [("user", "How are you?"), ("assistant", "Hello!")] * 20
     assert isinstance(scripted.model, BigramScript)
     scripted.model.lengths.clear()
-    assert chat(scripted, history, "Hi there", temperature=0, max_new_tokens=16) == "Hi"
+    assert (
+        chat(scripted, history, "Hi there", SamplingSettings(temperature=0, max_new_tokens=16))
+        == "Hi"
+    )
     # budget: max_seq_len 64 - 16 new tokens; the full history would be ~600 tokens.
     assert scripted.model.lengths[0] <= 48
     assert format_chat(history[-2:], "Hi there").startswith("User: How are you?\n")
     with pytest.raises(UserError, match="role"):
-        chat(scripted, [("robot", "beep")], "Hi", temperature=0)
+        chat(scripted, [("robot", "beep")], "Hi", SamplingSettings(temperature=0))
 
 
 # ---------------------------------------------------------------------------- score/evaluate
@@ -325,9 +347,9 @@ def test_score_detail(run: Path) -> None:
 @pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
 def test_char_detail_with_subword_tokens(kind: str, corpus: Path, tmp_path: Path) -> None:
     cfg = (
-        TokenizerConfig(kind="bpe", vocab_size=300, min_frequency=1)
+        TokenizerConfig(tokenizer_kind="bpe", vocab_size=300, min_frequency=1)
         if kind == "bpe"
-        else TokenizerConfig(kind="sentencepiece", vocab_size=80, threads=1)
+        else TokenizerConfig(tokenizer_kind="sentencepiece", vocab_size=80, threads=1)
     )
     train_tokenizer(corpus, tmp_path / "tok", cfg)
     run_dir = save_random_run(tmp_path / "run", tmp_path / "tok", "gpt2")

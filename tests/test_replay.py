@@ -20,7 +20,7 @@ from protocol.codec import FIELD, decode_event
 from protocol.commands import Base, CorpusIngest, TokenizerTrain
 from protocol.events import CorpusReady, TokenizerReady
 from protocol.keys import ActorName, Keys
-from protocol.requests import TokenizerTrainRequest
+from protocol.requests import CorpusSource, TokenizerTrainRequest
 
 
 class FakeIngest(Actor):
@@ -65,7 +65,9 @@ def settings(data_dir: Path, keys: Keys, redis_url: str) -> Settings:
 
 async def recorded_run(redis: aioredis.Redis, keys: Keys, settings: Settings) -> str:
     """A tokenizer job submitted and carried out by the fake actors in the original prefix."""
-    info = await submit(redis, keys, plan_tokenizer(TokenizerTrainRequest(corpus_name="x")))
+    info = await submit(
+        redis, keys, plan_tokenizer(TokenizerTrainRequest(source=CorpusSource(corpus_name="x")))
+    )
     for actor in (FakeIngest(settings), FakeTokenizer(settings)):
         await Runtime(actor, redis, keys=keys, consumer="orig", config=FAST).run(until_idle=True)
     return info.run_id

@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import msgspec
 import pytest
 import redis.asyncio as aioredis
 
@@ -41,7 +40,7 @@ from protocol.events import (
     event_kind,
 )
 from protocol.keys import ACTOR_NAMES, ActorName, Keys
-from protocol.requests import TrainRequest
+from protocol.requests import TrainRequest, decode_flat
 from tests.http_helpers import read_sse, start_app
 
 pytestmark = pytest.mark.timeout(600)
@@ -58,21 +57,22 @@ def corpus_text() -> str:
 
 
 def tiny(**overrides: object) -> TrainRequest:
-    base = TrainRequest(
-        corpus_path="play.txt",
-        vocab_size=300,
-        model_family="gpt2",
-        model_size="tiny",
-        max_seq_len=32,
-        batch_size=4,
-        max_steps=16,
-        eval_every=8,
-        checkpoint_every=8,
-        warmup_steps=2,
-        learning_rate=2e-3,
-        threads=1,
-    )
-    return msgspec.structs.replace(base, **overrides)
+    """A tiny run; overrides are fields of the flat HTTP body."""
+    base: dict[str, object] = {
+        "corpus_path": "play.txt",
+        "vocab_size": 300,
+        "model_family": "gpt2",
+        "model_size": "tiny",
+        "max_seq_len": 32,
+        "batch_size": 4,
+        "max_steps": 16,
+        "eval_every": 8,
+        "checkpoint_every": 8,
+        "warmup_steps": 2,
+        "learning_rate": 2e-3,
+        "threads": 1,
+    }
+    return decode_flat({**base, **overrides}, TrainRequest)
 
 
 def make_settings(root: Path, prefix: str) -> Settings:

@@ -54,14 +54,14 @@ WORDS = [
 ]
 
 CONFIGS = {
-    "bpe": TokenizerConfig(kind="bpe", vocab_size=320, min_frequency=2),
+    "bpe": TokenizerConfig(tokenizer_kind="bpe", vocab_size=320, min_frequency=2),
     "spm-unigram": TokenizerConfig(
-        kind="sentencepiece", vocab_size=150, spm_model_type="unigram", threads=1
+        tokenizer_kind="sentencepiece", vocab_size=150, spm_model_type="unigram", threads=1
     ),
     "spm-bpe": TokenizerConfig(
-        kind="sentencepiece", vocab_size=150, spm_model_type="bpe", threads=1
+        tokenizer_kind="sentencepiece", vocab_size=150, spm_model_type="bpe", threads=1
     ),
-    "char": TokenizerConfig(kind="char", vocab_size=64, min_frequency=1),
+    "char": TokenizerConfig(tokenizer_kind="char", vocab_size=64, min_frequency=1),
 }
 # Every character of this text occurs in the generated training lines.
 SEEN_TEXT = "the lazy dog jumps over seven zebras; maybe kings quietly hex bold wizards?"
@@ -106,23 +106,23 @@ def test_stats_and_manifest(trained: Trained) -> None:
     assert s.unk_rate == 0.0 and s.oov_rate == 0.0
     assert 0 < s.tokens_per_char <= 1.0 and s.tokens_per_word > 0
     assert s.chars > 0 and s.words > 0 and s.tokens > 0
-    if cfg.kind == "char":
+    if cfg.tokenizer_kind == "char":
         assert s.tokens_per_char == 1.0
     else:
         assert s.tokens_per_char < 0.6  # subwords: clearly fewer tokens than characters
     manifest = json.loads((trained.out / MANIFEST_NAME).read_text())
     assert next(iter(manifest)) == "version" and manifest["version"] == 1
-    assert manifest["kind"] == cfg.kind
-    assert TokenizerConfig.from_dict(manifest["config"]) == cfg
+    assert manifest["kind"] == cfg.tokenizer_kind
+    assert TokenizerConfig.from_saved(manifest["config"]) == cfg
     assert TokenizerStats.from_dict(manifest["stats"]) == s
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(trained.out))
-    if cfg.kind == "sentencepiece":
+    if cfg.tokenizer_kind == "sentencepiece":
         assert (trained.out / "tokenizer.model").is_file()
 
 
 def test_round_trip_and_specials(trained: Trained, corpus_dir: Path) -> None:
     tok = load_tokenizer(trained.out)
-    assert type(tok) is TOKENIZERS[trained.config.kind]
+    assert type(tok) is TOKENIZERS[trained.config.tokenizer_kind]
     assert tok.stats == trained.stats and tok.vocab_size == trained.stats.vocab_size
     assert [tok.id_to_token(i) for i in range(4)] == list(SPECIAL_TOKENS)
     assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
@@ -134,7 +134,7 @@ def test_round_trip_and_specials(trained: Trained, corpus_dir: Path) -> None:
     batch = tok.encode_batch(validation)
     assert batch == [tok.encode(line) for line in validation]
     assert [tok.decode(b) for b in batch] == validation
-    if trained.config.kind == "bpe":  # byte level: anything round-trips exactly
+    if trained.config.tokenizer_kind == "bpe":  # byte level: anything round-trips exactly
         odd = "Ünïcode ✓ 中文 🦊\n\ttabs  and\r\nnew lines <pad>-less"
         assert tok.decode(tok.encode(odd)) == odd
 
@@ -191,7 +191,7 @@ def test_unknown_characters_are_measured(corpus_dir: Path, tmp_path: Path) -> No
 
 
 def test_char_vocab_is_most_frequent_first_and_capped(corpus_dir: Path, tmp_path: Path) -> None:
-    cfg = TokenizerConfig(kind="char", vocab_size=10, min_frequency=1)
+    cfg = TokenizerConfig(tokenizer_kind="char", vocab_size=10, min_frequency=1)
     stats = train_tokenizer(corpus_dir, tmp_path / "c", cfg)
     tok = load_tokenizer(tmp_path / "c")
     assert stats.vocab_size == 10 and stats.coverage < 1.0
@@ -212,16 +212,16 @@ def test_threads_set_rayon_only_when_unset(
     corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
-    train_tokenizer(corpus_dir, tmp_path / "a", TokenizerConfig(kind="char", threads=1))
+    train_tokenizer(corpus_dir, tmp_path / "a", TokenizerConfig(tokenizer_kind="char", threads=1))
     assert os.environ["RAYON_NUM_THREADS"] == "1"
     monkeypatch.setenv("RAYON_NUM_THREADS", "2")
-    train_tokenizer(corpus_dir, tmp_path / "b", TokenizerConfig(kind="char", threads=1))
+    train_tokenizer(corpus_dir, tmp_path / "b", TokenizerConfig(tokenizer_kind="char", threads=1))
     assert os.environ["RAYON_NUM_THREADS"] == "2"
 
 
 def test_retrain_replaces_output_atomically(corpus_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "t"
-    train_tokenizer(corpus_dir, out, TokenizerConfig(kind="char", vocab_size=20))
+    train_tokenizer(corpus_dir, out, TokenizerConfig(tokenizer_kind="char", vocab_size=20))
     train_tokenizer(corpus_dir, out, CONFIGS["bpe"])
     assert load_tokenizer(out).config == CONFIGS["bpe"]
     assert sorted(os.listdir(tmp_path)) == ["t"]  # no temp or old dirs left behind
@@ -230,10 +230,10 @@ def test_retrain_replaces_output_atomically(corpus_dir: Path, tmp_path: Path) ->
 @pytest.mark.parametrize(
     "cfg",
     [
-        TokenizerConfig(kind="bpe", vocab_size=100),
-        TokenizerConfig(kind="char", vocab_size=4),
-        TokenizerConfig(kind="char", min_frequency=0),
-        TokenizerConfig(kind="char", threads=-1),
+        TokenizerConfig(tokenizer_kind="bpe", vocab_size=100),
+        TokenizerConfig(tokenizer_kind="char", vocab_size=4),
+        TokenizerConfig(tokenizer_kind="char", min_frequency=0),
+        TokenizerConfig(tokenizer_kind="char", threads=-1),
     ],
     ids=["bpe-too-small", "char-too-small", "min-frequency", "threads"],
 )
@@ -244,8 +244,8 @@ def test_bad_config(cfg: TokenizerConfig, corpus_dir: Path, tmp_path: Path) -> N
 
 
 def test_bad_inputs(corpus_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="unknown tokenizer kind"):
-        TokenizerConfig.from_dict({"kind": "wordpiece"})
+    with pytest.raises(UserError, match=r"Invalid enum value 'wordpiece' - at `\$.tokenizer_kind`"):
+        TokenizerConfig.from_saved({"kind": "wordpiece"})
     with pytest.raises(UserError, match=re.escape("missing train.txt")):
         train_tokenizer(tmp_path / "nothing", tmp_path / "t", CONFIGS["char"])
     with pytest.raises(UserError, match=re.escape("missing mt_tokenizer.json")):
@@ -253,5 +253,7 @@ def test_bad_inputs(corpus_dir: Path, tmp_path: Path) -> None:
     # more characters than the vocabulary can hold: sentencepiece refuses, clearly
     with pytest.raises(UserError, match="Vocabulary size is smaller than required_chars"):
         train_tokenizer(
-            corpus_dir, tmp_path / "t", TokenizerConfig(kind="sentencepiece", vocab_size=20)
+            corpus_dir,
+            tmp_path / "t",
+            TokenizerConfig(tokenizer_kind="sentencepiece", vocab_size=20),
         )

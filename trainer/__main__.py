@@ -20,9 +20,16 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
+import msgspec
+
+from protocol.flags import add_flags, field_message, given, struct_fields
+from protocol.settings import GenerateSettings
+from trainer.config import TrainConfig
+from trainer.corpus import CorpusConfig
 from trainer.errors import UserError
+from trainer.tokenizer import TokenizerConfig
 
 if TYPE_CHECKING:
     from trainer.train import Progress
@@ -31,14 +38,9 @@ EXIT_USER_ERROR = 2
 
 
 def _cmd_corpus(args: argparse.Namespace) -> int:
-    from trainer.corpus import SPLITS, CorpusConfig, prepare_corpus
+    from trainer.corpus import SPLITS, prepare_corpus
 
-    cfg = CorpusConfig(
-        lowercase=args.lowercase,
-        validation_fraction=args.validation_fraction,
-        test_fraction=args.test_fraction,
-        seed=args.seed,
-    )
+    cfg = _settings(CorpusConfig, given(args, CORPUS_FIELDS))
     manifest = prepare_corpus(args.source, args.out, cfg, root=args.root)
     print(
         f"corpus {manifest.source} ({manifest.source_kind}, {len(manifest.files)} file(s)) "
@@ -51,17 +53,11 @@ def _cmd_corpus(args: argparse.Namespace) -> int:
 
 
 def _cmd_tokenizer(args: argparse.Namespace) -> int:
-    from trainer.tokenizer import TokenizerConfig, train_tokenizer
+    from trainer.tokenizer import train_tokenizer
 
-    cfg = TokenizerConfig(
-        kind=args.kind,
-        vocab_size=args.vocab_size,
-        min_frequency=args.min_frequency,
-        spm_model_type=args.spm_model_type,
-        threads=args.threads,
-    )
+    cfg = _settings(TokenizerConfig, given(args, TOKENIZER_FIELDS))
     stats = train_tokenizer(args.corpus, args.out, cfg)
-    print(f"tokenizer {cfg.kind} -> {args.out} (trained in {stats.train_seconds:.1f}s)")
+    print(f"tokenizer {cfg.tokenizer_kind} -> {args.out} (trained in {stats.train_seconds:.1f}s)")
     print(f"  vocab size      {stats.vocab_size}")
     print(
         f"  coverage        {stats.coverage:.4f}  (unk rate {stats.unk_rate:.4f}, "
@@ -72,34 +68,43 @@ def _cmd_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
-# train flag -> TrainConfig field; flags left out keep the TrainConfig default.
-_TRAIN_OPTIONS: dict[str, str] = {
-    "family": "family",
-    "size": "size",
-    "seq_len": "max_seq_len",
-    "dropout": "dropout",
-    "pretrained": "pretrained",
-    "epochs": "num_epochs",
-    "max_steps": "max_steps",
-    "batch_size": "batch_size",
-    "lr": "learning_rate",
-    "finetune_lr_cap": "finetune_lr_cap",
-    "optimizer": "optimizer",
-    "weight_decay": "weight_decay",
-    "warmup_steps": "warmup_steps",
-    "min_lr_ratio": "min_lr_ratio",
-    "grad_clip": "gradient_clipping",
-    "grad_accum": "grad_accum_steps",
-    "eval_every": "eval_every",
-    "eval_batches": "eval_batches",
-    "checkpoint_every": "checkpoint_every",
-    "keep_checkpoints": "keep_checkpoints",
-    "patience": "early_stopping_patience",
-    "seed": "seed",
-    "device": "device",
-    "precision": "precision",
-    "threads": "threads",
+S = TypeVar("S", bound=msgspec.Struct)
+
+# The flags are the settings' fields (protocol.settings), so that they cannot drift from the
+# service's; a few keep the short spelling they had before as an alias.
+CORPUS_FIELDS = struct_fields(CorpusConfig)
+TOKENIZER_FIELDS = struct_fields(TokenizerConfig, skip=("lowercase",))
+TRAIN_FIELDS = struct_fields(TrainConfig)
+GENERATE_FIELDS = struct_fields(GenerateSettings)
+ALIASES: dict[str, list[str]] = {
+    "tokenizer_kind": ["--kind"],
+    "model_family": ["--family"],
+    "model_size": ["--size"],
+    "max_seq_len": ["--seq-len"],
+    "num_epochs": ["--epochs"],
+    "learning_rate": ["--lr"],
+    "gradient_clipping": ["--grad-clip"],
+    "grad_accum_steps": ["--grad-accum"],
+    "early_stopping_patience": ["--patience"],
+    "num_return_sequences": ["-n"],
 }
+
+
+def _settings(typ: type[S], values: dict[str, object]) -> S:
+    try:
+        return msgspec.convert(values, typ)
+    except msgspec.ValidationError as e:
+        raise UserError(field_message(e, typ.__name__)) from None
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The training configuration the `train` flags ask for (defaults: the settings')."""
+    values = given(args, TRAIN_FIELDS)
+    if args.override:
+        values["model_overrides"] = _overrides(args.override)
+    cfg = _settings(TrainConfig, values)
+    cfg.validate()
+    return cfg
 
 
 def _overrides(items: Sequence[str]) -> dict[str, int]:
@@ -129,20 +134,9 @@ def _progress_printer(log_every: int) -> Callable[[Progress], None]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from trainer.train import TrainConfig, train
+    from trainer.train import train
 
-    options: dict[str, object] = {
-        field: getattr(args, flag)
-        for flag, field in _TRAIN_OPTIONS.items()
-        if getattr(args, flag) is not None
-    }
-    if args.override:
-        options["model_overrides"] = _overrides(args.override)
-    if args.freeze_embed:
-        options["freeze_embed"] = True
-    if args.compile:
-        options["compile"] = True
-    cfg = TrainConfig.from_dict(options)
+    cfg = train_config(args)
 
     # First Ctrl-C: stop after the current step with a checkpoint; second: abort at once.
     stop = {"asked": False}
@@ -154,7 +148,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        print(f"training {cfg.family} {cfg.size} -> {args.out}", flush=True)
+        print(f"training {cfg.model_family} {cfg.model_size} -> {args.out}", flush=True)
         # Absolute paths: the run's manifest records them for later evaluation.
         result = train(
             cfg,
@@ -224,14 +218,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     texts = generate(
         args.run_dir,
         args.prompt,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        stop=args.stop,
-        stop_on_eos=not args.no_stop_on_eos,
-        seed=args.seed,
-        num_return_sequences=args.num_return_sequences,
+        _settings(GenerateSettings, given(args, GENERATE_FIELDS)),
         device=args.device,
     )
     if args.json:
@@ -283,28 +270,20 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("source", help="a file or folder of .txt/.md, or a named corpus (shakespeare)")
     c.add_argument("--out", type=Path, required=True, help="output folder")
     c.add_argument("--root", type=Path, help="only read below this folder (paths relative to it)")
-    c.add_argument("--lowercase", action="store_true")
-    c.add_argument("--validation-fraction", type=float, default=0.1)
-    c.add_argument("--test-fraction", type=float, default=0.1)
-    c.add_argument("--seed", type=int, default=1337)
+    add_flags(c, CORPUS_FIELDS)
     c.set_defaults(run=_cmd_corpus)
 
     t = sub.add_parser("tokenizer", help="train a tokenizer on a prepared corpus")
     t.add_argument("--corpus", type=Path, required=True, help="prepared corpus folder")
     t.add_argument("--out", type=Path, required=True, help="output folder")
-    t.add_argument("--kind", choices=("bpe", "sentencepiece", "char"), default="bpe")
-    t.add_argument("--vocab-size", type=int, default=4096)
-    t.add_argument("--min-frequency", type=int, default=2)
-    t.add_argument("--spm-model-type", choices=("unigram", "bpe"), default="unigram")
-    t.add_argument("--threads", type=int, default=0, help="0 = all cores")
+    add_flags(t, TOKENIZER_FIELDS, ALIASES)
     t.set_defaults(run=_cmd_tokenizer)
 
     r = sub.add_parser("train", help="train (or resume) a model; Ctrl-C stops with a checkpoint")
     r.add_argument("--corpus", type=Path, required=True, help="prepared corpus folder")
     r.add_argument("--tokenizer", type=Path, required=True, help="trained tokenizer folder")
     r.add_argument("--out", type=Path, required=True, help="run folder (resumed if it has one)")
-    r.add_argument("--family", choices=("gpt2", "llama", "qwen", "char_lstm"))
-    r.add_argument("--size", choices=("tiny", "small", "medium", "large"))
+    add_flags(r.add_argument_group("training settings"), TRAIN_FIELDS, ALIASES)
     r.add_argument(
         "--override",
         action="append",
@@ -312,31 +291,6 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME=INT",
         help="model dimension override, e.g. n_layer=2 (repeatable)",
     )
-    r.add_argument("--seq-len", type=int)
-    r.add_argument("--dropout", type=float)
-    r.add_argument("--pretrained", help="run folder or local HF model folder to fine-tune")
-    r.add_argument("--freeze-embed", action="store_true")
-    r.add_argument("--epochs", type=int)
-    r.add_argument("--max-steps", type=int)
-    r.add_argument("--batch-size", type=int)
-    r.add_argument("--lr", type=float)
-    r.add_argument("--finetune-lr-cap", type=float)
-    r.add_argument("--optimizer", choices=("adamw", "adam", "sgd"))
-    r.add_argument("--weight-decay", type=float)
-    r.add_argument("--warmup-steps", type=int)
-    r.add_argument("--min-lr-ratio", type=float)
-    r.add_argument("--grad-clip", type=float)
-    r.add_argument("--grad-accum", type=int)
-    r.add_argument("--eval-every", type=int)
-    r.add_argument("--eval-batches", type=int)
-    r.add_argument("--checkpoint-every", type=int)
-    r.add_argument("--keep-checkpoints", type=int)
-    r.add_argument("--patience", type=int, help="early stopping after N validations w/o gain")
-    r.add_argument("--seed", type=int)
-    r.add_argument("--device", choices=devices)
-    r.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
-    r.add_argument("--threads", type=int, help="torch threads (0 = torch's default)")
-    r.add_argument("--compile", action="store_true", help="torch.compile (pays on long runs)")
     r.add_argument("--log-every", type=int, default=10, help="print every N steps")
     r.set_defaults(run=_cmd_train)
 
@@ -355,14 +309,7 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="continue a prompt")
     g.add_argument("run_dir", type=Path)
     g.add_argument("prompt")
-    g.add_argument("--max-new-tokens", type=int, default=100)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=50, help="0 = off")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
-    g.add_argument("--no-stop-on-eos", action="store_true", help="go on past the end of a line")
-    g.add_argument("--seed", type=int)
-    g.add_argument("-n", "--num-return-sequences", type=int, default=1)
+    add_flags(g, GENERATE_FIELDS, ALIASES)
     g.add_argument("--device", choices=devices, default="auto")
     g.add_argument("--json", action="store_true", help="print the continuations as JSON")
     g.set_defaults(run=_cmd_generate)

@@ -23,6 +23,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+import msgspec
+
+from protocol.settings import CorpusSettings
 from trainer.errors import UserError
 
 MANIFEST_VERSION = 1
@@ -38,12 +41,8 @@ def split_path(out_dir: Path, split: str) -> Path:
     return out_dir / f"{split}.txt"
 
 
-@dataclass(frozen=True)
-class CorpusConfig:
-    lowercase: bool = False
-    validation_fraction: float = 0.1
-    test_fraction: float = 0.1
-    seed: int = 1337
+class CorpusConfig(CorpusSettings, kw_only=True):
+    """How to normalize and split: the corpus settings (protocol.settings)."""
 
     def validate(self) -> None:
         for name, f in (
@@ -57,15 +56,6 @@ class CorpusConfig:
                 "validation_fraction + test_fraction must be below 1 "
                 "so that some text is left to train on"
             )
-
-    @classmethod
-    def from_dict(cls, d: dict[str, object]) -> CorpusConfig:
-        return cls(
-            lowercase=bool(d["lowercase"]),
-            validation_fraction=_as_float(d["validation_fraction"]),
-            test_fraction=_as_float(d["test_fraction"]),
-            seed=_as_int(d["seed"]),
-        )
 
 
 @dataclass(frozen=True)
@@ -103,7 +93,7 @@ class CorpusManifest:
             "source_sha256": self.source_sha256,
             "files": [asdict(f) for f in self.files],
             "splits": {name: asdict(s) for name, s in self.splits.items()},
-            "config": asdict(self.config),
+            "config": msgspec.to_builtins(self.config),
             "created_at": self.created_at,
         }
 
@@ -144,7 +134,7 @@ class CorpusManifest:
             source_sha256=str(d["source_sha256"]),
             files=files,
             splits=splits,
-            config=CorpusConfig.from_dict(config),
+            config=msgspec.convert(config, CorpusConfig),
             created_at=str(d["created_at"]),
         )
 

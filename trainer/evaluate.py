@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import secrets
 import time
 import uuid
 from collections import OrderedDict
@@ -30,19 +29,27 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from protocol.settings import (
+    Device,
+    GenerateSettings,
+    SamplingSettings,
+    checked,
+    with_fields,
+)
 from trainer.corpus import split_path
 from trainer.errors import UserError
 from trainer.manifest import read_manifest
 from trainer.model import CharLSTM, ModelConfig, count_parameters, input_embedding, load_model
 from trainer.model import logits as model_logits
 from trainer.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer
-from trainer.train import DeviceName, perplexity, resolve_device
+from trainer.train import perplexity, resolve_device
 
 EvalSplit = Literal["validation", "test"]
 EVAL_DIR = "eval"
@@ -51,8 +58,6 @@ MODEL_FILE = "model.safetensors"
 # Fixed prompts for the evaluation samples: short openings that fit most English text.
 SAMPLE_PROMPTS = ("The", "To be", "My lord,", "What is", "I will")
 REPETITION_N = 4
-MAX_RETURN_SEQUENCES = 64
-MAX_NEW_TOKENS = 4096
 _OUT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ROLE_PREFIX: dict[str, str] = {"system": "System", "user": "User", "assistant": "Assistant"}
 # Logits memory per scoring batch, in floats: batch = this // (max_seq_len * vocab).
@@ -74,7 +79,7 @@ class LoadedModel:
     device: torch.device
 
     @classmethod
-    def load(cls, run_dir: Path, device: DeviceName = "auto") -> LoadedModel:
+    def load(cls, run_dir: Path, device: Device = "auto") -> LoadedModel:
         if not (run_dir / MODEL_FILE).is_file():
             raise UserError(f"no trained model in {run_dir} (missing {MODEL_FILE})")
         tok = load_tokenizer(run_dir)
@@ -111,7 +116,7 @@ class ModelCache:
         self.capacity = capacity
         self._models: OrderedDict[tuple[str, int, int, str], LoadedModel] = OrderedDict()
 
-    def get(self, run_dir: Path, device: DeviceName = "auto") -> LoadedModel:
+    def get(self, run_dir: Path, device: Device = "auto") -> LoadedModel:
         try:
             st = (run_dir / MODEL_FILE).stat()
         except OSError:
@@ -137,7 +142,7 @@ class ModelCache:
 MODEL_CACHE = ModelCache(capacity=2)
 
 
-def load(run_dir: Path | LoadedModel, device: DeviceName = "auto") -> LoadedModel:
+def load(run_dir: Path | LoadedModel, device: Device = "auto") -> LoadedModel:
     """The loaded model of run_dir, from MODEL_CACHE (a LoadedModel is returned as is)."""
     if isinstance(run_dir, LoadedModel):
         return run_dir
@@ -206,7 +211,7 @@ def token_text(tok: Tokenizer, token_id: int) -> str:
         return "\n"
     if 0 <= token_id < len(SPECIAL_TOKENS):
         return SPECIAL_TOKENS[token_id]
-    if tok.config.kind == "sentencepiece":  # decode would drop a word-start piece's space
+    if tok.config.tokenizer_kind == "sentencepiece":  # decode would drop a word-start piece's space
         piece = tok.id_to_token(token_id)
         return "" if piece is None else piece.replace("\u2581", " ")
     return tok.decode([token_id])
@@ -284,7 +289,7 @@ def score(
     text: str,
     detail: bool = False,
     top_k: int = 5,
-    device: DeviceName = "auto",
+    device: Device = "auto",
 ) -> dict[str, object]:
     """Loss and surprisal of text under the run's model.
 
@@ -367,36 +372,6 @@ def _char_detail(
 # ---------------------------------------------------------------------------- generation
 
 
-@dataclass(frozen=True)
-class SamplingConfig:
-    max_new_tokens: int = 100
-    temperature: float = 0.8  # 0 = greedy
-    top_k: int = 50  # 0 = off
-    top_p: float = 1.0  # nucleus; 1 = off
-    stop: tuple[str, ...] = ()
-    stop_on_eos: bool = True  # eos ends the line; off, it is generated as a newline
-    num_return_sequences: int = 1
-
-    def validate(self) -> None:
-        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
-            raise UserError(
-                f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {self.max_new_tokens}"
-            )
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise UserError(f"temperature must be 0 (greedy) or more, got {self.temperature}")
-        if self.top_k < 0:
-            raise UserError(f"top_k must be 0 (off) or more, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 1 <= self.num_return_sequences <= MAX_RETURN_SEQUENCES:
-            raise UserError(
-                f"num_return_sequences must be between 1 and {MAX_RETURN_SEQUENCES}, "
-                f"got {self.num_return_sequences}"
-            )
-        if any(not s for s in self.stop):
-            raise UserError("stop sequences must not be empty strings")
-
-
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """[n, V] logits with everything outside the top-k / top-p nucleus set to -inf."""
     if 0 < top_k < logits.size(-1):
@@ -437,19 +412,18 @@ class ContextLogits:
         return result
 
 
-def _seed(seed: int | None) -> int:
-    return secrets.randbits(63) if seed is None else seed
-
-
 @torch.inference_mode()
-def _generate(lm: LoadedModel, prompt: str, cfg: SamplingConfig, seed: int) -> list[str]:
-    cfg.validate()
+def _generate(lm: LoadedModel, prompt: str, cfg: GenerateSettings) -> list[str]:
+    try:
+        cfg = checked(cfg)
+    except msgspec.ValidationError as e:
+        raise UserError(f"bad sampling setting: {e}") from None
     tok = lm.tokenizer
     prompt_ids = encode_text(tok, prompt).ids
     n = cfg.num_return_sequences
     ids = torch.tensor([[tok.eos_id, *prompt_ids]] * n, dtype=torch.long, device=lm.device)
     start = ids.size(1)
-    gen = torch.Generator(device=lm.device).manual_seed(seed)
+    gen = torch.Generator(device=lm.device).manual_seed(cfg.seed)
     banned = lm.unsampled_ids
     prefix = decode_tokens(tok, prompt_ids)
     finished: list[str | None] = [None] * n
@@ -498,36 +472,19 @@ def _stop_at(text: str, stops: Sequence[str]) -> int | None:
 def generate(
     run_dir: Path | LoadedModel,
     prompt: str,
-    max_new_tokens: int = 100,
-    temperature: float = 0.8,
-    top_k: int = 50,
-    top_p: float = 1.0,
-    stop: Sequence[str] = (),
-    stop_on_eos: bool = True,
-    seed: int | None = None,
-    num_return_sequences: int = 1,
-    device: DeviceName = "auto",
+    settings: GenerateSettings | None = None,
+    device: Device = "auto",
 ) -> list[str]:
     """Continue prompt: num_return_sequences continuations (prompt not included).
 
     temperature 0 is greedy; otherwise sampling from the temperature-scaled distribution
     restricted to the top_k tokens and the top_p nucleus, drawn from a torch.Generator
-    seeded with seed (None: a fresh random seed), so a fixed seed gives the same texts.
-    A continuation ends at eos (when stop_on_eos; eos is the end of a line, without it
-    eos is generated as a newline), before the first stop sequence, or after
-    max_new_tokens. The context is cropped to the model's max_seq_len.
+    seeded with the settings' seed, so a fixed seed gives the same texts. A continuation
+    ends at eos (when stop_on_eos; eos is the end of a line, without it eos is generated
+    as a newline), before the first stop sequence, or after max_new_tokens. The context is
+    cropped to the model's max_seq_len.
     """
-    cfg = SamplingConfig(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        stop=tuple(stop),
-        stop_on_eos=stop_on_eos,
-        num_return_sequences=num_return_sequences,
-    )
-    cfg.validate()
-    return _generate(load(run_dir, device), prompt, cfg, _seed(seed))
+    return _generate(load(run_dir, device), prompt, settings or GenerateSettings())
 
 
 def format_chat(history: Sequence[tuple[str, str]], message: str) -> str:
@@ -545,13 +502,8 @@ def chat(
     run_dir: Path | LoadedModel,
     history: Sequence[tuple[str, str]],
     message: str,
-    max_new_tokens: int = 100,
-    temperature: float = 0.8,
-    top_k: int = 50,
-    top_p: float = 1.0,
-    stop: Sequence[str] = (),
-    seed: int | None = None,
-    device: DeviceName = "auto",
+    settings: SamplingSettings | None = None,
+    device: Device = "auto",
 ) -> str:
     """The assistant's reply to message after history [(role, content)], roles user/assistant
     (and system).
@@ -561,22 +513,16 @@ def chat(
     user turn ("\\nUser:") or at a stop sequence, and is stripped of surrounding spaces.
     """
     lm = load(run_dir, device)
-    budget = max(lm.config.max_seq_len // 2, lm.config.max_seq_len - max_new_tokens)
+    sampling = settings or SamplingSettings()
+    budget = max(lm.config.max_seq_len // 2, lm.config.max_seq_len - sampling.max_new_tokens)
     turns = list(history)
     prompt = format_chat(turns, message)
     while turns and len(encode_text(lm.tokenizer, prompt).ids) + 1 > budget:
         turns.pop(0)
         prompt = format_chat(turns, message)
-    cfg = SamplingConfig(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        stop=("\nUser:", *stop),
-        stop_on_eos=False,
-    )
-    cfg.validate()
-    return _generate(lm, prompt, cfg, _seed(seed))[0].strip()
+    # The reply ends where the model starts the user's next turn.
+    cfg = with_fields(GenerateSettings, sampling, stop=["\nUser:"], stop_on_eos=False)
+    return _generate(lm, prompt, cfg)[0].strip()
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -672,7 +618,7 @@ def evaluate(
     out_name: str = "metrics",
     samples: SampleConfig | None = None,
     max_tokens: int | None = None,
-    device: DeviceName = "auto",
+    device: Device = "auto",
 ) -> dict[str, object]:
     """Evaluate the run's model on a corpus split (or the text file at path).
 
@@ -715,18 +661,19 @@ def evaluate(
     words = len(text.split())
 
     sc = samples or SampleConfig()
-    cfg = SamplingConfig(
-        max_new_tokens=sc.max_new_tokens,
-        temperature=sc.temperature,
-        top_k=sc.top_k,
-        stop_on_eos=False,
-    )
     sample_rows: list[dict[str, object]] = []
     sample_ids: list[list[int]] = []
     for i, prompt in enumerate(sc.prompts):
         # One seed per prompt: with a single seed a weak model that ignores its prompt
         # would repeat one sample five times and distinct-n would say little.
-        completion = _generate(lm, prompt, cfg, sc.seed + i)[0]
+        cfg = GenerateSettings(
+            max_new_tokens=sc.max_new_tokens,
+            temperature=sc.temperature,
+            top_k=sc.top_k,
+            seed=sc.seed + i,
+            stop_on_eos=False,
+        )
+        completion = _generate(lm, prompt, cfg)[0]
         ids = encode_text(lm.tokenizer, completion).ids
         sample_ids.append(ids)
         sample_rows.append(
@@ -758,7 +705,10 @@ def evaluate(
             "parameters": count_parameters(lm.model),
             "max_seq_len": lm.config.max_seq_len,
         },
-        "tokenizer": {"kind": lm.tokenizer.config.kind, "vocab_size": lm.tokenizer.vocab_size},
+        "tokenizer": {
+            "kind": lm.tokenizer.config.tokenizer_kind,
+            "vocab_size": lm.tokenizer.vocab_size,
+        },
         "elapsed_s": round(time.perf_counter() - t0, 3),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }

@@ -20,16 +20,16 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal, Self
+from typing import Self
 
+import msgspec
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from protocol.settings import SpmModelType, TokenizerKind, TokenizerSettings
 from trainer.corpus import publish_dir, split_path, write_json
 from trainer.errors import UserError
 
-TokenizerKind = Literal["bpe", "sentencepiece", "char"]
-SpmModelType = Literal["unigram", "bpe"]
 KINDS: tuple[TokenizerKind, ...] = ("bpe", "sentencepiece", "char")
 SPM_MODEL_TYPES: tuple[SpmModelType, ...] = ("unigram", "bpe")
 
@@ -40,34 +40,31 @@ MANIFEST_NAME = "mt_tokenizer.json"
 HF_TOKENIZER_FILE = "tokenizer.json"
 HF_CONFIG_FILE = "tokenizer_config.json"
 SPM_MODEL_FILE = "tokenizer.model"
-MAX_VOCAB_SIZE = 1 << 20
+MAX_VOCAB_SIZE = 200_000  # protocol.settings.VocabSize
 _SPM_SPACE = "\u2581"  # "▁", sentencepiece's visible space
 
 
-@dataclass(frozen=True)
-class TokenizerConfig:
-    """What to train. `min_frequency` applies to bpe merges and char vocabularies;
-    sentencepiece has no such knob (its `character_coverage` drops rare characters)."""
+class TokenizerConfig(TokenizerSettings, kw_only=True):
+    """What to train: the tokenizer settings (protocol.settings) plus what ingest did.
+    `min_frequency` applies to bpe merges and char vocabularies; sentencepiece has no such
+    knob (its `character_coverage` drops rare characters)."""
 
-    kind: TokenizerKind = "bpe"
-    vocab_size: int = 4096
-    min_frequency: int = 2
-    spm_model_type: SpmModelType = "unigram"
-    threads: int = 0  # 0 = all cores
     lowercase: bool = False  # informational: lowercasing happens at corpus ingest
 
     def validate(self) -> None:
-        if self.kind not in KINDS:
-            raise UserError(f"unknown tokenizer kind {self.kind!r}; choose one of {KINDS}")
+        if self.tokenizer_kind not in KINDS:
+            raise UserError(
+                f"unknown tokenizer kind {self.tokenizer_kind!r}; choose one of {KINDS}"
+            )
         if self.spm_model_type not in SPM_MODEL_TYPES:
             raise UserError(
                 f"unknown sentencepiece model type {self.spm_model_type!r}; "
                 f"choose one of {SPM_MODEL_TYPES}"
             )
-        smallest = _MIN_VOCAB[self.kind]
+        smallest = _MIN_VOCAB[self.tokenizer_kind]
         if not smallest <= self.vocab_size <= MAX_VOCAB_SIZE:
             raise UserError(
-                f"vocab_size for {self.kind} must be between {smallest} and "
+                f"vocab_size for {self.tokenizer_kind} must be between {smallest} and "
                 f"{MAX_VOCAB_SIZE}, got {self.vocab_size}"
             )
         if self.min_frequency < 1:
@@ -76,23 +73,16 @@ class TokenizerConfig:
             raise UserError(f"threads must be 0 (all cores) or more, got {self.threads}")
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        return msgspec.to_builtins(self)  # type: ignore[no-any-return]  # msgspec says Any
 
     @classmethod
-    def from_dict(cls, d: dict[str, object]) -> TokenizerConfig:
-        kind, spm_type = str(d.get("kind", "bpe")), str(d.get("spm_model_type", "unigram"))
-        kinds: dict[str, TokenizerKind] = {k: k for k in KINDS}
-        spm_types: dict[str, SpmModelType] = {t: t for t in SPM_MODEL_TYPES}
-        if kind not in kinds or spm_type not in spm_types:
-            raise UserError(f"unknown tokenizer kind {kind!r} / model type {spm_type!r}")
-        cfg = cls(
-            kind=kinds[kind],
-            vocab_size=_int(d.get("vocab_size", 4096)),
-            min_frequency=_int(d.get("min_frequency", 2)),
-            spm_model_type=spm_types[spm_type],
-            threads=_int(d.get("threads", 0)),
-            lowercase=bool(d.get("lowercase", False)),
-        )
+    def from_saved(cls, d: dict[str, object]) -> TokenizerConfig:
+        """From a manifest's `config` (written before the settings types, it says `kind`)."""
+        values = {("tokenizer_kind" if k == "kind" else k): v for k, v in d.items()}
+        try:
+            cfg = msgspec.convert(values, cls)
+        except msgspec.ValidationError as e:
+            raise UserError(f"bad tokenizer config: {e}") from None
         cfg.validate()
         return cfg
 
@@ -211,7 +201,7 @@ class Tokenizer:
             directory / MANIFEST_NAME,
             {
                 "version": MANIFEST_VERSION,
-                "kind": self.config.kind,
+                "kind": self.config.tokenizer_kind,
                 "config": self.config.to_dict(),
                 "stats": None if self.stats is None else self.stats.to_dict(),
             },
@@ -497,7 +487,7 @@ def train_tokenizer(corpus_dir: Path, out_dir: Path, config: TokenizerConfig) ->
         os.environ.setdefault("RAYON_NUM_THREADS", str(config.threads))
 
     started = time.perf_counter()
-    tok = TOKENIZERS[config.kind].train(train_file, config)
+    tok = TOKENIZERS[config.tokenizer_kind].train(train_file, config)
     train_seconds = time.perf_counter() - started
     held_out = validation_file.read_text(encoding="utf-8")
     if len(held_out) > STATS_MAX_CHARS:  # a sample of whole lines is plenty for rates
@@ -534,7 +524,7 @@ def read_tokenizer_manifest(directory: Path) -> tuple[TokenizerConfig, Tokenizer
         raise UserError(f"corrupt tokenizer manifest {path}")
     try:
         return (
-            TokenizerConfig.from_dict(config),
+            TokenizerConfig.from_saved(config),
             None if stats is None else TokenizerStats.from_dict(stats),
         )
     except KeyError as e:
@@ -543,7 +533,7 @@ def read_tokenizer_manifest(directory: Path) -> tuple[TokenizerConfig, Tokenizer
 
 def load_tokenizer(directory: Path) -> Tokenizer:
     config, stats = read_tokenizer_manifest(directory)
-    return TOKENIZERS[config.kind].load(directory, config, stats)
+    return TOKENIZERS[config.tokenizer_kind].load(directory, config, stats)
 
 
 def _int(v: object) -> int:

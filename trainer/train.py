@@ -21,18 +21,20 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from types import UnionType
-from typing import IO, Literal, Union, get_args, get_origin, get_type_hints
+from typing import IO, Literal
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from protocol.settings import Device
+from protocol.settings import Precision as SettingsPrecision
 from trainer.checkpoint import (
     TrainState,
     latest_checkpoint,
@@ -41,159 +43,27 @@ from trainer.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from trainer.config import TrainConfig
 from trainer.data import IGNORE_INDEX, TokenDataInfo, TokenWindows, dir_sha256, encode_splits
 from trainer.errors import UserError
 from trainer.manifest import RunManifest, cpu_flags, write_manifest
 from trainer.model import (
-    FAMILIES,
     MODEL_FILES,
-    SIZE_NAMES,
     ModelConfig,
-    ModelFamily,
-    ModelSize,
     build_model,
     count_parameters,
     load_model,
     logits,
-    model_dims,
     read_model_config,
     save_model,
 )
 from trainer.tokenizer import load_tokenizer
 
-OptimizerName = Literal["adamw", "adam", "sgd"]
-DeviceName = Literal["auto", "cpu", "cuda"]
-PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Status = Literal["completed", "cancelled", "early_stopped"]
-OPTIMIZERS: tuple[OptimizerName, ...] = get_args(OptimizerName)
-DEVICES: tuple[DeviceName, ...] = get_args(DeviceName)
-PRECISIONS: tuple[PrecisionName, ...] = get_args(PrecisionName)
 # Config fields that may differ when a run is resumed: they do not change the maths.
 RESUMABLE_CHANGES = frozenset({"threads", "keep_checkpoints", "compile"})
 METRICS_NAME = "metrics.jsonl"
-
-
-@dataclass
-class TrainConfig:
-    # model
-    family: ModelFamily = "gpt2"
-    size: ModelSize = "tiny"
-    max_seq_len: int = 256
-    dropout: float = 0.0
-    pretrained: str | None = None  # earlier run dir or local HF model dir: fine-tune it
-    freeze_embed: bool = False
-    model_overrides: dict[str, int] = field(default_factory=dict)  # e.g. {"n_layer": 2}
-    # schedule
-    num_epochs: int = 1
-    max_steps: int | None = None  # overrides num_epochs when set
-    batch_size: int = 8
-    learning_rate: float = 3e-4
-    finetune_lr_cap: float | None = None  # lr = min(lr, cap) when fine-tuning
-    optimizer: OptimizerName = "adamw"
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
-    gradient_clipping: float = 1.0  # max grad norm; 0 = no clipping
-    grad_accum_steps: int = 1
-    # validation, checkpoints, stopping
-    eval_every: int = 100  # steps; also at every epoch end and at the last step
-    eval_batches: int = 20  # validation/test batches per evaluation
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
-    early_stopping_patience: int | None = None  # validations without improvement
-    # runtime
-    seed: int = 1337
-    device: DeviceName = "auto"
-    precision: PrecisionName = "auto"
-    threads: int = 0  # torch threads; 0 = leave torch's default
-    compile: bool = False  # torch.compile: pays off on longer runs only (first compile 20-50 s)
-
-    def validate(self) -> None:
-        if self.family not in FAMILIES:
-            raise UserError(f"unknown model family {self.family!r}; choose one of {FAMILIES}")
-        if self.size not in SIZE_NAMES:
-            raise UserError(f"unknown model size {self.size!r}; choose one of {SIZE_NAMES}")
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
-        if self.device not in DEVICES:
-            raise UserError(f"unknown device {self.device!r}; choose one of {DEVICES}")
-        if self.precision not in PRECISIONS:
-            raise UserError(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
-        positive = {
-            "max_seq_len": self.max_seq_len,
-            "num_epochs": self.num_epochs,
-            "batch_size": self.batch_size,
-            "grad_accum_steps": self.grad_accum_steps,
-            "eval_every": self.eval_every,
-            "eval_batches": self.eval_batches,
-            "checkpoint_every": self.checkpoint_every,
-            "keep_checkpoints": self.keep_checkpoints,
-        }
-        if self.max_steps is not None:
-            positive["max_steps"] = self.max_steps
-        if self.early_stopping_patience is not None:
-            positive["early_stopping_patience"] = self.early_stopping_patience
-        for name, v in positive.items():
-            if v < 1:
-                raise UserError(f"{name} must be at least 1, got {v}")
-        if not self.learning_rate > 0 or (
-            self.finetune_lr_cap is not None and not self.finetune_lr_cap > 0
-        ):
-            raise UserError("learning_rate and finetune_lr_cap must be positive")
-        if self.warmup_steps < 0 or self.threads < 0 or self.weight_decay < 0:
-            raise UserError("warmup_steps, threads and weight_decay must not be negative")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise UserError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.gradient_clipping < 0:
-            raise UserError("gradient_clipping must not be negative (0 = off)")
-        if self.pretrained is None:  # a size the family lacks, a bad override: fail early
-            model_dims(
-                ModelConfig(
-                    family=self.family, size=self.size, overrides=dict(self.model_overrides)
-                )
-            )
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, object]) -> TrainConfig:
-        """From JSON-like data; unknown keys and wrongly typed values are a UserError."""
-        hints = get_type_hints(cls)
-        unknown = set(d) - set(hints)
-        if unknown:
-            raise UserError(f"unknown training options: {sorted(unknown)}")
-        cfg = cls()
-        for name, value in d.items():
-            if not _matches(value, hints[name]):
-                raise UserError(f"training option {name} has a bad value: {value!r}")
-            is_float = hints[name] is float or float in get_args(hints[name])
-            setattr(cfg, name, float(value) if is_float and isinstance(value, int) else value)
-        cfg.validate()
-        return cfg
-
-
-def _matches(value: object, hint: object) -> bool:
-    """Whether a JSON value fits a TrainConfig field type (bool is not a number here)."""
-    origin, args = get_origin(hint), get_args(hint)
-    if origin is Literal:
-        return value in args
-    if origin in (Union, UnionType):
-        return any(_matches(value, a) for a in args)
-    if origin is dict:
-        return isinstance(value, dict) and all(
-            _matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items()
-        )
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(hint, type) and isinstance(value, hint)
 
 
 @dataclass
@@ -261,7 +131,7 @@ def cpu_supports_bf16(capability: str | None = None, flags: set[str] | None = No
     return ("AVX512" in cap or "AMX" in cap) and bool(found & {"avx512_bf16", "amx_bf16"})
 
 
-def resolve_device(name: DeviceName) -> torch.device:
+def resolve_device(name: Device) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("device cuda was asked but no CUDA GPU is available")
     if name == "auto":
@@ -270,7 +140,7 @@ def resolve_device(name: DeviceName) -> torch.device:
 
 
 def resolve_precision(
-    name: PrecisionName, device: torch.device, cpu_bf16: bool | None = None
+    name: SettingsPrecision, device: torch.device, cpu_bf16: bool | None = None
 ) -> Precision:
     """fp16 only on CUDA; bf16 where the device runs it natively; auto is conservative."""
     if device.type == "cuda":
@@ -444,12 +314,12 @@ def train(
 
     # ---- data
     tok = load_tokenizer(tokenizer_dir)
-    if cfg.family == "qwen" and tok.config.kind != "bpe":
+    if cfg.model_family == "qwen" and tok.config.tokenizer_kind != "bpe":
         # transformers loads every qwen2 folder with its own byte-level Qwen2Tokenizer,
         # whatever tokenizer_config.json says: only our byte-level BPE survives that.
         raise UserError(
-            f"qwen models need a bpe tokenizer (got {tok.config.kind}): transformers loads "
-            "qwen2 run folders with its own byte-level BPE tokenizer"
+            f"qwen models need a bpe tokenizer (got {tok.config.tokenizer_kind}): transformers "
+            "loads qwen2 run folders with its own byte-level BPE tokenizer"
         )
     if token_dir is None:
         token_dir = data_dir / "tokens" / dir_sha256(tokenizer_dir)[:16]
@@ -472,8 +342,8 @@ def train(
     # ---- model and optimizer
     seed_everything(cfg.seed)
     model_cfg = ModelConfig(
-        family=cfg.family,
-        size=cfg.size,
+        family=cfg.model_family,
+        size=cfg.model_size,
         vocab_size=tok.vocab_size,
         max_seq_len=seq,
         dropout=cfg.dropout,
@@ -523,7 +393,7 @@ def train(
     # ---- resume
     ckpt_dir = run_dir / "checkpoints"
     metrics_path = run_dir / METRICS_NAME
-    config_dict = cfg.to_dict()
+    config_dict: dict[str, object] = msgspec.to_builtins(cfg)
     state = TrainState()
     resumed_from: int | None = None
     ckpt = latest_checkpoint(ckpt_dir)

@@ -24,41 +24,28 @@ from actors.runtime.streams import Redis, add_command, connect
 from protocol.commands import ModelGenerate
 from protocol.events import TokenizerReady, TrainProgress
 from protocol.keys import Keys
-from protocol.requests import TrainRequest
+from protocol.requests import CorpusSource, TrainRequest
+from protocol.settings import TokenizerSettings, TrainSettings
 
 PROMPTS = ("ROMEO:\n", "To be, or not to be", "KING HENRY:\nMy lords,")
 
 
 def demo_request(quick: bool) -> TrainRequest:
     """Sized for a few minutes on 2 CPU cores (quick: about a minute, for CI)."""
-    if quick:
-        return TrainRequest(
-            corpus_name="shakespeare",
-            tokenizer_kind="bpe",
-            vocab_size=1024,
+    return TrainRequest(
+        source=CorpusSource(corpus_name="shakespeare"),
+        tokenizer=TokenizerSettings(tokenizer_kind="bpe", vocab_size=1024 if quick else 2048),
+        train=TrainSettings(
             model_family="gpt2",
             model_size="tiny",
-            max_seq_len=64,
-            batch_size=8,
-            max_steps=60,
-            eval_every=20,
-            checkpoint_every=30,
+            max_seq_len=64 if quick else 128,
+            batch_size=8 if quick else 16,
+            max_steps=60 if quick else 500,
+            eval_every=20 if quick else 50,
+            checkpoint_every=30 if quick else 100,
             learning_rate=1e-3,
-            warmup_steps=10,
-        )
-    return TrainRequest(
-        corpus_name="shakespeare",
-        tokenizer_kind="bpe",
-        vocab_size=2048,
-        model_family="gpt2",
-        model_size="tiny",
-        max_seq_len=128,
-        batch_size=16,
-        max_steps=500,
-        eval_every=50,
-        checkpoint_every=100,
-        learning_rate=1e-3,
-        warmup_steps=30,
+            warmup_steps=10 if quick else 30,
+        ),
     )
 
 
@@ -198,9 +185,10 @@ async def run_demo(settings: Settings, quick: bool) -> int:
             )
             if http:
                 print(f"dashboard   {http}/#/runs/{info.run_id}")
+            train = req.train
             print(
-                f"run         {info.run_id}: shakespeare → bpe {req.vocab_size} → "
-                f"gpt2 tiny, {req.max_steps} steps of {req.batch_size}x{req.max_seq_len} "
+                f"run         {info.run_id}: shakespeare → bpe {req.tokenizer.vocab_size} → "
+                f"gpt2 tiny, {train.max_steps} steps of {train.batch_size}x{train.max_seq_len} "
                 "tokens",
                 flush=True,
             )

@@ -20,14 +20,12 @@ import re
 import signal
 import sys
 import time
-import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
 import msgspec
-import msgspec.inspect as mi
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -44,15 +42,23 @@ from actors.runtime.config import Settings
 from actors.runtime.streams import Redis, RuntimeConfig, add_command, add_event, connect
 from protocol.commands import Base, ChainCommand, ModelEvaluate, ModelGenerate, actor_of
 from protocol.events import CancelRequested
+from protocol.flags import FlagError, add_flags, field_message, given, load_toml, struct_fields
 from protocol.keys import ACTOR_NAMES, ActorName, Keys
-from protocol.requests import TokenizerFields, TokenizerTrainRequest, TrainRequest
+from protocol.requests import (
+    CorpusSource,
+    GenerateRequest,
+    TokenizerTrainRequest,
+    TrainRequest,
+    decode_flat,
+    flat_fields,
+)
 from protocol.state import RunState
 from trainer.corpus import resolve_corpus_path
 from trainer.errors import UserError
 
 Handler = Callable[[argparse.Namespace, Settings], Awaitable[int]]
 S = TypeVar("S", bound=msgspec.Struct)
-F = TypeVar("F", bound=TokenizerFields)
+R = TypeVar("R", TrainRequest, TokenizerTrainRequest)
 
 CANCEL_TTL_S = 14 * 24 * 3600
 # Interrupting an in-process run: how long its running step may take to finish before it is
@@ -193,64 +199,9 @@ async def with_service(
 
 
 # ---------------------------------------------------------------------- request building
-def _strip_optional(t: mi.Type) -> mi.Type:
-    if isinstance(t, mi.UnionType):
-        rest = [x for x in t.types if not isinstance(x, mi.NoneType)]
-        if len(rest) == 1:
-            return rest[0]
-    return t
-
-
-def _bounds(t: mi.Type) -> str:
-    if not isinstance(t, mi.IntType | mi.FloatType):
-        return ""
-    low = f">={t.ge}" if t.ge is not None else (f">{t.gt}" if t.gt is not None else "")
-    high = f"<={t.le}" if t.le is not None else (f"<{t.lt}" if t.lt is not None else "")
-    return " ".join(b for b in (low, high) if b)
-
-
-def add_request_flags(p: argparse.ArgumentParser, struct: type[msgspec.Struct]) -> None:
-    """One flag per field of the request (--model-family, --max-steps, --lowercase/--no-...);
-    flags not given are absent, so a TOML file's values stand."""
-    info = mi.type_info(struct)
-    assert isinstance(info, mi.StructType)
-    group = p.add_argument_group(f"{struct.__name__} fields (override the --config file)")
-    for f in info.fields:
-        t = _strip_optional(f.type)
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not msgspec.NODEFAULT else None
-        bounds = _bounds(t)
-        help_text = f"default {default!r}" + (f"; {bounds}" if bounds else "")
-        dest = f"req_{f.name}"
-        if isinstance(t, mi.BoolType):
-            group.add_argument(
-                flag,
-                dest=dest,
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help=help_text,
-            )
-        elif isinstance(t, mi.LiteralType):
-            group.add_argument(
-                flag, dest=dest, choices=[str(v) for v in t.values], default=None, help=help_text
-            )
-        elif isinstance(t, mi.IntType):
-            group.add_argument(flag, dest=dest, type=int, metavar="N", default=None, help=help_text)
-        elif isinstance(t, mi.FloatType):
-            group.add_argument(
-                flag, dest=dest, type=float, metavar="X", default=None, help=help_text
-            )
-        else:
-            group.add_argument(flag, dest=dest, metavar="TEXT", default=None, help=help_text)
-
-
-def field_message(e: msgspec.ValidationError, what: str) -> str:
-    text = str(e)
-    if m := re.fullmatch(r"(.*) - at `\$\.([^`]+)`", text, flags=re.S):
-        return f"invalid {m[2]}: {m[1]}"
-    if m := re.fullmatch(r"Object contains unknown field `([^`]+)`.*", text, flags=re.S):
-        return f"unknown field {m[1]!r}: not a field of {what}"
-    return f"invalid {what}: {text}"
+_TRAIN_FIELDS = [(f.name, f.info) for f in flat_fields(TrainRequest)]
+_TOKENIZER_FIELDS = [(f.name, f.info) for f in flat_fields(TokenizerTrainRequest)]
+_GENERATE_FIELDS = struct_fields(GenerateRequest, skip=("prompt", "user_id"))
 
 
 def convert(values: dict[str, object], struct: type[S]) -> S:
@@ -261,46 +212,32 @@ def convert(values: dict[str, object], struct: type[S]) -> S:
         raise CliError(field_message(e, struct.__name__), 2) from None
 
 
-def load_toml(path: Path, struct: type[msgspec.Struct]) -> dict[str, object]:
+def request_from(args: argparse.Namespace, struct: type[R]) -> R:
+    """The --config TOML file (if any, keys as in the HTTP body), overridden by the flags
+    that were given; validated as the control endpoint validates the body."""
+    fields = [(f.name, f.info) for f in flat_fields(struct)]
     try:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise CliError(f"cannot read {path}: {e.strerror or e}", 2) from None
-    except tomllib.TOMLDecodeError as e:
-        raise CliError(f"{path}: not valid TOML: {e}", 2) from None
-    values = {k.replace("-", "_"): v for k, v in data.items()}
-    known = {f.name for f in msgspec.structs.fields(struct)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise CliError(
-            f"{path}: unknown key(s) {', '.join(unknown)}; keys are {struct.__name__} fields "
-            f"({', '.join(sorted(known))})",
-            2,
-        )
-    return values
+        values = load_toml(Path(args.config), fields, struct.__name__) if args.config else {}
+    except FlagError as e:
+        raise CliError(str(e), 2) from None
+    values.update(given(args, fields))
+    try:
+        return decode_flat(values, struct)
+    except msgspec.ValidationError as e:
+        raise CliError(field_message(e, struct.__name__), 2) from None
 
 
-def request_from(args: argparse.Namespace, struct: type[S]) -> S:
-    """The --config TOML file (if any), overridden by the flags that were given."""
-    values = load_toml(Path(args.config), struct) if args.config else {}
-    for f in msgspec.structs.fields(struct):
-        given = getattr(args, f"req_{f.name}", None)
-        if given is not None:
-            values[f.name] = given
-    return convert(values, struct)
-
-
-def with_corpus_path(settings: Settings, req: F) -> F:
+def with_corpus_path(settings: Settings, req: R) -> R:
     """A corpus path that exists here (under the corpus root, or relative to the current
     folder) is checked against the corpus root and made relative to it, as the control
     endpoint does; one that does not exist here is left to the ingest actor, whose machine
     may see other files."""
-    given = req.corpus_path
-    if not given:
+    source = req.source
+    assert isinstance(source, CorpusSource)
+    if not source.corpus_path:
         return req
     root = settings.corpus_root
-    here = Path(given).expanduser()
+    here = Path(source.corpus_path).expanduser()
     if not (root / here).exists() and here.exists():
         here = here.absolute()
     elif not (root / here).exists():
@@ -310,7 +247,7 @@ def with_corpus_path(settings: Settings, req: F) -> F:
     except UserError as e:
         raise CliError(f"{e} (the corpus root is {root}: set MT_CORPUS_ROOT)", 2) from None
     rel = real.relative_to(root.resolve()).as_posix()
-    return msgspec.structs.replace(req, corpus_path=rel)
+    return msgspec.structs.replace(req, source=msgspec.structs.replace(source, corpus_path=rel))
 
 
 # ------------------------------------------------------------------------------- output
@@ -720,12 +657,8 @@ async def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
         "prompt": args.prompt,
         "user_id": args.user_id,
         "requested_at": time.time(),
-        "stop": args.stop or [],
-        "num_return_sequences": args.num,
+        **given(args, _GENERATE_FIELDS),
     }
-    for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed"):
-        if (value := getattr(args, name)) is not None:
-            values[name] = value
     cmd = convert(values, ModelGenerate)
     async with connected(settings) as (_url, client, keys):
         await require_run(client, keys, args.run)
@@ -887,12 +820,15 @@ def parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a tokenizer + model and follow the run")
     _follow_flags(train)
-    add_request_flags(train, TrainRequest)
+    add_flags(train.add_argument_group("run settings (override the --config file)"), _TRAIN_FIELDS)
     tok = sub.add_parser("tokenizer", help="tokenizer jobs")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
     tok_train = tok_sub.add_parser("train", help="train a tokenizer and follow the job")
     _follow_flags(tok_train)
-    add_request_flags(tok_train, TokenizerTrainRequest)
+    add_flags(
+        tok_train.add_argument_group("tokenizer settings (override the --config file)"),
+        _TOKENIZER_FIELDS,
+    )
 
     runs = sub.add_parser("runs", help="recent runs")
     runs.add_argument("--limit", type=int, default=20)
@@ -916,13 +852,7 @@ def parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="sample text from a run's model")
     gen.add_argument("run")
     gen.add_argument("prompt", nargs="?", default="")
-    gen.add_argument("--max-new-tokens", type=int, default=None)
-    gen.add_argument("--temperature", type=float, default=None)
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--num", type=int, default=1, help="number of samples")
-    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    add_flags(gen, _GENERATE_FIELDS, {"num_return_sequences": ["--num"]})
     for request in (ev, gen):
         request.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
         request.add_argument("--user-id", type=int, default=0)

@@ -21,7 +21,8 @@ from protocol.commands import (
 )
 from protocol.events import RunQueued
 from protocol.keys import ActorName, Keys
-from protocol.requests import RunCreated, TokenizerFields, TokenizerTrainRequest, TrainRequest
+from protocol.requests import CorpusSource, RunCreated, TokenizerTrainRequest, TrainRequest
+from protocol.settings import CorpusSettings, TokenizerSettings, with_fields
 from trainer.errors import UserError
 
 
@@ -30,40 +31,43 @@ def new_id(kind: str) -> str:
     return f"{kind}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
 
 
-def _ingest(req: TokenizerFields, run_id: str, corpus_id: str, now: float) -> CorpusIngest:
-    sources = [s for s in (req.corpus_path, req.corpus_name, req.corpus_file_id) if s]
+def _ingest(
+    source: CorpusSource, corpus: CorpusSettings, run_id: str, corpus_id: str, now: float
+) -> CorpusIngest:
+    sources = [s for s in (source.corpus_path, source.corpus_name, source.corpus_file_id) if s]
     if len(sources) != 1:
         raise UserError("give exactly one of corpus_path, corpus_name, corpus_file_id")
-    return CorpusIngest(
+    return with_fields(
+        CorpusIngest,
+        corpus,
         command_id=f"{run_id}.ingest",
         run_id=run_id,
         corpus_id=corpus_id,
-        user_id=req.user_id,
+        user_id=source.user_id,
         requested_at=now,
-        path=req.corpus_path,
-        named=req.corpus_name,
-        file_id=req.corpus_file_id,
-        lowercase=req.lowercase,
-        validation_fraction=req.holdout_fraction,
-        test_fraction=req.test_split_ratio,
-        seed=req.seed,
+        path=source.corpus_path,
+        named=source.corpus_name,
+        file_id=source.corpus_file_id,
     )
 
 
 def _tokenizer(
-    req: TokenizerFields, run_id: str, corpus_id: str, tok_id: str, now: float
+    source: CorpusSource,
+    tokenizer: TokenizerSettings,
+    run_id: str,
+    corpus_id: str,
+    tok_id: str,
+    now: float,
 ) -> TokenizerTrain:
-    return TokenizerTrain(
+    return with_fields(
+        TokenizerTrain,
+        tokenizer,
         command_id=f"{run_id}.tokenizer",
         run_id=run_id,
         tokenizer_id=tok_id,
         corpus_id=corpus_id,
-        user_id=req.user_id,
+        user_id=source.user_id,
         requested_at=now,
-        tokenizer_kind=req.tokenizer_kind,
-        vocab_size=req.vocab_size,
-        min_frequency=req.min_frequency,
-        spm_model_type=req.spm_model_type,
     )
 
 
@@ -73,59 +77,39 @@ def plan_train(req: TrainRequest, run_id: str | None = None) -> list[ChainComman
     run_id = run_id or new_id("run")
     now = time.time()
     corpus_id = f"{run_id}-corpus"
-    chain: list[ChainCommand] = [_ingest(req, run_id, corpus_id, now)]
-    tok_id = req.tokenizer_id
+    user_id = req.source.user_id
+    chain: list[ChainCommand] = [_ingest(req.source, req.corpus, run_id, corpus_id, now)]
+    tok_id = req.chain.tokenizer_id
     if not tok_id:
         tok_id = f"{run_id}-tok"
-        chain.append(_tokenizer(req, run_id, corpus_id, tok_id, now))
+        chain.append(_tokenizer(req.source, req.tokenizer, run_id, corpus_id, tok_id, now))
     chain.append(
-        ModelTrain(
+        with_fields(
+            ModelTrain,
+            req.train,
             command_id=f"{run_id}.trainer",
             run_id=run_id,
             corpus_id=corpus_id,
             tokenizer_id=tok_id,
-            user_id=req.user_id,
+            user_id=user_id,
             requested_at=now,
-            model_family=req.model_family,
-            model_size=req.model_size,
-            max_seq_len=req.max_seq_len,
-            num_epochs=req.num_epochs,
-            max_steps=req.max_steps,
-            batch_size=req.batch_size,
-            learning_rate=req.learning_rate,
-            optimizer=req.optimizer,
-            weight_decay=req.weight_decay,
-            warmup_steps=req.warmup_steps,
-            gradient_clipping=req.gradient_clipping,
-            grad_accum_steps=req.grad_accum_steps,
-            dropout=req.dropout,
-            eval_every=req.eval_every,
-            checkpoint_every=req.checkpoint_every,
-            early_stopping_patience=req.early_stopping_patience,
-            pretrained_run_id=req.pretrained_run_id,
-            freeze_embed=req.freeze_embed,
-            finetune_lr_cap=req.finetune_lr_cap,
-            device=req.device,
-            precision=req.precision,
-            threads=req.threads,
-            seed=req.seed,
         )
     )
     chain.append(
         ModelEvaluate(
             command_id=f"{run_id}.evaluator",
             run_id=run_id,
-            user_id=req.user_id,
+            user_id=user_id,
             requested_at=now,
             split="test",
         )
     )
-    if req.upload:
+    if req.chain.upload:
         chain.append(
             ArtifactUpload(
                 command_id=f"{run_id}.uploader",
                 run_id=run_id,
-                user_id=req.user_id,
+                user_id=user_id,
                 requested_at=now,
             )
         )
@@ -138,8 +122,8 @@ def plan_tokenizer(req: TokenizerTrainRequest, run_id: str | None = None) -> lis
     now = time.time()
     corpus_id = f"{run_id}-corpus"
     return [
-        _ingest(req, run_id, corpus_id, now),
-        _tokenizer(req, run_id, corpus_id, f"{run_id}-tok", now),
+        _ingest(req.source, req.corpus, run_id, corpus_id, now),
+        _tokenizer(req.source, req.tokenizer, run_id, corpus_id, f"{run_id}-tok", now),
     ]
 
 

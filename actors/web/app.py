@@ -43,7 +43,6 @@ from actors.web.dashboard import add_routes as add_dashboard
 from actors.web.openapi import Operation, Param, Reply, build
 from protocol.codec import FIELD
 from protocol.commands import (
-    Id,
     ModelChat,
     ModelEvaluate,
     ModelGenerate,
@@ -54,14 +53,16 @@ from protocol.events import CancelRequested, RunCancelled, RunCompleted, RunFail
 from protocol.keys import ACTOR_NAMES, ActorName, Keys
 from protocol.requests import (
     ChatRequest,
+    CorpusSource,
     EvaluateRequest,
     GenerateRequest,
     RunCreated,
     ScoreRequest,
-    TokenizerFields,
     TokenizerTrainRequest,
     TrainRequest,
+    decode_flat,
 )
+from protocol.settings import Id
 from protocol.state import RunState
 from trainer.corpus import NAMED_CORPORA, resolve_corpus_path
 from trainer.errors import UserError
@@ -88,7 +89,6 @@ _ID_PATTERN: str = get_args(Id)[1].pattern  # the Meta of protocol.commands.Id
 
 _log = log.get("control")
 T = TypeVar("T", bound=msgspec.Struct)
-S = TypeVar("S", bound=TokenizerFields)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -334,12 +334,15 @@ def field_of(message: str) -> str:
     return path
 
 
-async def _body(request: web.Request, typ: type[T]) -> T:
-    """Decode and validate a JSON body (an empty body is `{}`)."""
+async def _body(request: web.Request, typ: type[T], *, flat: bool = False) -> T:
+    """Decode and validate a JSON body (an empty body is `{}`); `flat`: a grouped request
+    (protocol.requests.decode_flat)."""
     raw = await request.read()
     if not raw.strip():
         raw = b"{}"
     try:
+        if flat:
+            return decode_flat(raw, typ)
         return msgspec.json.decode(raw, type=typ)
     except msgspec.ValidationError as e:
         field = field_of(str(e))
@@ -426,9 +429,10 @@ def confine(settings: Settings, field: str, user_path: str) -> str:
     return real.relative_to(settings.corpus_root.resolve()).as_posix()
 
 
-async def _check_source(app: web.Application, req: S) -> S:
+async def _check_source(app: web.Application, source: CorpusSource) -> CorpusSource:
     """Exactly one corpus source, and one that can work; a path is made root-relative."""
     settings = app[SETTINGS]
+    req = source
     sources = {
         "corpus_path": req.corpus_path,
         "corpus_name": req.corpus_name,
@@ -669,11 +673,12 @@ async def openapi(request: web.Request) -> web.StreamResponse:
 
 async def train(request: web.Request) -> web.StreamResponse:
     app = request.app
-    req = await _check_source(app, await _body(request, TrainRequest))
-    if req.tokenizer_id:
-        await _check_tokenizer(app, req.tokenizer_id)
-    if req.pretrained_run_id:
-        await _check_pretrained(app, req.pretrained_run_id)
+    req = await _body(request, TrainRequest, flat=True)
+    req.source = await _check_source(app, req.source)
+    if req.chain.tokenizer_id:
+        await _check_tokenizer(app, req.chain.tokenizer_id)
+    if req.train.pretrained_run_id:
+        await _check_pretrained(app, req.train.pretrained_run_id)
     try:
         chain = plan_train(req)
     except UserError as e:
@@ -685,7 +690,8 @@ async def train(request: web.Request) -> web.StreamResponse:
 
 async def train_tokenizer(request: web.Request) -> web.StreamResponse:
     app = request.app
-    req = await _check_source(app, await _body(request, TokenizerTrainRequest))
+    req = await _body(request, TokenizerTrainRequest, flat=True)
+    req.source = await _check_source(app, req.source)
     try:
         chain = plan_tokenizer(req)
     except UserError as e:
@@ -1166,6 +1172,7 @@ ROUTES: tuple[tuple[Operation, Handler], ...] = (
             "submit a training run",
             (Reply(202, "queued", RunCreated),),
             body=TrainRequest,
+            flat_body=True,
             errors=(400, 401, 413, 422),
         ),
         train,
@@ -1364,6 +1371,7 @@ ROUTES: tuple[tuple[Operation, Handler], ...] = (
             "train a tokenizer on its own",
             (Reply(202, "queued", RunCreated),),
             body=TokenizerTrainRequest,
+            flat_body=True,
             errors=(400, 401, 413, 422),
         ),
         train_tokenizer,

@@ -14,6 +14,8 @@ from typing import Literal
 
 import msgspec
 
+from protocol.requests import flat_schema
+
 JsonObject = dict[str, object]
 _REF = "#/components/schemas/{name}"
 _PATH_PARAM = re.compile(r"\{(\w+)\}")
@@ -61,6 +63,7 @@ class Operation:
     summary: str
     replies: tuple[Reply, ...]
     body: type[msgspec.Struct] | None = None
+    flat_body: bool = False  # a grouped request sent flat (protocol.requests.decode_flat)
     params: tuple[Param, ...] = ()
     errors: tuple[int, ...] = (401, 404)
     public: bool = False  # no X-Api-Key needed
@@ -74,7 +77,7 @@ class Operation:
 def _types(operations: Sequence[Operation], error: type[msgspec.Struct]) -> list[type]:
     seen: list[type] = [error]
     for op in operations:
-        candidates = [op.body, *(r.body for r in op.replies)]
+        candidates = [None if op.flat_body else op.body, *(r.body for r in op.replies)]
         seen.extend(t for t in candidates if t is not None and t not in seen)
     return seen
 
@@ -100,6 +103,12 @@ def build(
     types = _types(operations, error)
     schemas, components = msgspec.json.schema_components(types, ref_template=_REF)
     refs: dict[type, JsonObject] = dict(zip(types, schemas, strict=True))
+    for op in operations:
+        if op.flat_body and op.body is not None and op.body not in refs:
+            flat, used = flat_schema(op.body, _REF)
+            components.update(used)
+            components[op.body.__name__] = flat
+            refs[op.body] = {"$ref": _REF.format(name=op.body.__name__)}
     paths: dict[str, JsonObject] = {}
     for op in operations:
         given = {p.name: p for p in op.params}

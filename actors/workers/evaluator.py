@@ -50,56 +50,16 @@ def score_job(run_dir: str, text: str, detail: bool, top_k: int) -> dict[str, ob
     return score(Path(run_dir), text, detail=detail, top_k=top_k)
 
 
-def generate_job(
-    run_dir: str,
-    prompt: str,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    stop: list[str],
-    stop_on_eos: bool,
-    seed: int,
-    n: int,
-) -> list[str]:
+def generate_job(run_dir: str, cmd: ModelGenerate) -> list[str]:
     from trainer.evaluate import generate
 
-    return generate(
-        Path(run_dir),
-        prompt,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        stop=stop,
-        stop_on_eos=stop_on_eos,
-        seed=seed,
-        num_return_sequences=n,
-    )
+    return generate(Path(run_dir), cmd.prompt, cmd)
 
 
-def chat_job(
-    run_dir: str,
-    history: list[tuple[str, str]],
-    message: str,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    seed: int,
-) -> str:
+def chat_job(run_dir: str, history: list[tuple[str, str]], cmd: ModelChat) -> str:
     from trainer.evaluate import chat
 
-    return chat(
-        Path(run_dir),
-        history,
-        message,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-    )
+    return chat(Path(run_dir), history, cmd.message, cmd)
 
 
 class Turn(msgspec.Struct):
@@ -129,19 +89,7 @@ class EvaluatorActor(PoolActor):
                 return answer(ctx.keys, cmd, {"result": result})
             case ModelGenerate():
                 run_dir = await self.run_dir(cmd.run_id, ctx)
-                samples = await self.pool.run(
-                    generate_job,
-                    str(run_dir),
-                    cmd.prompt,
-                    cmd.max_new_tokens,
-                    cmd.temperature,
-                    cmd.top_k,
-                    cmd.top_p,
-                    list(cmd.stop),
-                    cmd.stop_on_eos,
-                    cmd.seed,
-                    cmd.num_return_sequences,
-                )
+                samples = await self.pool.run(generate_job, str(run_dir), cmd)
                 result = {"prompt": cmd.prompt, "samples": samples}
                 return answer(ctx.keys, cmd, {"result": result})
             case ModelChat():
@@ -178,15 +126,7 @@ class EvaluatorActor(PoolActor):
         raw = await ctx.redis.get(key)
         turns = msgspec.json.decode(raw, type=list[Turn]) if raw else []
         reply = await self.pool.run(
-            chat_job,
-            str(run_dir),
-            [(t.role, t.content) for t in turns],
-            cmd.message,
-            cmd.max_new_tokens,
-            cmd.temperature,
-            cmd.top_k,
-            cmd.top_p,
-            cmd.seed,
+            chat_job, str(run_dir), [(t.role, t.content) for t in turns], cmd
         )
         turns += [Turn("user", cmd.message), Turn("assistant", reply)]
         await ctx.redis.set(key, msgspec.json.encode(turns), ex=CHAT_TTL_S)

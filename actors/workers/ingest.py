@@ -6,10 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from actors.runtime.pool import PoolActor
 from actors.runtime.streams import Context, Outcome
 from protocol.commands import Base, CorpusIngest
 from protocol.events import CorpusReady
+from protocol.settings import CorpusSettings
 from trainer.errors import UserError
 
 if TYPE_CHECKING:
@@ -21,17 +24,12 @@ def prepare(
     named: bool,
     out_dir: str,
     root: str | None,
-    lowercase: bool,
-    validation: float,
-    test: float,
-    seed: int,
+    settings: CorpusSettings,
 ) -> CorpusManifest:
     """Runs in a pool child: the corpus work never blocks the event loop."""
     from trainer.corpus import CorpusConfig, prepare_corpus
 
-    config = CorpusConfig(
-        lowercase=lowercase, validation_fraction=validation, test_fraction=test, seed=seed
-    )
+    config = msgspec.convert(settings, CorpusConfig, from_attributes=True)
     src: Path | str = source if named else Path(source)
     return prepare_corpus(src, Path(out_dir), config, root=Path(root) if root else None)
 
@@ -71,10 +69,7 @@ class IngestActor(PoolActor):
             bool(cmd.named),
             str(out_dir),
             root,
-            cmd.lowercase,
-            cmd.validation_fraction,
-            cmd.test_fraction,
-            cmd.seed,
+            cmd,
         )
         chars = {name: split.chars for name, split in manifest.splits.items()}
         lines = {name: split.lines for name, split in manifest.splits.items()}

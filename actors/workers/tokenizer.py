@@ -15,6 +15,7 @@ from actors.runtime.pool import PoolActor
 from actors.runtime.streams import Context, Outcome
 from protocol.commands import Base, TokenizerTrain
 from protocol.events import TokenizerReady
+from protocol.settings import TokenizerSettings
 from trainer.errors import UserError
 
 if TYPE_CHECKING:
@@ -24,24 +25,13 @@ if TYPE_CHECKING:
 def train(
     corpus_dir: str,
     out_dir: str,
-    kind: str,
-    vocab_size: int,
-    min_frequency: int,
-    spm_model_type: str,
-    threads: int,
+    settings: TokenizerSettings,
 ) -> TokenizerStats:
     """Runs in a pool child."""
     from trainer.tokenizer import TokenizerConfig, train_tokenizer
 
-    config = TokenizerConfig.from_dict(
-        {
-            "kind": kind,
-            "vocab_size": vocab_size,
-            "min_frequency": min_frequency,
-            "spm_model_type": spm_model_type,
-            "threads": threads,
-        }
-    )
+    config = msgspec.convert(settings, TokenizerConfig, from_attributes=True)
+    config.validate()
     return train_tokenizer(Path(corpus_dir), Path(out_dir), config)
 
 
@@ -77,11 +67,7 @@ class TokenizerActor(PoolActor):
                 train,
                 str(corpus_dir),
                 str(s.tokenizer_dir(cmd.tokenizer_id)),
-                cmd.tokenizer_kind,
-                cmd.vocab_size,
-                cmd.min_frequency,
-                cmd.spm_model_type,
-                cmd.threads,
+                cmd,
             )
         except Exception as e:  # recorded, then handled by the runtime's error policy
             await ctx.redis.hset(record, mapping={"status": "failed", "message": str(e)})

@@ -30,6 +30,7 @@ from actors.runtime.pool import CancelFlag, WorkerDied
 from actors.runtime.streams import Actor, Cancelled, Context, Outcome
 from protocol.commands import Base, ModelTrain
 from protocol.events import TrainCompleted, TrainProgress, TrainStarted
+from trainer.config import TrainConfig
 from trainer.errors import UserError
 
 PROGRESS_EVERY_S = 1.0  # events; the notifier rate-limits further for chat clients
@@ -44,7 +45,7 @@ Message = tuple[str, dict[str, object]] | tuple[str, str] | tuple[str, str, str]
 class TrainJob:
     """Everything the child needs, as plain picklable values."""
 
-    config: dict[str, object]
+    config: TrainConfig
     corpus_dir: str
     tokenizer_dir: str
     run_dir: str
@@ -72,7 +73,7 @@ def train_child(job: TrainJob, out: Queue[Message]) -> None:
 
     _exit_with_parent()
 
-    from trainer.train import Progress, StartInfo, TrainConfig, train
+    from trainer.train import Progress, StartInfo, train
 
     cancel, stop = CancelFlag(Path(job.cancel_path)), CancelFlag(Path(job.stop_path))
     # torch.compile's cache inside the data dir: a later run of the same shape compiles fast.
@@ -85,9 +86,8 @@ def train_child(job: TrainJob, out: Queue[Message]) -> None:
         out.put(("started", asdict(info)))
 
     try:
-        cfg = msgspec.convert(job.config, TrainConfig)
         result = train(
-            cfg,
+            job.config,
             Path(job.corpus_dir),
             Path(job.tokenizer_dir),
             Path(job.run_dir),
@@ -144,6 +144,14 @@ def _int(d: dict[str, object], key: str) -> int:
     return int(v) if isinstance(v, int | float) else 0
 
 
+def train_config(cmd: ModelTrain, pretrained: str | None = None) -> TrainConfig:
+    """The training configuration of a command: its settings by field name (TrainConfig
+    extends them), with the folder to fine-tune resolved."""
+    config = msgspec.convert(cmd, TrainConfig, from_attributes=True)
+    config.pretrained = pretrained
+    return config
+
+
 class TrainerActor(Actor):
     name = "trainer"
     concurrency = 1
@@ -177,31 +185,7 @@ class TrainerActor(Actor):
 
             # Local HF model dirs are read from under the data dir only.
             pretrained = str(resolve_corpus_path(s.data_dir, cmd.pretrained_path))
-        config: dict[str, object] = {
-            "family": cmd.model_family,
-            "size": cmd.model_size,
-            "max_seq_len": cmd.max_seq_len,
-            "dropout": cmd.dropout,
-            "pretrained": pretrained,
-            "freeze_embed": cmd.freeze_embed,
-            "num_epochs": cmd.num_epochs,
-            "max_steps": cmd.max_steps,
-            "batch_size": cmd.batch_size,
-            "learning_rate": cmd.learning_rate,
-            "finetune_lr_cap": cmd.finetune_lr_cap,
-            "optimizer": cmd.optimizer,
-            "weight_decay": cmd.weight_decay,
-            "warmup_steps": cmd.warmup_steps,
-            "gradient_clipping": cmd.gradient_clipping,
-            "grad_accum_steps": cmd.grad_accum_steps,
-            "eval_every": cmd.eval_every,
-            "checkpoint_every": cmd.checkpoint_every,
-            "early_stopping_patience": cmd.early_stopping_patience,
-            "seed": cmd.seed,
-            "device": cmd.device,
-            "precision": cmd.precision,
-            "threads": cmd.threads,
-        }
+        config = train_config(cmd, pretrained)
         flags = s.cancel_dir()
         return TrainJob(
             config=config,

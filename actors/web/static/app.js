@@ -828,6 +828,7 @@
     const form = $("generate-form");
     const status = $("generate-status");
     const button = $("generate-button");
+    loadSchemas().then(() => hintFields(form, "GenerateRequest"));
     delete button.dataset.busy;
     $("generate-output").replaceChildren();
     status.textContent = "";

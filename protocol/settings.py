@@ -1,0 +1,148 @@
+"""The user-facing knobs, each written once: its type, bounds, default and doc.
+
+One Struct per group: corpus, tokenizer, training, sampling. The commands (protocol.commands)
+and the HTTP bodies (protocol.requests) are built from them, the command line's flags and TOML
+keys (protocol.flags), /openapi.json and the dashboard's form defaults are derived from them,
+and trainer/ extends them with its internal knobs, so that a run submitted over HTTP, from the
+CLI, by a raw XADD or through `python -m trainer` resolves to the same configuration.
+
+A Struct may have only one base with fields, so a command is `class X(Settings, Base)` with
+`Base` field-less (see protocol.commands). Field names are the wire names; never rename one.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, TypeVar
+
+import msgspec
+from msgspec import Meta
+
+Id = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
+OptId = Annotated[str, Meta(pattern=r"^([A-Za-z0-9][A-Za-z0-9_.:-]{0,127})?$")]
+PathText = Annotated[str, Meta(max_length=1024)]
+
+TokenizerKind = Literal["bpe", "sentencepiece", "char"]
+SpmModelType = Literal["unigram", "bpe"]
+ModelFamily = Literal["gpt2", "llama", "qwen", "char_lstm"]
+ModelSize = Literal["tiny", "small", "medium", "large"]
+Optimizer = Literal["adamw", "adam", "sgd"]
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+# Knobs that more than one group has (the flat HTTP body feeds one value to each).
+Seed = Annotated[int, Meta(ge=0, le=2**32 - 1, description="random seed")]
+Threads = Annotated[int, Meta(ge=0, le=256, description="CPU threads; 0 = all cores")]
+DEFAULT_SEED = 1337
+
+Fraction = Annotated[float, Meta(ge=0.01, le=0.5)]
+# The least a kind can have (char: the 4 specials + 1) and the most; bpe needs 260 or more.
+VocabSize = Annotated[int, Meta(ge=5, le=200_000, description="tokenizer vocabulary size")]
+MinFrequency = Annotated[
+    int, Meta(ge=1, le=1_000_000, description="a merge/piece needs this many occurrences")
+]
+SeqLen = Annotated[int, Meta(ge=8, le=8192, description="context length in tokens")]
+Epochs = Annotated[int, Meta(ge=1, le=1000, description="passes over the train split")]
+Steps = Annotated[int, Meta(ge=1, le=10_000_000, description="optimizer steps; overrides epochs")]
+BatchSize = Annotated[int, Meta(ge=1, le=4096, description="sequences per micro-batch")]
+Rate = Annotated[float, Meta(gt=0.0, le=1.0)]
+Decay = Annotated[float, Meta(ge=0.0, le=1.0, description="AdamW weight decay (matrices only)")]
+Warmup = Annotated[int, Meta(ge=0, le=1_000_000, description="linear warmup steps before cosine")]
+Clip = Annotated[float, Meta(ge=0.0, le=1000.0, description="max gradient norm; 0 = off")]
+Accum = Annotated[int, Meta(ge=1, le=1024, description="micro-batches per optimizer step")]
+Dropout = Annotated[float, Meta(ge=0.0, le=0.9, description="dropout; 0 suits pre-training")]
+Every = Annotated[int, Meta(ge=1, le=1_000_000)]
+Patience = Annotated[
+    int, Meta(ge=1, le=1000, description="stop after this many validations without gain")
+]
+NewTokens = Annotated[int, Meta(ge=1, le=2048, description="tokens to generate")]
+Temperature = Annotated[float, Meta(ge=0.0, le=5.0, description="0 = greedy")]
+TopK = Annotated[int, Meta(ge=0, le=100_000, description="sample from the k likeliest; 0 = off")]
+TopP = Annotated[float, Meta(gt=0.0, le=1.0, description="nucleus sampling mass")]
+Sequences = Annotated[int, Meta(ge=1, le=8, description="how many continuations")]
+StopList = Annotated[
+    list[Annotated[str, Meta(min_length=1, max_length=64)]],
+    Meta(max_length=8, description="stop at any of these strings"),
+]
+
+
+class CorpusSettings(msgspec.Struct, kw_only=True):
+    """How ingest normalizes and splits a corpus (deterministic by seed)."""
+
+    lowercase: Annotated[bool, Meta(description="lowercase the text at ingest")] = False
+    validation_fraction: Annotated[Fraction, Meta(description="share of lines held out")] = 0.1
+    test_fraction: Annotated[Fraction, Meta(description="share of lines for the test split")] = 0.1
+    seed: Seed = DEFAULT_SEED
+
+
+class TokenizerSettings(msgspec.Struct, kw_only=True):
+    tokenizer_kind: Annotated[TokenizerKind, Meta(description="byte-level BPE, SP or chars")] = (
+        "bpe"
+    )
+    vocab_size: VocabSize = 4096
+    min_frequency: MinFrequency = 2
+    spm_model_type: Annotated[SpmModelType, Meta(description="sentencepiece's model type")] = (
+        "unigram"
+    )
+    threads: Threads = 0
+
+
+class TrainSettings(msgspec.Struct, kw_only=True):
+    model_family: ModelFamily = "gpt2"
+    model_size: ModelSize = "tiny"
+    max_seq_len: SeqLen = 256
+    num_epochs: Epochs = 1
+    max_steps: Steps | None = None
+    batch_size: BatchSize = 8
+    learning_rate: Annotated[Rate, Meta(description="peak learning rate")] = 3e-4
+    optimizer: Optimizer = "adamw"
+    weight_decay: Decay = 0.1
+    warmup_steps: Warmup = 20
+    gradient_clipping: Clip = 1.0
+    grad_accum_steps: Accum = 1
+    dropout: Dropout = 0.0
+    eval_every: Annotated[Every, Meta(description="validate every N steps (and each epoch)")] = 100
+    checkpoint_every: Annotated[Every, Meta(description="checkpoint every N steps")] = 100
+    early_stopping_patience: Patience | None = None
+    pretrained_run_id: Annotated[OptId, Meta(description="fine-tune this run's model")] = ""
+    pretrained_path: Annotated[
+        PathText, Meta(description="fine-tune a local HF model folder under the data dir")
+    ] = ""
+    freeze_embed: Annotated[bool, Meta(description="keep the embeddings fixed")] = False
+    finetune_lr_cap: Annotated[Rate, Meta(description="lr cap when fine-tuning")] | None = None
+    device: Device = "auto"
+    precision: Precision = "auto"
+    threads: Threads = 0
+    seed: Seed = DEFAULT_SEED
+
+
+class SamplingSettings(msgspec.Struct, kw_only=True):
+    """How generate and chat sample from a model."""
+
+    max_new_tokens: NewTokens = 64
+    temperature: Temperature = 0.8
+    top_k: TopK = 50
+    top_p: TopP = 1.0
+    seed: Seed = 0
+
+
+class GenerateSettings(SamplingSettings, kw_only=True):
+    stop: StopList = []
+    num_return_sequences: Sequences = 1
+    # eos ends a line of the corpus: off, generation runs on past it as a newline.
+    stop_on_eos: Annotated[bool, Meta(description="stop at the end of a line")] = True
+
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def checked(settings: S) -> S:
+    """Settings built in code skip validation: check them against their bounds here.
+
+    Raises msgspec.ValidationError naming the field."""
+    return msgspec.convert(msgspec.to_builtins(settings), type(settings))
+
+
+def with_fields(typ: type[S], settings: msgspec.Struct, **fields: object) -> S:
+    """A Struct of type typ holding these settings and fields, validated as decoded ones are
+    (a command that carries settings, or settings extended by more)."""
+    return msgspec.convert({**msgspec.structs.asdict(settings), **fields}, typ)
