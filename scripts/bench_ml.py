@@ -167,7 +167,7 @@ def _train_windows(
     info = encode_splits(corpus, tok, corpus / "tokens" / dir_sha256(tok)[:16])
     return TokenWindows(
         info.path("train"),
-        info.dtype,
+        info.meta.dtype,
         args.seq_len,
         args.batch_size,
         load_tokenizer(tok).pad_id,

@@ -23,6 +23,7 @@ from trainer.tokenizer import (
     TokenizerStats,
     load_tokenizer,
     measure,
+    read_tokenizer_manifest,
     train_tokenizer,
 )
 
@@ -113,8 +114,7 @@ def test_stats_and_manifest(trained: Trained) -> None:
     manifest = json.loads((trained.out / MANIFEST_NAME).read_text())
     assert next(iter(manifest)) == "version" and manifest["version"] == 1
     assert manifest["kind"] == cfg.kind
-    assert TokenizerConfig.from_dict(manifest["config"]) == cfg
-    assert TokenizerStats.from_dict(manifest["stats"]) == s
+    assert read_tokenizer_manifest(trained.out) == (cfg, s)
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(trained.out))
     if cfg.kind == "sentencepiece":
         assert (trained.out / "tokenizer.model").is_file()

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.checkpoint import (
+    CheckpointMeta,
     TrainState,
     latest_checkpoint,
     load_checkpoint,
@@ -43,7 +44,7 @@ from trainer.checkpoint import (
 )
 from trainer.data import IGNORE_INDEX, TokenDataInfo, TokenWindows, dir_sha256, encode_splits
 from trainer.errors import UserError
-from trainer.manifest import RunManifest, cpu_flags, write_manifest
+from trainer.manifest import DataRef, RunManifest, TokenizerRef, cpu_flags, write_manifest
 from trainer.model import (
     FAMILIES,
     MODEL_FILES,
@@ -456,12 +457,12 @@ def train(
     info = encode_splits(data_dir, tokenizer_dir, token_dir, threads=cfg.threads)
     seq = cfg.max_seq_len
     train_w = TokenWindows(
-        info.path("train"), info.dtype, seq, cfg.batch_size, tok.pad_id, seed=cfg.seed
+        info.path("train"), info.meta.dtype, seq, cfg.batch_size, tok.pad_id, seed=cfg.seed
     )
     if train_w.num_windows == 0:
         raise UserError("the train split has fewer than 2 tokens: nothing to train on")
     val_w, test_w = (
-        TokenWindows(info.path(s), info.dtype, seq, cfg.batch_size, tok.pad_id, shuffle=False)
+        TokenWindows(info.path(s), info.meta.dtype, seq, cfg.batch_size, tok.pad_id, shuffle=False)
         for s in ("validation", "test")
     )
     val_batches = val_w.eval_batches(cfg.eval_batches)
@@ -529,12 +530,12 @@ def train(
     ckpt = latest_checkpoint(ckpt_dir)
     if ckpt is not None:
         loaded = load_checkpoint(ckpt, model)
-        _check_resumable(loaded.info, config_dict, info, ckpt)
+        _check_resumable(loaded.meta, config_dict, info)
         optimizer.load_state_dict(_state_dict(loaded.states, "optimizer"))
         scheduler.load_state_dict(_state_dict(loaded.states, "scheduler"))
         if scaler.is_enabled() and "scaler" in loaded.states:
             scaler.load_state_dict(_state_dict(loaded.states, "scaler"))
-        state = loaded.state
+        state = loaded.meta.state
         resumed_from = state.step
         set_rng_state(_state_dict(loaded.states, "rng"))  # last: building the model drew numbers
         _trim_metrics(metrics_path, state.step)
@@ -550,16 +551,16 @@ def train(
             "parameters": n_params,
             "trainable_parameters": sum(p.numel() for p in trainable),
         },
-        tokenizer={
-            "dir": str(tokenizer_dir.resolve()),
-            "vocab_size": tok.vocab_size,
-            "sha256": info.tokenizer_sha256,
-        },
-        data={
-            "dir": str(data_dir.resolve()),
-            "tokens": info.tokens,
-            "fingerprint": info.fingerprint,
-        },
+        tokenizer=TokenizerRef(
+            dir=str(tokenizer_dir.resolve()),
+            vocab_size=tok.vocab_size,
+            sha256=info.meta.tokenizer_sha256,
+        ),
+        data=DataRef(
+            dir=str(data_dir.resolve()),
+            tokens=info.meta.tokens,
+            fingerprint=info.fingerprint,
+        ),
         seed=cfg.seed,
         device=str(device),
         precision=precision,
@@ -587,13 +588,8 @@ def train(
         }
         if scaler.is_enabled():
             states["scaler"] = scaler.state_dict()
-        save_checkpoint(
-            ckpt_dir,
-            model,
-            states,
-            state,
-            {"config": config_dict, "data_fingerprint": info.fingerprint},
-        )
+        meta = CheckpointMeta(state=state, config=config_dict, data_fingerprint=info.fingerprint)
+        save_checkpoint(ckpt_dir, model, states, meta)
         protect = {state.best_step} if state.best_step is not None else set()
         prune_checkpoints(ckpt_dir, cfg.keep_checkpoints, protect)
 
@@ -818,12 +814,8 @@ def _state_dict(states: dict[str, object], key: str) -> dict[str, object]:
     return value
 
 
-def _check_resumable(
-    saved: dict[str, object], config: dict[str, object], info: TokenDataInfo, ckpt: Path
-) -> None:
-    old = saved.get("config")
-    if not isinstance(old, dict):
-        raise UserError(f"checkpoint {ckpt} has no config")
+def _check_resumable(saved: CheckpointMeta, config: dict[str, object], info: TokenDataInfo) -> None:
+    old = saved.config
     changed = sorted(
         k
         for k in set(old) | set(config)
@@ -834,7 +826,7 @@ def _check_resumable(
             f"run dir holds a checkpoint of a different training config ({', '.join(changed)} "
             f"changed); resume with the same config or use a new run dir"
         )
-    if saved.get("data_fingerprint") != info.fingerprint:
+    if saved.data_fingerprint != info.fingerprint:
         raise UserError(
             "run dir holds a checkpoint trained on other data (corpus or tokenizer changed); "
             "use a new run dir"
