@@ -101,7 +101,8 @@ def _ours(
     args: argparse.Namespace, corpus: Path, tok: Path, precision: str, work: Path
 ) -> tuple[tuple[float, float], float | None, float]:
     """(rates over the measured steps, final validation loss, validation seconds)."""
-    from trainer.train import Progress, TrainConfig, train
+    from trainer.report import Progress
+    from trainer.train import TrainConfig, train
 
     run_dir = work / f"run-{precision}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a leftover checkpoint would be resumed

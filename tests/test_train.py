@@ -20,8 +20,9 @@ from trainer.data import IGNORE_INDEX, TokenWindows, encode_splits
 from trainer.errors import UserError
 from trainer.manifest import read_manifest
 from trainer.model import ModelFamily, load_model, logits, read_model_config
+from trainer.report import Progress
 from trainer.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
-from trainer.train import Progress, TrainConfig, cpu_supports_bf16, lr_factor, train
+from trainer.train import TrainConfig, cpu_supports_bf16, lr_factor, train
 
 torch.set_num_threads(1)
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from trainer.errors import UserError
 
 if TYPE_CHECKING:
-    from trainer.train import Progress
+    from trainer.report import Progress
 
 EXIT_USER_ERROR = 2
 

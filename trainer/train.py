@@ -60,13 +60,13 @@ from trainer.model import (
     read_model_config,
     save_model,
 )
+from trainer.report import Progress, StartInfo, Status, TrainResult
 from trainer.tokenizer import load_tokenizer
 
 OptimizerName = Literal["adamw", "adam", "sgd"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
 Precision = Literal["fp32", "bf16", "fp16"]
-Status = Literal["completed", "cancelled", "early_stopped"]
 OPTIMIZERS: tuple[OptimizerName, ...] = get_args(OptimizerName)
 DEVICES: tuple[DeviceName, ...] = get_args(DeviceName)
 PRECISIONS: tuple[PrecisionName, ...] = get_args(PrecisionName)
@@ -195,54 +195,6 @@ def _matches(value: object, hint: object) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(hint, type) and isinstance(value, hint)
-
-
-@dataclass
-class StartInfo:
-    """What a run resolved before its first step (for on_start)."""
-
-    device: str
-    precision: str
-    parameters: int
-    total_steps: int
-    total_epochs: int
-    resumed_from_step: int
-
-
-@dataclass
-class Progress:
-    step: int
-    epoch: int  # 1-based epoch of the last batch
-    total_epochs: int
-    total_steps: int
-    loss: float
-    lr: float
-    grad_norm: float
-    tokens_per_s: float
-    samples_per_s: float
-    val_loss: float | None  # set on the steps that ran a validation
-    val_ppl: float | None
-    elapsed_s: float
-
-
-@dataclass
-class TrainResult:
-    status: Status
-    steps: int
-    total_steps: int
-    tokens: int
-    train_loss: float | None  # mean of the last (up to) 20 steps
-    val_loss: float | None  # of the final (best) model
-    val_ppl: float | None
-    test_loss: float | None
-    test_ppl: float | None
-    best_step: int | None
-    best_val_loss: float | None
-    tokens_per_s: float
-    resumed_from_step: int | None
-    elapsed_s: float
-    losses: list[float]  # every step's train loss, including steps before a resume
-    val_history: list[tuple[int, float]]
 
 
 def perplexity(loss: float | None) -> float | None:
