@@ -947,6 +947,9 @@ async def download(request: web.Request) -> web.StreamResponse:
     )
 
 
+_RecordStats = dict[str, float | str | bool | None]  # a tokenizer record's "stats" (JSON)
+
+
 async def get_tokenizer(request: web.Request) -> web.StreamResponse:
     app = request.app
     tokenizer_id = _path_id(request, "tokenizer_id", "tokenizer")
@@ -956,7 +959,9 @@ async def get_tokenizer(request: web.Request) -> web.StreamResponse:
         fields = {_text(k): _text(v) for k, v in raw.items()}
         stats: dict[str, float] = {}
         with contextlib.suppress(msgspec.DecodeError):  # a corrupt record shows no stats
-            stats = msgspec.json.decode(fields.get("stats") or "{}", type=dict[str, float])
+            # Numbers are shown; a scalar of another kind (a note) is left out.
+            raw_stats = msgspec.json.decode(fields.get("stats") or "{}", type=_RecordStats)
+            stats = {k: v for k, v in raw_stats.items() if isinstance(v, float)}
         path = fields.get("path", "")
         return _json(
             TokenizerInfo(
