@@ -118,6 +118,18 @@ class ResultReady(Event, kw_only=True, tag="result.ready"):
     message: str = ""
 
 
+class ArtifactPointer(msgspec.Struct, kw_only=True):
+    """Where an archive was stored: the run state's "artifact" field (JSON), the body of
+    GET /runs/{id}/artifact and manifest.json's "artifact"."""
+
+    storage: Literal["local", "data-bank"]
+    target: Literal["run", "tokenizer"] = "run"
+    uri: str = ""  # file:// URI of a local archive, the Data Bank URL of a stored one
+    file_id: str = ""  # the Data Bank's id ("" for local archives)
+    size: int = 0
+    sha256: str = ""
+
+
 class ArtifactStored(Event, kw_only=True, tag="artifact.stored"):
     storage: Literal["local", "data-bank"]
     target: Literal["run", "tokenizer"] = "run"
@@ -125,6 +137,16 @@ class ArtifactStored(Event, kw_only=True, tag="artifact.stored"):
     file_id: str = ""
     size: int = 0
     sha256: str = ""
+
+    def pointer(self) -> ArtifactPointer:
+        return ArtifactPointer(
+            storage=self.storage,
+            target=self.target,
+            uri=self.uri,
+            file_id=self.file_id,
+            size=self.size,
+            sha256=self.sha256,
+        )
 
 
 class RunCompleted(Event, kw_only=True, tag="run.completed"):

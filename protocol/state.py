@@ -158,15 +158,7 @@ def state_fields(event: AnyEvent) -> dict[str, str]:
         case EvalCompleted():
             return {"message": "evaluation done"} if not event.request_id else {}
         case ArtifactStored():
-            pointer = {
-                "storage": event.storage,
-                "target": event.target,
-                "uri": event.uri,
-                "file_id": event.file_id,
-                "size": event.size,
-                "sha256": event.sha256,
-            }
-            return {"artifact": msgspec.json.encode(pointer).decode()}
+            return {"artifact": msgspec.json.encode(event.pointer()).decode()}
         case RunCompleted():
             return {"status": "completed", "ended_at": at, "message": event.message or "completed"}
         case RunFailed():

@@ -102,7 +102,8 @@ def _ours(
 ) -> tuple[tuple[float, float], float | None, float]:
     """(rates over the measured steps, final validation loss, validation seconds)."""
     from trainer.config import load_config
-    from trainer.train import Progress, train
+    from trainer.report import Progress
+    from trainer.train import train
 
     run_dir = work / f"run-{precision}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a leftover checkpoint would be resumed
@@ -168,7 +169,7 @@ def _train_windows(
     info = encode_splits(corpus, tok, corpus / "tokens" / dir_sha256(tok)[:16])
     return TokenWindows(
         info.path("train"),
-        info.dtype,
+        info.meta.dtype,
         args.seq_len,
         args.batch_size,
         load_tokenizer(tok).pad_id,

@@ -9,6 +9,7 @@ import os
 import re
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from trainer.corpus import (
@@ -80,7 +81,7 @@ def test_single_file_gives_three_disjoint_nonempty_splits(
     assert m.files[0].sha256 == hashlib.sha256(text_file.read_bytes()).hexdigest()
     raw = json.loads((out / MANIFEST_NAME).read_text())
     assert next(iter(raw)) == "version" and raw["version"] == 1
-    assert load_corpus_manifest(out) == m == CorpusManifest.from_dict(m.to_dict())
+    assert load_corpus_manifest(out) == m == msgspec.convert(raw, CorpusManifest)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
 

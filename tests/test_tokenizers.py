@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from trainer.tokenizer import (
     TokenizerStats,
     load_tokenizer,
     measure,
+    read_tokenizer_manifest,
     train_tokenizer,
 )
 
@@ -113,8 +115,7 @@ def test_stats_and_manifest(trained: Trained) -> None:
     manifest = json.loads((trained.out / MANIFEST_NAME).read_text())
     assert next(iter(manifest)) == "version" and manifest["version"] == 1
     assert manifest["kind"] == cfg.tokenizer_kind
-    assert TokenizerConfig.from_saved(manifest["config"]) == cfg
-    assert TokenizerStats.from_dict(manifest["stats"]) == s
+    assert read_tokenizer_manifest(trained.out) == (cfg, s)
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(trained.out))
     if cfg.tokenizer_kind == "sentencepiece":
         assert (trained.out / "tokenizer.model").is_file()
@@ -244,8 +245,12 @@ def test_bad_config(cfg: TokenizerConfig, corpus_dir: Path, tmp_path: Path) -> N
 
 
 def test_bad_inputs(corpus_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"Invalid enum value 'wordpiece' - at `\$.tokenizer_kind`"):
-        TokenizerConfig.from_saved({"kind": "wordpiece"})
+    (tmp_path / "wp").mkdir()
+    (tmp_path / "wp" / MANIFEST_NAME).write_text(
+        '{"version": 1, "kind": "wordpiece", "config": {}}'
+    )
+    with pytest.raises(UserError, match=r"Invalid enum value 'wordpiece' - at `\$.kind`"):
+        read_tokenizer_manifest(tmp_path / "wp")
     with pytest.raises(UserError, match=re.escape("missing train.txt")):
         train_tokenizer(tmp_path / "nothing", tmp_path / "t", CONFIGS["char"])
     with pytest.raises(UserError, match=re.escape("missing mt_tokenizer.json")):
@@ -257,3 +262,16 @@ def test_bad_inputs(corpus_dir: Path, tmp_path: Path) -> None:
             tmp_path / "t",
             TokenizerConfig(tokenizer_kind="sentencepiece", vocab_size=20),
         )
+
+
+def test_a_manifest_written_before_the_settings_types_keeps_its_kind(
+    trained: Trained, tmp_path: Path
+) -> None:
+    """Older mt_tokenizer.json files spell the config's kind `kind`, not `tokenizer_kind`."""
+    manifest = json.loads((trained.out / MANIFEST_NAME).read_text())
+    config = manifest["config"]
+    config["kind"] = config.pop("tokenizer_kind")
+    old = tmp_path / "old"
+    shutil.copytree(trained.out, old)
+    (old / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert read_tokenizer_manifest(old)[0] == trained.config

@@ -22,8 +22,9 @@ from trainer.data import IGNORE_INDEX, TokenWindows, encode_splits
 from trainer.errors import UserError
 from trainer.manifest import read_manifest
 from trainer.model import ModelFamily, load_model, logits, read_model_config
+from trainer.report import Progress
 from trainer.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
-from trainer.train import Progress, cpu_supports_bf16, lr_factor, train
+from trainer.train import cpu_supports_bf16, lr_factor, train
 
 torch.set_num_threads(1)
 
@@ -55,12 +56,12 @@ def test_encode_splits_lines_with_eos_and_cache(data: tuple[Path, Path], tmp_pat
     corpus, tok_dir = data
     tok = load_tokenizer(tok_dir)
     info = encode_splits(corpus, tok_dir, tmp_path / "tok", threads=2)
-    assert info.dtype == "uint16"
+    assert info.meta.dtype == "uint16"
     val_lines = (corpus / "validation.txt").read_text().splitlines()
     expected = [i for line in val_lines for i in [*tok.encode(line), tok.eos_id]]
     got = np.fromfile(info.path("validation"), dtype=np.uint16).tolist()
     assert got == expected
-    assert info.tokens["train"] == len(np.fromfile(info.path("train"), dtype=np.uint16))
+    assert info.meta.tokens["train"] == len(np.fromfile(info.path("train"), dtype=np.uint16))
 
     mtime = info.path("train").stat().st_mtime_ns
     again = encode_splits(corpus, tok_dir, tmp_path / "tok")
@@ -69,7 +70,7 @@ def test_encode_splits_lines_with_eos_and_cache(data: tuple[Path, Path], tmp_pat
     other = write_corpus(tmp_path / "other", lines()[:5], lines()[5:6], lines()[6:7])
     (other / "validation.txt").write_text((corpus / "validation.txt").read_text())
     changed = encode_splits(other, tok_dir, tmp_path / "tok")
-    assert changed.tokens["train"] < info.tokens["train"]  # re-encoded for the new corpus
+    assert changed.meta.tokens["train"] < info.meta.tokens["train"]  # re-encoded for the new corpus
 
 
 def test_windows_order_and_padding(tmp_path: Path) -> None:
@@ -131,9 +132,9 @@ def test_family_learns_and_writes_loadable_artifacts(
     assert result.best_step == min(result.val_history, key=lambda sv: sv[1])[0]
 
     manifest = read_manifest(run)
-    assert manifest["status"] == "completed" and manifest["version"] == 1
-    assert manifest["best_step"] == result.best_step and manifest["steps"] == 60
-    assert isinstance(manifest["libraries"], dict) and manifest["libraries"]["torch"]
+    assert manifest.status == "completed" and manifest.version == 1
+    assert manifest.best_step == result.best_step and manifest.steps == 60
+    assert manifest.libraries["torch"]
     kinds = [json.loads(line)["kind"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert kinds.count("train") == 60 and kinds.count("val") == len(result.val_history)
 
@@ -177,7 +178,7 @@ def test_early_stopping_keeps_the_best_model(tmp_path: Path) -> None:
     after = [s for s in vals if s > result.best_step]
     assert len(after) == 2 and all(vals[s] >= vals[result.best_step] for s in after)
     manifest = read_manifest(tmp_path / "run")
-    assert manifest["early_stopped"] is True and manifest["best_step"] == result.best_step
+    assert manifest.early_stopped is True and manifest.best_step == result.best_step
     # Final model = best model, not the last weights; best checkpoint kept by pruning.
     final, last = (
         weights(tmp_path / "run"),
@@ -204,7 +205,7 @@ def test_cancel_saves_a_checkpoint(data: tuple[Path, Path], tmp_path: Path) -> N
     result = train(tiny_config("char_lstm"), corpus, tok_dir, tmp_path, should_stop=stop)
     assert result.status == "cancelled" and result.steps == 7 and result.test_loss is None
     assert latest_checkpoint(tmp_path / "checkpoints") == tmp_path / "checkpoints/step-00000007"
-    assert read_manifest(tmp_path)["status"] == "cancelled"
+    assert read_manifest(tmp_path).status == "cancelled"
     assert not (tmp_path / "model.safetensors").exists()  # no final artifacts
 
 
@@ -230,9 +231,9 @@ def test_finetune_from_a_run(data: tuple[Path, Path], tmp_path: Path) -> None:
         before["transformer.h.0.mlp.c_fc.weight"], after["transformer.h.0.mlp.c_fc.weight"]
     )
     manifest = read_manifest(tmp_path / "ft")
-    assert isinstance(manifest["model"], dict)
-    assert manifest["model"]["trainable_parameters"] < manifest["model"]["parameters"]
-    assert manifest["model"]["pretrained"] == str(base)
+    trainable, total = manifest.model["trainable_parameters"], manifest.model["parameters"]
+    assert isinstance(trainable, int) and isinstance(total, int) and trainable < total
+    assert manifest.model["pretrained"] == str(base)
     assert read_model_config(tmp_path / "ft") == replace(
         read_model_config(base), pretrained=str(base), freeze_embed=True
     )
@@ -252,7 +253,7 @@ def test_precision_on_cpu(data: tuple[Path, Path], tmp_path: Path) -> None:
     if cpu_supports_bf16():
         result = train(bf16, corpus, tok_dir, tmp_path / "bf16")
         assert result.status == "completed" and result.losses[-1] < result.losses[0]
-        assert read_manifest(tmp_path / "bf16")["precision"] == "bf16"
+        assert read_manifest(tmp_path / "bf16").precision == "bf16"
     else:
         with pytest.raises(UserError, match="no native bf16"):
             train(bf16, corpus, tok_dir, tmp_path / "bf16")

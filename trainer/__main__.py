@@ -32,7 +32,7 @@ from trainer.errors import UserError
 from trainer.tokenizer import TokenizerConfig
 
 if TYPE_CHECKING:
-    from trainer.train import Progress
+    from trainer.report import Progress
 
 EXIT_USER_ERROR = 2
 

@@ -4,8 +4,9 @@ checkpoints/step-00000200/
     model.safetensors   the weights (safetensors: shared/tied tensors stored once)
     state.pt            optimizer, scheduler, grad scaler and RNG states; tensors, numbers and
                         lists only, so torch.load(weights_only=True) reads it
-    trainer.json        TrainState (step, data position, best val loss, patience counter, the
-                        per-step loss history) and the run's config
+    trainer.json        CheckpointMeta: format version, TrainState (step, data position, best
+                        val loss, patience counter, the per-step loss history), the run's
+                        config and the fingerprint of the data it trains on
 checkpoints/latest      the name of the newest complete checkpoint
 
 A checkpoint is written into a temp dir and renamed into place, then `latest` is replaced
@@ -14,27 +15,28 @@ A checkpoint is written into a temp dir and renamed into place, then `latest` is
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
 import re
 import shutil
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import torch
 from torch import nn
+
+from trainer.jsonfile import dumps, read_json
 
 CHECKPOINT_VERSION = 1
 LATEST = "latest"
 _NAME = re.compile(r"^step-(\d{8,})$")
 
 
-@dataclass
-class TrainState:
+class TrainState(msgspec.Struct, kw_only=True):
     step: int = 0  # optimizer steps done
     micro_step: int = 0  # batches consumed; data position = divmod(micro_step, batches/epoch)
     epoch: int = 0  # data position, for people reading trainer.json
@@ -45,43 +47,17 @@ class TrainState:
     best_step: int | None = None
     bad_evals: int = 0  # validations since the last improvement (early stopping patience)
     early_stopped: bool = False
-    losses: list[float] = field(default_factory=list)  # train loss of every step
-    val_history: list[tuple[int, float]] = field(default_factory=list)  # (step, val loss)
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, object]) -> TrainState:
-        losses, vals, best_step = d["losses"], d["val_history"], d["best_step"]
-        if not isinstance(losses, list) or not isinstance(vals, list):
-            raise ValueError("corrupt train state: losses/val_history are not lists")
-        return cls(
-            step=_int(d["step"]),
-            micro_step=_int(d["micro_step"]),
-            epoch=_int(d["epoch"]),
-            batch_index=_int(d["batch_index"]),
-            tokens=_int(d["tokens"]),
-            train_time_s=_float(d["train_time_s"]),
-            best_val_loss=_float(d["best_val_loss"]),
-            best_step=None if best_step is None else _int(best_step),
-            bad_evals=_int(d["bad_evals"]),
-            early_stopped=bool(d["early_stopped"]),
-            losses=[_float(v) for v in losses],
-            val_history=[(_int(s), _float(v)) for s, v in vals],
-        )
+    losses: list[float] = []  # train loss of every step
+    val_history: list[tuple[int, float]] = []  # (step, val loss)
 
 
-def _int(v: object) -> int:
-    if not isinstance(v, int):
-        raise ValueError(f"corrupt train state: expected an integer, got {v!r}")
-    return v
+class CheckpointMeta(msgspec.Struct, kw_only=True):
+    """trainer.json: the train state and the facts checked on resume."""
 
-
-def _float(v: object) -> float:
-    if not isinstance(v, int | float):
-        raise ValueError(f"corrupt train state: expected a number, got {v!r}")
-    return float(v)
+    version: int = CHECKPOINT_VERSION
+    state: TrainState
+    config: dict[str, object]  # the run's training config
+    data_fingerprint: str  # TokenDataInfo.fingerprint: the corpus + tokenizer trained on
 
 
 def rng_state() -> dict[str, object]:
@@ -130,26 +106,23 @@ def save_checkpoint(
     ckpt_dir: Path,
     model: nn.Module,
     states: dict[str, object],
-    train_state: TrainState,
-    info: dict[str, object],
+    meta: CheckpointMeta,
 ) -> Path:
-    """Write checkpoint `step-<train_state.step>` and point `latest` at it.
+    """Write checkpoint `step-<meta.state.step>` and point `latest` at it.
 
-    states: optimizer/scheduler/scaler state dicts (saved with torch.save, plus RNG states);
-    info: JSON-able facts checked on resume (config, data fingerprint).
+    states: optimizer/scheduler/scaler state dicts (saved with torch.save, plus RNG states).
     """
     from safetensors.torch import save_model
 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    name = checkpoint_name(train_state.step)
+    name = checkpoint_name(meta.state.step)
     final = ckpt_dir / name
     tmp = ckpt_dir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         save_model(model, str(tmp / "model.safetensors"))
         torch.save({**states, "rng": rng_state()}, tmp / "state.pt")
-        meta = {"version": CHECKPOINT_VERSION, "state": train_state.to_dict(), **info}
-        (tmp / "trainer.json").write_text(json.dumps(meta, indent=1) + "\n")
+        (tmp / "trainer.json").write_text(dumps(meta, indent=1))
         if final.exists():  # the same step saved before (e.g. cancelled, then resumed)
             old = ckpt_dir / f".{name}.old-{uuid.uuid4().hex[:8]}"
             final.rename(old)
@@ -185,8 +158,7 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 @dataclass
 class LoadedCheckpoint:
     path: Path
-    state: TrainState
-    info: dict[str, object]  # trainer.json minus the state
+    meta: CheckpointMeta  # trainer.json
     states: dict[str, object]  # state.pt: optimizer/scheduler/scaler/"rng"
 
 
@@ -194,17 +166,12 @@ def load_checkpoint(path: Path, model: nn.Module) -> LoadedCheckpoint:
     """Load the weights into model (in place) and read the rest of the checkpoint."""
     from safetensors.torch import load_model
 
+    meta = read_json(path / "trainer.json", CheckpointMeta, CHECKPOINT_VERSION)
     load_model(model, str(path / "model.safetensors"))
-    meta = json.loads((path / "trainer.json").read_text())
-    if not isinstance(meta, dict) or meta.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: unsupported checkpoint version")
-    raw_state = meta.pop("state")
-    if not isinstance(raw_state, dict):
-        raise ValueError(f"{path}: corrupt train state")
     states = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     if not isinstance(states, dict):
         raise ValueError(f"{path}: corrupt state.pt")
-    return LoadedCheckpoint(path, TrainState.from_dict(raw_state), meta, states)
+    return LoadedCheckpoint(path, meta, states)
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int, protect: set[int] | None = None) -> None:

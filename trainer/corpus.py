@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import random
 import re
@@ -18,7 +17,6 @@ import shutil
 import tempfile
 import unicodedata
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -27,6 +25,7 @@ import msgspec
 
 from protocol.settings import CorpusSettings
 from trainer.errors import UserError
+from trainer.jsonfile import BadFile, dumps, read_json
 
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "corpus.json"
@@ -34,7 +33,6 @@ SPLITS = ("train", "validation", "test")
 TEXT_SUFFIXES = (".txt", ".md")
 
 SourceKind = Literal["named", "file", "folder"]
-_KINDS: dict[str, SourceKind] = {"named": "named", "file": "file", "folder": "folder"}
 
 
 def split_path(out_dir: Path, split: str) -> Path:
@@ -58,15 +56,13 @@ class CorpusConfig(CorpusSettings, kw_only=True):
             )
 
 
-@dataclass(frozen=True)
-class SourceFile:
+class SourceFile(msgspec.Struct, frozen=True):
     path: str  # relative to the source folder (or the file name for a single file)
     bytes: int
     sha256: str
 
 
-@dataclass(frozen=True)
-class SplitInfo:
+class SplitInfo(msgspec.Struct, frozen=True):
     file: str
     bytes: int
     chars: int
@@ -74,69 +70,17 @@ class SplitInfo:
     sha256: str
 
 
-@dataclass(frozen=True)
-class CorpusManifest:
-    version: int
+class CorpusManifest(msgspec.Struct, frozen=True, kw_only=True):
+    """corpus.json."""
+
+    version: int = MANIFEST_VERSION
     source: str  # named corpus, path relative to the corpus root, or absolute path
     source_kind: SourceKind
     source_sha256: str  # over the names and raw bytes of every source file, in order
     files: list[SourceFile]
-    splits: dict[str, SplitInfo]
+    splits: dict[str, SplitInfo]  # one per name in SPLITS
     config: CorpusConfig
     created_at: str
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "version": self.version,
-            "source": self.source,
-            "source_kind": self.source_kind,
-            "source_sha256": self.source_sha256,
-            "files": [asdict(f) for f in self.files],
-            "splits": {name: asdict(s) for name, s in self.splits.items()},
-            "config": msgspec.to_builtins(self.config),
-            "created_at": self.created_at,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, object]) -> CorpusManifest:
-        version = _as_int(d["version"])
-        if version != MANIFEST_VERSION:
-            raise UserError(f"unsupported corpus manifest version {version}")
-        kind = str(d["source_kind"])
-        if kind not in _KINDS:
-            raise UserError(f"unknown corpus source kind {kind!r}")
-        files = [
-            SourceFile(path=str(f["path"]), bytes=_as_int(f["bytes"]), sha256=str(f["sha256"]))
-            for f in _as_dicts(d["files"])
-        ]
-        splits_raw = d["splits"]
-        if not isinstance(splits_raw, dict):
-            raise UserError("corrupt corpus manifest: splits is not an object")
-        splits = {}
-        for name in SPLITS:
-            s = splits_raw[name]
-            if not isinstance(s, dict):
-                raise UserError(f"corrupt corpus manifest: split {name} is not an object")
-            splits[name] = SplitInfo(
-                file=str(s["file"]),
-                bytes=_as_int(s["bytes"]),
-                chars=_as_int(s["chars"]),
-                lines=_as_int(s["lines"]),
-                sha256=str(s["sha256"]),
-            )
-        config = d["config"]
-        if not isinstance(config, dict):
-            raise UserError("corrupt corpus manifest: config is not an object")
-        return cls(
-            version=version,
-            source=str(d["source"]),
-            source_kind=_KINDS[kind],
-            source_sha256=str(d["source_sha256"]),
-            files=files,
-            splits=splits,
-            config=msgspec.convert(config, CorpusConfig),
-            created_at=str(d["created_at"]),
-        )
 
 
 # ---------------------------------------------------------------------------- named corpora
@@ -293,19 +237,13 @@ def split_lines(lines: list[str], config: CorpusConfig) -> dict[str, list[str]]:
 def load_corpus_manifest(out_dir: Path) -> CorpusManifest:
     path = out_dir / MANIFEST_NAME
     try:
-        raw = json.loads(path.read_text("utf-8"))
+        manifest = read_json(path, CorpusManifest, MANIFEST_VERSION)
     except FileNotFoundError:
         raise UserError(f"no prepared corpus at {out_dir} (missing {MANIFEST_NAME})") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"unreadable corpus manifest {path}: {e}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"corrupt corpus manifest {path}")
-    try:
-        return CorpusManifest.from_dict(raw)
-    except UserError:
-        raise
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"corrupt corpus manifest {path}: {e!r}") from None
+    missing = [s for s in SPLITS if s not in manifest.splits]
+    if missing:
+        raise BadFile(f"corrupt {path}: no split {', '.join(missing)} - at `$.splits`")
+    return manifest
 
 
 def prepare_corpus(
@@ -393,7 +331,7 @@ def prepare_corpus(
             config=config,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
-        write_json(tmp / MANIFEST_NAME, manifest.to_dict())
+        write_json(tmp / MANIFEST_NAME, manifest)
         publish_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -404,8 +342,8 @@ def prepare_corpus(
 # ---------------------------------------------------------------------------- atomic files
 
 
-def write_json(path: Path, obj: dict[str, object]) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+def write_json(path: Path, obj: object) -> None:
+    path.write_text(dumps(obj), encoding="utf-8")
 
 
 def publish_dir(tmp: Path, out_dir: Path) -> None:
@@ -427,26 +365,3 @@ def publish_dir(tmp: Path, out_dir: Path) -> None:
     os.replace(out_dir, old / "dir")  # rename is atomic; the gap is only until the next line
     os.rename(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _as_int(v: object) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise UserError(f"expected an integer, got {v!r}")
-    return v
-
-
-def _as_float(v: object) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise UserError(f"expected a number, got {v!r}")
-    return float(v)
-
-
-def _as_dicts(v: object) -> list[dict[str, object]]:
-    if not isinstance(v, list):
-        raise UserError(f"expected a list of objects, got {type(v).__name__}")
-    out: list[dict[str, object]] = []
-    for x in v:
-        if not isinstance(x, dict):
-            raise UserError(f"expected an object, got {type(x).__name__}")
-        out.append({str(k): val for k, val in x.items()})
-    return out

@@ -11,24 +11,25 @@ padding masked out of the loss (label -100).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import uuid
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 import torch
 
 from trainer.corpus import SPLITS
 from trainer.errors import UserError
+from trainer.jsonfile import BadFile, dumps, read_json
 from trainer.tokenizer import Tokenizer, load_tokenizer
 
 TOKENS_VERSION = 1
@@ -54,10 +55,14 @@ def dir_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-@dataclass(frozen=True)
-class TokenDataInfo:
-    dir: Path
-    dtype: str  # "uint16" or "uint32"
+TokenDtype = Literal["uint16", "uint32"]
+
+
+class TokenFiles(msgspec.Struct, frozen=True, kw_only=True):
+    """tokens.json: what the {split}.bin files beside it hold."""
+
+    version: int = TOKENS_VERSION
+    dtype: TokenDtype
     vocab_size: int
     pad_id: int
     eos_id: int
@@ -66,61 +71,37 @@ class TokenDataInfo:
     tokenizer_sha256: str
     created_at: str
 
+
+@dataclass(frozen=True)
+class TokenDataInfo:
+    dir: Path
+    meta: TokenFiles
+
     def path(self, split: str) -> Path:
         return self.dir / f"{split}.bin"
 
     @property
     def fingerprint(self) -> str:
         """Identifies the token data (corpus + tokenizer), e.g. to refuse a mismatched resume."""
-        parts = [self.tokenizer_sha256, *(self.corpus_sha256[s] for s in SPLITS)]
+        m = self.meta
+        parts = [m.tokenizer_sha256, *(m.corpus_sha256[s] for s in SPLITS)]
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
-    def to_dict(self) -> dict[str, object]:
-        d = asdict(self)
-        d.pop("dir")
-        return {"version": TOKENS_VERSION, **d}
 
-    @classmethod
-    def from_dict(cls, out_dir: Path, d: dict[str, object]) -> TokenDataInfo:
-        tokens, shas = d["tokens"], d["corpus_sha256"]
-        if not isinstance(tokens, dict) or not isinstance(shas, dict):
-            raise ValueError("tokens/corpus_sha256 must be objects")
-        return cls(
-            dir=out_dir,
-            dtype=str(d["dtype"]),
-            vocab_size=_int(d["vocab_size"]),
-            pad_id=_int(d["pad_id"]),
-            eos_id=_int(d["eos_id"]),
-            tokens={str(k): _int(v) for k, v in tokens.items()},
-            corpus_sha256={str(k): str(v) for k, v in shas.items()},
-            tokenizer_sha256=str(d["tokenizer_sha256"]),
-            created_at=str(d["created_at"]),
-        )
-
-
-def _int(v: object) -> int:
-    if not isinstance(v, int):
-        raise ValueError(f"expected an integer, got {v!r}")
-    return v
-
-
-def token_dtype(vocab_size: int) -> str:
+def token_dtype(vocab_size: int) -> TokenDtype:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
 def load_token_data(out_dir: Path) -> TokenDataInfo | None:
     """The token data in out_dir, or None when it is missing or incomplete."""
     try:
-        raw = json.loads((out_dir / META_NAME).read_text())
-        if not isinstance(raw, dict) or raw.get("version") != TOKENS_VERSION:
-            return None
-        info = TokenDataInfo.from_dict(out_dir, raw)
-    except (OSError, ValueError, KeyError):
-        return None
-    itemsize = np.dtype(info.dtype).itemsize
+        info = TokenDataInfo(out_dir, read_json(out_dir / META_NAME, TokenFiles, TOKENS_VERSION))
+    except (OSError, BadFile):
+        return None  # encoded again
+    itemsize = np.dtype(info.meta.dtype).itemsize
     for split in SPLITS:
         p = info.path(split)
-        if not p.is_file() or p.stat().st_size != info.tokens.get(split, -1) * itemsize:
+        if not p.is_file() or p.stat().st_size != info.meta.tokens.get(split, -1) * itemsize:
             return None
     return info
 
@@ -141,7 +122,11 @@ def encode_splits(
     corpus_sha = {s: file_sha256(p) for s, p in texts.items()}
     tok_sha = dir_sha256(tokenizer_dir)
     cached = load_token_data(out_dir)
-    if cached and cached.corpus_sha256 == corpus_sha and cached.tokenizer_sha256 == tok_sha:
+    if (
+        cached
+        and cached.meta.corpus_sha256 == corpus_sha
+        and cached.meta.tokenizer_sha256 == tok_sha
+    ):
         return cached
 
     tok = load_tokenizer(tokenizer_dir)
@@ -153,8 +138,7 @@ def encode_splits(
         counts = {
             s: _encode_file(tok, texts[s], tmp / f"{s}.bin", dtype, n_threads) for s in SPLITS
         }
-        info = TokenDataInfo(
-            dir=out_dir,
+        meta = TokenFiles(
             dtype=dtype,
             vocab_size=tok.vocab_size,
             pad_id=tok.pad_id,
@@ -164,7 +148,8 @@ def encode_splits(
             tokenizer_sha256=tok_sha,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
-        (tmp / META_NAME).write_text(json.dumps(info.to_dict(), indent=2) + "\n")
+        (tmp / META_NAME).write_text(dumps(meta))
+        info = TokenDataInfo(out_dir, meta)
         _replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

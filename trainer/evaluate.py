@@ -586,13 +586,9 @@ def eval_paths(run_dir: Path, out_name: str = "metrics") -> tuple[Path, Path]:
 def corpus_dir_of(run_dir: Path) -> Path:
     """The prepared corpus a run was trained on (its manifest's data dir)."""
     try:
-        manifest = read_manifest(run_dir)
+        return Path(read_manifest(run_dir).data.dir)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the manifest of run {run_dir}: {e}") from None
-    data = manifest.get("data")
-    if not isinstance(data, dict) or not isinstance(data.get("dir"), str):
-        raise UserError(f"the manifest of run {run_dir} names no corpus dir")
-    return Path(data["dir"])
 
 
 def head_lines(tok: Tokenizer, text: str, max_tokens: int) -> str:

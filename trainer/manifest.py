@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
-from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
+
+import msgspec
+
+from trainer.jsonfile import dumps, read_json
 
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -90,13 +92,27 @@ def git_commit(repo_dir: Path | None = None) -> str | None:
     return commit if out.returncode == 0 and commit else None
 
 
-@dataclass
-class RunManifest:
+class TokenizerRef(msgspec.Struct, kw_only=True):
+    dir: str
+    vocab_size: int
+    sha256: str  # over the tokenizer dir's files
+
+
+class DataRef(msgspec.Struct, kw_only=True):
+    dir: str  # the prepared corpus
+    tokens: dict[str, int]  # per split
+    fingerprint: str  # corpus + tokenizer (TokenDataInfo.fingerprint)
+
+
+class RunManifest(msgspec.Struct, kw_only=True):
+    """manifest.json. The uploader adds the artifact pointer under "artifact" (not read here)."""
+
+    version: int = MANIFEST_VERSION
     status: str  # running | completed | cancelled | early_stopped
-    config: dict[str, object]
-    model: dict[str, object]
-    tokenizer: dict[str, object]
-    data: dict[str, object]
+    config: dict[str, object]  # the training config
+    model: dict[str, object]  # the ModelConfig + parameter counts
+    tokenizer: TokenizerRef
+    data: DataRef
     seed: int
     device: str
     precision: str
@@ -117,25 +133,17 @@ class RunManifest:
     best_val_loss: float | None = None
     early_stopped: bool = False
     resumed_from_step: int | None = None
-    libraries: dict[str, str | None] = field(default_factory=library_versions)
-    system: dict[str, object] = field(default_factory=system_info)
-    git_commit: str | None = field(default_factory=git_commit)
-    version: int = MANIFEST_VERSION
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+    libraries: dict[str, str | None] = msgspec.field(default_factory=library_versions)
+    system: dict[str, object] = msgspec.field(default_factory=system_info)
+    git_commit: str | None = msgspec.field(default_factory=git_commit)
 
 
 def write_manifest(run_dir: Path, manifest: RunManifest) -> None:
     """Atomically (temp file + rename) write run_dir/manifest.json."""
     tmp = run_dir / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
-    # allow_nan: an infinite/NaN loss is reported as is (Python's json reads it back).
-    tmp.write_text(json.dumps(manifest.to_dict(), indent=2, allow_nan=True) + "\n")
+    tmp.write_text(dumps(manifest))  # an infinite/NaN loss is written as is (see jsonfile)
     os.replace(tmp, run_dir / MANIFEST_NAME)
 
 
-def read_manifest(run_dir: Path) -> dict[str, object]:
-    raw = json.loads((run_dir / MANIFEST_NAME).read_text())
-    if not isinstance(raw, dict):
-        raise ValueError(f"{run_dir / MANIFEST_NAME} is not a JSON object")
-    return raw
+def read_manifest(run_dir: Path) -> RunManifest:
+    return read_json(run_dir / MANIFEST_NAME, RunManifest, MANIFEST_VERSION)

@@ -9,16 +9,17 @@ safetensors format of its own.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args
 
+import msgspec
 import torch
 from torch import nn
 
 from trainer.errors import UserError
+from trainer.jsonfile import dumps, from_json, load_json, read_json
 
 if TYPE_CHECKING:  # transformers costs seconds to import: only where a model is built
     from transformers import PretrainedConfig, PreTrainedModel
@@ -92,47 +93,58 @@ class ModelConfig:
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, object]) -> ModelConfig:
-        family = d.get("family")
-        size = d.get("size", "tiny")
-        if family not in FAMILIES:
-            raise UserError(f"unknown model family {family!r}; choose one of {FAMILIES}")
-        if size not in SIZE_NAMES:
-            raise UserError(f"unknown model size {size!r}; choose one of {SIZE_NAMES}")
-        overrides = d.get("overrides") or {}
-        pretrained = d.get("pretrained")
-        if not isinstance(overrides, dict) or not all(
-            isinstance(k, str) and isinstance(v, int) for k, v in overrides.items()
-        ):
-            raise UserError("model overrides must map dimension names to integers")
-        return cls(
-            family=family,
-            size=size,
-            vocab_size=_int(d, "vocab_size", 4096),
-            max_seq_len=_int(d, "max_seq_len", 256),
-            dropout=_float(d, "dropout", 0.0),
-            pad_id=_int(d, "pad_id", 0),
-            bos_id=_int(d, "bos_id", 2),
-            eos_id=_int(d, "eos_id", 3),
-            pretrained=str(pretrained) if pretrained is not None else None,
-            freeze_embed=bool(d.get("freeze_embed", False)),
-            overrides=dict(overrides),
-        )
+
+class CharLSTMDims(msgspec.Struct):
+    n_layer: int
+    n_embd: int
+    hidden: int
 
 
-def _int(d: dict[str, object], key: str, default: int) -> int:
-    v = d.get(key, default)
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise UserError(f"{key} must be an integer, got {v!r}")
-    return v
+class CharLSTMFile(msgspec.Struct, kw_only=True):
+    """config.json of a char_lstm model dir."""
+
+    version: int = CHAR_LSTM_VERSION
+    format: Literal["mt-char-lstm"] = "mt-char-lstm"
+    vocab_size: int
+    dims: CharLSTMDims
+    config: ModelConfig
 
 
-def _float(d: dict[str, object], key: str, default: float) -> float:
-    v = d.get(key, default)
-    if not isinstance(v, int | float) or isinstance(v, bool):
-        raise UserError(f"{key} must be a number, got {v!r}")
-    return float(v)
+class MtModelFile(msgspec.Struct, kw_only=True):
+    """mt_model.json: our ModelConfig beside an HF model's own config.json."""
+
+    version: int = MT_MODEL_VERSION
+    format: Literal["mt-model"] = "mt-model"
+    config: ModelConfig
+
+
+class _ConfigHead(msgspec.Struct):
+    """Enough of any config.json to tell ours (char_lstm) from a transformers one."""
+
+    format: str | None = None
+
+
+class HFConfig(msgspec.Struct):
+    """What we read of a transformers config.json (gpt2 and llama/qwen2 keys)."""
+
+    model_type: str | None = None
+    vocab_size: int = 0
+    n_positions: int = 1024
+    resid_pdrop: float = 0.0
+    n_layer: int = 0
+    n_embd: int = 0
+    n_head: int = 0
+    max_position_embeddings: int = 2048
+    attention_dropout: float = 0.0
+    num_hidden_layers: int = 0
+    hidden_size: int = 0
+    num_attention_heads: int = 0
+    num_key_value_heads: int | None = None
+    intermediate_size: int = 0
+    # Some models list several eos ids or none; ours are plain ints with our defaults.
+    pad_token_id: int | list[int] | None = None
+    bos_token_id: int | list[int] | None = None
+    eos_token_id: int | list[int] | None = None
 
 
 def model_dims(cfg: ModelConfig) -> dict[str, int]:
@@ -352,60 +364,48 @@ def save_model(model: nn.Module, cfg: ModelConfig, out_dir: Path) -> None:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(model, CharLSTM):
-        meta = {
-            "format": CHAR_LSTM_FORMAT,
-            "version": CHAR_LSTM_VERSION,
-            "vocab_size": model.embed.num_embeddings,
-            "dims": model.dims,
-            "config": cfg.to_dict(),
-        }
+        meta = CharLSTMFile(
+            vocab_size=model.embed.num_embeddings,
+            dims=msgspec.convert(model.dims, CharLSTMDims),
+            config=cfg,
+        )
         save_safetensors(model, str(out_dir / "model.safetensors"))
-        (out_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (out_dir / "config.json").write_text(dumps(meta))
         return
     _hf()
     _as_hf(model).save_pretrained(str(out_dir))
-    meta = {"format": "mt-model", "version": MT_MODEL_VERSION, "config": cfg.to_dict()}
-    (out_dir / MT_MODEL_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    (out_dir / MT_MODEL_FILE).write_text(dumps(MtModelFile(config=cfg)))
 
 
-def _read_config_json(src: Path) -> dict[str, object]:
+def _read_config_json(src: Path) -> CharLSTMFile | HFConfig:
+    path = src / "config.json"
     try:
-        meta = json.loads((src / "config.json").read_text())
-    except (OSError, ValueError) as e:
+        raw = load_json(path)
+    except OSError as e:
         raise UserError(f"no readable model config in {src}: {e}") from e
-    if not isinstance(meta, dict):
-        raise UserError(f"{src / 'config.json'} is not a JSON object")
-    if meta.get("format") == CHAR_LSTM_FORMAT and meta.get("version") != CHAR_LSTM_VERSION:
-        raise UserError(
-            f"{src} holds char_lstm format version {meta.get('version')!r}; this trainer reads "
-            f"version {CHAR_LSTM_VERSION}"
-        )
-    return meta
+    if from_json(raw, _ConfigHead, path).format == CHAR_LSTM_FORMAT:
+        return from_json(raw, CharLSTMFile, path, CHAR_LSTM_VERSION)
+    return from_json(raw, HFConfig, path)
 
 
-def _hf_family(src: Path, meta: dict[str, object]) -> ModelFamily:
-    model_type = meta.get("model_type")
-    family = _HF_MODEL_TYPES.get(str(model_type))
+def _hf_family(src: Path, meta: HFConfig) -> ModelFamily:
+    family = _HF_MODEL_TYPES.get(str(meta.model_type))
     if family is None:
-        raise UserError(f"{src} holds a {model_type!r} model; supported: {sorted(_HF_MODEL_TYPES)}")
+        raise UserError(
+            f"{src} holds a {meta.model_type!r} model; supported: {sorted(_HF_MODEL_TYPES)}"
+        )
     return family
 
 
 def read_model_config(src: Path) -> ModelConfig:
     """The ModelConfig of a saved model dir, from its config files only (no weights)."""
     meta = _read_config_json(src)
-    if meta.get("format") == CHAR_LSTM_FORMAT:
-        raw = meta.get("config")
-        if not isinstance(raw, dict):
-            raise UserError(f"{src / 'config.json'} is not a valid {CHAR_LSTM_FORMAT} config")
-        return ModelConfig.from_dict(raw)
+    if isinstance(meta, CharLSTMFile):
+        return meta.config
     family = _hf_family(src, meta)
     mt = src / MT_MODEL_FILE
     if mt.is_file():
-        raw = json.loads(mt.read_text()).get("config")
-        if not isinstance(raw, dict):
-            raise UserError(f"{mt} is not a valid model description")
-        return ModelConfig.from_dict(raw)
+        return read_json(mt, MtModelFile, MT_MODEL_VERSION).config
     return _config_from_hf(family, meta)
 
 
@@ -418,7 +418,7 @@ def load_model(src: Path, dropout: float | None = None) -> tuple[nn.Module, Mode
     if dropout is not None:
         cfg.dropout = dropout
     meta = _read_config_json(src)
-    if meta.get("format") == CHAR_LSTM_FORMAT:
+    if isinstance(meta, CharLSTMFile):
         return _load_char_lstm(src, meta, cfg), cfg
     _hf()
     from transformers import AutoModelForCausalLM
@@ -429,55 +429,45 @@ def load_model(src: Path, dropout: float | None = None) -> tuple[nn.Module, Mode
     return model, cfg
 
 
-def _config_from_hf(family: ModelFamily, c: dict[str, object]) -> ModelConfig:
+def _config_from_hf(family: ModelFamily, c: HFConfig) -> ModelConfig:
     """A ModelConfig describing a foreign HF model (its config.json): exact dims in overrides."""
     if family == "gpt2":
-        keys = {"n_layer": "n_layer", "n_embd": "n_embd", "n_head": "n_head"}
-        seq, dropout = _int(c, "n_positions", 1024), _float(c, "resid_pdrop", 0.0)
+        dims = {"n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head}
+        seq, dropout = c.n_positions, c.resid_pdrop
     else:
-        keys = {
-            "n_layer": "num_hidden_layers",
-            "n_embd": "hidden_size",
-            "n_head": "num_attention_heads",
-            "n_kv_head": "num_key_value_heads",
-            "intermediate": "intermediate_size",
+        dims = {
+            "n_layer": c.num_hidden_layers,
+            "n_embd": c.hidden_size,
+            "n_head": c.num_attention_heads,
+            "n_kv_head": c.num_attention_heads
+            if c.num_key_value_heads is None
+            else c.num_key_value_heads,
+            "intermediate": c.intermediate_size,
         }
-        seq, dropout = _int(c, "max_position_embeddings", 2048), _float(c, "attention_dropout", 0.0)
-    dims = {ours: _int(c, theirs, 0) for ours, theirs in keys.items()}
-    if family != "gpt2" and c.get("num_key_value_heads") is None:
-        dims["n_kv_head"] = dims["n_head"]
-    # Some models list several eos ids or none; ours are plain ints with our defaults.
-    pad, bos, eos = (
-        v if isinstance(v, int) and not isinstance(v, bool) else default
-        for v, default in zip(
-            (c.get("pad_token_id"), c.get("bos_token_id"), c.get("eos_token_id")),
-            (0, 2, 3),
-            strict=True,
-        )
-    )
+        seq, dropout = c.max_position_embeddings, c.attention_dropout
     # With every dimension in overrides the size name is only a label.
     return ModelConfig(
         family=family,
         size="small",
-        vocab_size=_int(c, "vocab_size", 0),
+        vocab_size=c.vocab_size,
         max_seq_len=seq,
         dropout=dropout,
-        pad_id=pad,
-        bos_id=bos,
-        eos_id=eos,
+        pad_id=_token_id(c.pad_token_id, 0),
+        bos_id=_token_id(c.bos_token_id, 2),
+        eos_id=_token_id(c.eos_token_id, 3),
         overrides=dims,
     )
 
 
-def _load_char_lstm(src: Path, meta: dict[str, object], cfg: ModelConfig) -> nn.Module:
+def _token_id(value: int | list[int] | None, default: int) -> int:
+    return value if isinstance(value, int) else default
+
+
+def _load_char_lstm(src: Path, meta: CharLSTMFile, cfg: ModelConfig) -> nn.Module:
     from safetensors.torch import load_model as load_safetensors
 
-    dims, vocab = meta.get("dims"), meta.get("vocab_size")
-    if not isinstance(dims, dict) or not isinstance(vocab, int):
-        raise UserError(f"{src / 'config.json'} is not a valid {CHAR_LSTM_FORMAT} config")
-    model = CharLSTM(
-        vocab, int(dims["n_embd"]), int(dims["hidden"]), int(dims["n_layer"]), cfg.dropout
-    )
+    d = meta.dims
+    model = CharLSTM(meta.vocab_size, d.n_embd, d.hidden, d.n_layer, cfg.dropout)
     load_safetensors(model, str(src / "model.safetensors"))
     return model
 

@@ -10,7 +10,6 @@ are multithreaded for batches; nothing here imports torch or transformers.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -18,7 +17,6 @@ import time
 import unicodedata
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Self
 
@@ -29,6 +27,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from protocol.settings import SpmModelType, TokenizerKind, TokenizerSettings
 from trainer.corpus import publish_dir, split_path, write_json
 from trainer.errors import UserError
+from trainer.jsonfile import read_json
 
 KINDS: tuple[TokenizerKind, ...] = ("bpe", "sentencepiece", "char")
 SPM_MODEL_TYPES: tuple[SpmModelType, ...] = ("unigram", "bpe")
@@ -72,20 +71,6 @@ class TokenizerConfig(TokenizerSettings, kw_only=True):
         if self.threads < 0:
             raise UserError(f"threads must be 0 (all cores) or more, got {self.threads}")
 
-    def to_dict(self) -> dict[str, object]:
-        return msgspec.to_builtins(self)  # type: ignore[no-any-return]  # msgspec says Any
-
-    @classmethod
-    def from_saved(cls, d: dict[str, object]) -> TokenizerConfig:
-        """From a manifest's `config` (written before the settings types, it says `kind`)."""
-        values = {("tokenizer_kind" if k == "kind" else k): v for k, v in d.items()}
-        try:
-            cfg = msgspec.convert(values, cls)
-        except msgspec.ValidationError as e:
-            raise UserError(f"bad tokenizer config: {e}") from None
-        cfg.validate()
-        return cfg
-
 
 # bpe: the 256 byte symbols + specials must fit; the others need room for a few pieces.
 _MIN_VOCAB: dict[TokenizerKind, int] = {
@@ -95,8 +80,7 @@ _MIN_VOCAB: dict[TokenizerKind, int] = {
 }
 
 
-@dataclass(frozen=True)
-class TokenizerStats:
+class TokenizerStats(msgspec.Struct, frozen=True, kw_only=True):
     """Measured on held-out text. Rates are fractions in [0, 1]."""
 
     vocab_size: int
@@ -111,24 +95,14 @@ class TokenizerStats:
     tokens: int
     train_seconds: float = 0.0
 
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, object]) -> TokenizerStats:
-        return cls(
-            vocab_size=_int(d["vocab_size"]),
-            coverage=_float(d["coverage"]),
-            unk_rate=_float(d["unk_rate"]),
-            oov_rate=_float(d["oov_rate"]),
-            char_coverage=_float(d["char_coverage"]),
-            tokens_per_char=_float(d["tokens_per_char"]),
-            tokens_per_word=_float(d["tokens_per_word"]),
-            chars=_int(d["chars"]),
-            words=_int(d["words"]),
-            tokens=_int(d["tokens"]),
-            train_seconds=_float(d.get("train_seconds", 0.0)),
-        )
+class TokenizerManifest(msgspec.Struct, frozen=True, kw_only=True):
+    """mt_tokenizer.json."""
+
+    version: int = MANIFEST_VERSION
+    kind: TokenizerKind
+    config: TokenizerConfig
+    stats: TokenizerStats | None = None
 
 
 class Tokenizer:
@@ -197,15 +171,10 @@ class Tokenizer:
                 "clean_up_tokenization_spaces": False,
             },
         )
-        write_json(
-            directory / MANIFEST_NAME,
-            {
-                "version": MANIFEST_VERSION,
-                "kind": self.config.tokenizer_kind,
-                "config": self.config.to_dict(),
-                "stats": None if self.stats is None else self.stats.to_dict(),
-            },
+        manifest = TokenizerManifest(
+            kind=self.config.tokenizer_kind, config=self.config, stats=self.stats
         )
+        write_json(directory / MANIFEST_NAME, manifest)
 
 
 def _load_hf(directory: Path) -> HFTokenizer:
@@ -492,7 +461,7 @@ def train_tokenizer(corpus_dir: Path, out_dir: Path, config: TokenizerConfig) ->
     held_out = validation_file.read_text(encoding="utf-8")
     if len(held_out) > STATS_MAX_CHARS:  # a sample of whole lines is plenty for rates
         held_out = held_out[: held_out.rfind("\n", 0, STATS_MAX_CHARS) + 1] or held_out
-    stats = replace(measure(tok, held_out), train_seconds=round(train_seconds, 3))
+    stats = msgspec.structs.replace(measure(tok, held_out), train_seconds=round(train_seconds, 3))
     tok.stats = stats
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -507,42 +476,17 @@ def train_tokenizer(corpus_dir: Path, out_dir: Path, config: TokenizerConfig) ->
 
 
 def read_tokenizer_manifest(directory: Path) -> tuple[TokenizerConfig, TokenizerStats | None]:
-    path = directory / MANIFEST_NAME
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        manifest = read_json(directory / MANIFEST_NAME, TokenizerManifest, MANIFEST_VERSION)
     except FileNotFoundError:
         raise UserError(f"no trained tokenizer at {directory} (missing {MANIFEST_NAME})") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"unreadable tokenizer manifest {path}: {e}") from None
-    if not isinstance(raw, dict) or raw.get("version") != MANIFEST_VERSION:
-        raise UserError(
-            f"unsupported tokenizer manifest {path} "
-            f"(version {raw.get('version') if isinstance(raw, dict) else None})"
-        )
-    config, stats = raw.get("config"), raw.get("stats")
-    if not isinstance(config, dict) or not (stats is None or isinstance(stats, dict)):
-        raise UserError(f"corrupt tokenizer manifest {path}")
-    try:
-        return (
-            TokenizerConfig.from_saved(config),
-            None if stats is None else TokenizerStats.from_dict(stats),
-        )
-    except KeyError as e:
-        raise UserError(f"corrupt tokenizer manifest {path}: missing {e}") from None
+    # The top-level kind is authoritative: manifests written before the settings types
+    # spell the config's field `kind`, which the config would otherwise leave at its default.
+    config = msgspec.structs.replace(manifest.config, tokenizer_kind=manifest.kind)
+    config.validate()
+    return config, manifest.stats
 
 
 def load_tokenizer(directory: Path) -> Tokenizer:
     config, stats = read_tokenizer_manifest(directory)
     return TOKENIZERS[config.tokenizer_kind].load(directory, config, stats)
-
-
-def _int(v: object) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise UserError(f"expected an integer, got {v!r}")
-    return v
-
-
-def _float(v: object) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise UserError(f"expected a number, got {v!r}")
-    return float(v)

@@ -21,7 +21,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Literal
@@ -36,6 +36,7 @@ from torch import nn
 from protocol.settings import Device
 from protocol.settings import Precision as SettingsPrecision
 from trainer.checkpoint import (
+    CheckpointMeta,
     TrainState,
     latest_checkpoint,
     load_checkpoint,
@@ -46,7 +47,7 @@ from trainer.checkpoint import (
 from trainer.config import TrainConfig
 from trainer.data import IGNORE_INDEX, TokenDataInfo, TokenWindows, dir_sha256, encode_splits
 from trainer.errors import UserError
-from trainer.manifest import RunManifest, cpu_flags, write_manifest
+from trainer.manifest import DataRef, RunManifest, TokenizerRef, cpu_flags, write_manifest
 from trainer.model import (
     MODEL_FILES,
     ModelConfig,
@@ -57,61 +58,13 @@ from trainer.model import (
     read_model_config,
     save_model,
 )
+from trainer.report import Progress, StartInfo, Status, TrainResult
 from trainer.tokenizer import load_tokenizer
 
 Precision = Literal["fp32", "bf16", "fp16"]
-Status = Literal["completed", "cancelled", "early_stopped"]
 # Config fields that may differ when a run is resumed: they do not change the maths.
 RESUMABLE_CHANGES = frozenset({"threads", "keep_checkpoints", "compile"})
 METRICS_NAME = "metrics.jsonl"
-
-
-@dataclass
-class StartInfo:
-    """What a run resolved before its first step (for on_start)."""
-
-    device: str
-    precision: str
-    parameters: int
-    total_steps: int
-    total_epochs: int
-    resumed_from_step: int
-
-
-@dataclass
-class Progress:
-    step: int
-    epoch: int  # 1-based epoch of the last batch
-    total_epochs: int
-    total_steps: int
-    loss: float
-    lr: float
-    grad_norm: float
-    tokens_per_s: float
-    samples_per_s: float
-    val_loss: float | None  # set on the steps that ran a validation
-    val_ppl: float | None
-    elapsed_s: float
-
-
-@dataclass
-class TrainResult:
-    status: Status
-    steps: int
-    total_steps: int
-    tokens: int
-    train_loss: float | None  # mean of the last (up to) 20 steps
-    val_loss: float | None  # of the final (best) model
-    val_ppl: float | None
-    test_loss: float | None
-    test_ppl: float | None
-    best_step: int | None
-    best_val_loss: float | None
-    tokens_per_s: float
-    resumed_from_step: int | None
-    elapsed_s: float
-    losses: list[float]  # every step's train loss, including steps before a resume
-    val_history: list[tuple[int, float]]
 
 
 def perplexity(loss: float | None) -> float | None:
@@ -326,12 +279,12 @@ def train(
     info = encode_splits(data_dir, tokenizer_dir, token_dir, threads=cfg.threads)
     seq = cfg.max_seq_len
     train_w = TokenWindows(
-        info.path("train"), info.dtype, seq, cfg.batch_size, tok.pad_id, seed=cfg.seed
+        info.path("train"), info.meta.dtype, seq, cfg.batch_size, tok.pad_id, seed=cfg.seed
     )
     if train_w.num_windows == 0:
         raise UserError("the train split has fewer than 2 tokens: nothing to train on")
     val_w, test_w = (
-        TokenWindows(info.path(s), info.dtype, seq, cfg.batch_size, tok.pad_id, shuffle=False)
+        TokenWindows(info.path(s), info.meta.dtype, seq, cfg.batch_size, tok.pad_id, shuffle=False)
         for s in ("validation", "test")
     )
     val_batches = val_w.eval_batches(cfg.eval_batches)
@@ -399,12 +352,12 @@ def train(
     ckpt = latest_checkpoint(ckpt_dir)
     if ckpt is not None:
         loaded = load_checkpoint(ckpt, model)
-        _check_resumable(loaded.info, config_dict, info, ckpt)
+        _check_resumable(loaded.meta, config_dict, info)
         optimizer.load_state_dict(_state_dict(loaded.states, "optimizer"))
         scheduler.load_state_dict(_state_dict(loaded.states, "scheduler"))
         if scaler.is_enabled() and "scaler" in loaded.states:
             scaler.load_state_dict(_state_dict(loaded.states, "scaler"))
-        state = loaded.state
+        state = loaded.meta.state
         resumed_from = state.step
         set_rng_state(_state_dict(loaded.states, "rng"))  # last: building the model drew numbers
         _trim_metrics(metrics_path, state.step)
@@ -420,16 +373,16 @@ def train(
             "parameters": n_params,
             "trainable_parameters": sum(p.numel() for p in trainable),
         },
-        tokenizer={
-            "dir": str(tokenizer_dir.resolve()),
-            "vocab_size": tok.vocab_size,
-            "sha256": info.tokenizer_sha256,
-        },
-        data={
-            "dir": str(data_dir.resolve()),
-            "tokens": info.tokens,
-            "fingerprint": info.fingerprint,
-        },
+        tokenizer=TokenizerRef(
+            dir=str(tokenizer_dir.resolve()),
+            vocab_size=tok.vocab_size,
+            sha256=info.meta.tokenizer_sha256,
+        ),
+        data=DataRef(
+            dir=str(data_dir.resolve()),
+            tokens=info.meta.tokens,
+            fingerprint=info.fingerprint,
+        ),
         seed=cfg.seed,
         device=str(device),
         precision=precision,
@@ -457,13 +410,8 @@ def train(
         }
         if scaler.is_enabled():
             states["scaler"] = scaler.state_dict()
-        save_checkpoint(
-            ckpt_dir,
-            model,
-            states,
-            state,
-            {"config": config_dict, "data_fingerprint": info.fingerprint},
-        )
+        meta = CheckpointMeta(state=state, config=config_dict, data_fingerprint=info.fingerprint)
+        save_checkpoint(ckpt_dir, model, states, meta)
         protect = {state.best_step} if state.best_step is not None else set()
         prune_checkpoints(ckpt_dir, cfg.keep_checkpoints, protect)
 
@@ -688,12 +636,8 @@ def _state_dict(states: dict[str, object], key: str) -> dict[str, object]:
     return value
 
 
-def _check_resumable(
-    saved: dict[str, object], config: dict[str, object], info: TokenDataInfo, ckpt: Path
-) -> None:
-    old = saved.get("config")
-    if not isinstance(old, dict):
-        raise UserError(f"checkpoint {ckpt} has no config")
+def _check_resumable(saved: CheckpointMeta, config: dict[str, object], info: TokenDataInfo) -> None:
+    old = saved.config
     changed = sorted(
         k
         for k in set(old) | set(config)
@@ -704,7 +648,7 @@ def _check_resumable(
             f"run dir holds a checkpoint of a different training config ({', '.join(changed)} "
             f"changed); resume with the same config or use a new run dir"
         )
-    if saved.get("data_fingerprint") != info.fingerprint:
+    if saved.data_fingerprint != info.fingerprint:
         raise UserError(
             "run dir holds a checkpoint trained on other data (corpus or tokenizer changed); "
             "use a new run dir"

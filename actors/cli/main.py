@@ -41,7 +41,7 @@ from actors.runtime import log, retention
 from actors.runtime.config import Settings
 from actors.runtime.streams import Redis, RuntimeConfig, add_command, add_event, connect
 from protocol.commands import Base, ChainCommand, ModelEvaluate, ModelGenerate, actor_of
-from protocol.events import CancelRequested
+from protocol.events import ArtifactPointer, CancelRequested
 from protocol.flags import FlagError, add_flags, field_message, given, load_toml, struct_fields
 from protocol.keys import ACTOR_NAMES, ActorName, Keys
 from protocol.requests import (
@@ -279,7 +279,7 @@ def state_dict(state: RunState) -> dict[str, object]:
     body: dict[str, object] = msgspec.to_builtins(state)
     if state.artifact:
         with contextlib.suppress(msgspec.DecodeError):
-            body["artifact"] = msgspec.json.decode(state.artifact)
+            body["artifact"] = msgspec.json.decode(state.artifact, type=ArtifactPointer)
     return body
 
 

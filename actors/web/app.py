@@ -49,7 +49,7 @@ from protocol.commands import (
     ModelScore,
     RequestCommand,
 )
-from protocol.events import CancelRequested, RunCancelled, RunCompleted, RunFailed
+from protocol.events import ArtifactPointer, CancelRequested, RunCancelled, RunCompleted, RunFailed
 from protocol.keys import ACTOR_NAMES, ActorName, Keys
 from protocol.requests import (
     ChatRequest,
@@ -933,7 +933,7 @@ async def get_artifact(request: web.Request) -> web.StreamResponse:
     state = await _run(request)
     if not state.artifact:
         raise not_found(f"run {state.run_id!r} has no artifact yet")
-    return _json(msgspec.json.decode(state.artifact, type=dict[str, object]))
+    return _json(msgspec.json.decode(state.artifact, type=ArtifactPointer))
 
 
 async def download(request: web.Request) -> web.StreamResponse:
@@ -953,6 +953,9 @@ async def download(request: web.Request) -> web.StreamResponse:
     )
 
 
+_RecordStats = dict[str, float | str | bool | None]  # a tokenizer record's "stats" (JSON)
+
+
 async def get_tokenizer(request: web.Request) -> web.StreamResponse:
     app = request.app
     tokenizer_id = _path_id(request, "tokenizer_id", "tokenizer")
@@ -961,14 +964,10 @@ async def get_tokenizer(request: web.Request) -> web.StreamResponse:
     if raw:
         fields = {_text(k): _text(v) for k, v in raw.items()}
         stats: dict[str, float] = {}
-        with contextlib.suppress(msgspec.DecodeError):
-            decoded = msgspec.json.decode(fields.get("stats") or "{}")
-            if isinstance(decoded, dict):
-                stats = {
-                    str(k): float(v)
-                    for k, v in decoded.items()
-                    if isinstance(v, int | float) and not isinstance(v, bool)
-                }
+        with contextlib.suppress(msgspec.DecodeError):  # a corrupt record shows no stats
+            # Numbers are shown; a scalar of another kind (a note) is left out.
+            raw_stats = msgspec.json.decode(fields.get("stats") or "{}", type=_RecordStats)
+            stats = {k: v for k, v in raw_stats.items() if isinstance(v, float)}
         path = fields.get("path", "")
         return _json(
             TokenizerInfo(

@@ -21,7 +21,7 @@ import msgspec
 from actors.runtime.pool import PoolActor
 from actors.runtime.streams import Context, Outcome, answer
 from protocol.commands import Base, ModelChat, ModelEvaluate, ModelGenerate, ModelScore
-from protocol.events import EvalCompleted
+from protocol.events import ArtifactPointer, EvalCompleted
 from trainer.errors import UserError
 
 # The service evaluates on the first lines of a split up to this many tokens: enough for a
@@ -142,24 +142,24 @@ class EvaluatorActor(PoolActor):
         raw = await ctx.redis.hget(ctx.keys.run(run_id), "artifact")
         if not raw:
             raise UserError(f"run {run_id!r} has no model on this machine and no artifact")
-        pointer = msgspec.json.decode(raw, type=dict[str, str | int])
+        pointer = msgspec.json.decode(raw, type=ArtifactPointer)
         archive = await self.fetch(pointer, ctx)
         ctx.log.info("unpacking the run's artifact", archive=str(archive))
         await self.pool.run(unpack, str(archive), str(run_dir))
         return run_dir
 
-    async def fetch(self, pointer: dict[str, str | int], ctx: Context) -> Path:
+    async def fetch(self, pointer: ArtifactPointer, ctx: Context) -> Path:
         s = self.settings
-        if pointer.get("storage") == "local":
-            uri = urllib.parse.urlparse(str(pointer.get("uri", "")))
+        if pointer.storage == "local":
+            uri = urllib.parse.urlparse(pointer.uri)
             path = Path(urllib.request.url2pathname(uri.path))
             if not path.is_file():
                 raise UserError(f"the run's local artifact {path} is missing")
             return path
         from actors.workers.databank import fetch
 
-        sha = str(pointer.get("sha256") or "") or None
-        return await fetch(s, str(pointer.get("file_id", "")), ".tar.gz", sha, "the run's model")
+        sha = pointer.sha256 or None
+        return await fetch(s, pointer.file_id, ".tar.gz", sha, "the run's model")
 
 
 def unpack(archive: str, run_dir: str) -> None:

@@ -48,6 +48,7 @@ from actors.runtime.streams import GroupReader, Redis, connect, keep_alive
 from protocol.codec import FIELD, decode_event
 from protocol.events import (
     AnyEvent,
+    ArtifactPointer,
     ArtifactStored,
     CancelRequested,
     CommandDuplicate,
@@ -198,7 +199,7 @@ class RunView:
     val_loss: float | None = None
     test_loss: float | None = None
     test_ppl: float | None = None
-    artifact: dict[str, object] | None = None
+    artifact: ArtifactPointer | None = None
 
     @property
     def final(self) -> bool:
@@ -317,26 +318,20 @@ class Translator:
                 view.message = f"evaluated on {event.split or 'test'}{loss}"
                 return [self._progress(view, done="evaluator")]
             case ArtifactStored():
-                view.artifact = {
-                    "storage": event.storage,
-                    "uri": event.uri,
-                    "file_id": event.file_id,
-                    "size": event.size,
-                }
+                view.artifact = event.pointer()
                 view.message = f"artifact stored ({event.storage}, {event.size:,} bytes)"
                 return [self._progress(view, done="uploader")]
             case RunCompleted():
                 view.status, view.progress = "completed", 100
                 view.message = event.message or "completed"
-                art = view.artifact or {}
-                result = str(art.get("file_id") or art.get("uri") or view.run_id)
-                size = art.get("size")
+                art = view.artifact
+                result = (art.file_id or art.uri if art else "") or view.run_id
                 return [
                     JobCompleted(
                         job_id=rid,
                         user_id=uid,
                         result_id=result,
-                        result_bytes=size if isinstance(size, int) else 0,
+                        result_bytes=art.size if art else 0,
                     )
                 ]
             case RunFailed():
@@ -449,7 +444,7 @@ def embed(view: RunView) -> dict[str, object]:
         if value is not None:
             fields.append((name, f"{value:.4f}"))
     if view.artifact:
-        fields.append(("Artifact", str(view.artifact.get("file_id") or view.artifact.get("uri"))))
+        fields.append(("Artifact", view.artifact.file_id or view.artifact.uri))
     return {
         "title": f"Run {view.run_id}"[:256],
         "description": view.message[:4000],
@@ -519,14 +514,18 @@ class Discord:
         )
 
 
+class _RateLimited(msgspec.Struct):
+    """Discord's 429 body (the part we read)."""
+
+    retry_after: float | None = None
+
+
 def _retry_after(body: bytes, header: str | None) -> float:
     """Seconds to wait after a 429: the body's `retry_after`, else the Retry-After header."""
     with contextlib.suppress(msgspec.DecodeError):
-        decoded = msgspec.json.decode(body)
-        if isinstance(decoded, dict):
-            value = decoded.get("retry_after")
-            if isinstance(value, int | float) and math.isfinite(value):
-                return max(0.0, float(value))
+        value = msgspec.json.decode(body, type=_RateLimited).retry_after
+        if value is not None and math.isfinite(value):
+            return max(0.0, value)
     if header:
         with contextlib.suppress(ValueError):
             return max(0.0, float(header))
@@ -735,16 +734,15 @@ class Notifier:
             await pipe.execute()
         self._last_id = entries[-1][0]
 
-    async def _stored_pointer(self, run_id: str) -> dict[str, object] | None:
+    async def _stored_pointer(self, run_id: str) -> ArtifactPointer | None:
         """The artifact pointer from the run state (an artifact event this notifier missed)."""
         raw = await self.redis.hget(self.keys.run(run_id), "artifact")
         if not raw:
             return None
         try:
-            pointer = msgspec.json.decode(raw)
-        except msgspec.DecodeError:
+            return msgspec.json.decode(raw, type=ArtifactPointer)
+        except msgspec.DecodeError:  # also a pointer of the wrong shape (ValidationError)
             return None
-        return pointer if isinstance(pointer, dict) else None
 
 
 async def run_notifier(

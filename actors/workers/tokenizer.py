@@ -5,7 +5,6 @@ stores the tokenizer under tokenizers/<tokenizer_id>/ with its stats; the record
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -72,7 +71,7 @@ class TokenizerActor(PoolActor):
         except Exception as e:  # recorded, then handled by the runtime's error policy
             await ctx.redis.hset(record, mapping={"status": "failed", "message": str(e)})
             raise
-        numbers = {k: float(v) for k, v in asdict(stats).items() if isinstance(v, int | float)}
+        numbers = msgspec.convert(msgspec.to_builtins(stats), dict[str, float])
         ready = TokenizerReady(
             tokenizer_id=cmd.tokenizer_id, tokenizer_kind=cmd.tokenizer_kind, stats=numbers
         )

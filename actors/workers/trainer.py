@@ -32,13 +32,46 @@ from protocol.commands import Base, ModelTrain
 from protocol.events import TrainCompleted, TrainProgress, TrainStarted
 from trainer.config import TrainConfig
 from trainer.errors import UserError
+from trainer.report import Progress, StartInfo, TrainResult
 
 PROGRESS_EVERY_S = 1.0  # events; the notifier rate-limits further for chat clients
 CANCEL_CHECK_S = 0.5  # the child sees a cancel within this plus one training step
 
-# Messages from the child: ("progress", dict) | ("result", dict) | ("user_error", str)
-# | ("error", str, traceback)
-Message = tuple[str, dict[str, object]] | tuple[str, str] | tuple[str, str, str]
+
+# Messages from the training child, msgpack-encoded on the queue (msgpack keeps NaN/inf; the
+# events clamp them, see _finite).
+class ChildStarted(msgspec.Struct, tag="started"):
+    info: StartInfo
+
+
+class ChildProgress(msgspec.Struct, tag="progress"):
+    progress: Progress
+
+
+class ChildResult(msgspec.Struct, tag="result"):
+    result: TrainResult  # without the loss curves: they are in metrics.jsonl
+
+
+class ChildUserError(msgspec.Struct, tag="user_error"):
+    message: str
+
+
+class ChildError(msgspec.Struct, tag="error"):
+    message: str
+    traceback: str
+
+
+ChildMessage = ChildStarted | ChildProgress | ChildResult | ChildUserError | ChildError
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(ChildMessage)
+
+
+def encode_message(msg: ChildMessage) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_message(data: bytes) -> ChildMessage:
+    return _decoder.decode(data)
 
 
 @dataclass(frozen=True)
@@ -67,23 +100,18 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def train_child(job: TrainJob, out: Queue[Message]) -> None:
+def train_child(job: TrainJob, out: Queue[bytes]) -> None:
     """Entry point of the child process."""
-    from dataclasses import asdict
-
     _exit_with_parent()
 
-    from trainer.train import Progress, StartInfo, train
+    from trainer.train import train
 
     cancel, stop = CancelFlag(Path(job.cancel_path)), CancelFlag(Path(job.stop_path))
     # torch.compile's cache inside the data dir: a later run of the same shape compiles fast.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", job.inductor_cache)
 
-    def on_progress(p: Progress) -> None:
-        out.put(("progress", asdict(p)))
-
-    def on_start(info: StartInfo) -> None:
-        out.put(("started", asdict(info)))
+    def send(msg: ChildMessage) -> None:
+        out.put(encode_message(msg))
 
     try:
         result = train(
@@ -91,23 +119,20 @@ def train_child(job: TrainJob, out: Queue[Message]) -> None:
             Path(job.corpus_dir),
             Path(job.tokenizer_dir),
             Path(job.run_dir),
-            on_progress=on_progress,
-            on_start=on_start,
+            on_progress=lambda p: send(ChildProgress(p)),
+            on_start=lambda info: send(ChildStarted(info)),
             should_stop=lambda: cancel.is_set() or stop.is_set(),
         )
-        summary = asdict(result)
-        summary.pop("losses", None)  # the full curve is in metrics.jsonl
-        summary.pop("val_history", None)
-        out.put(("result", summary))
+        send(ChildResult(msgspec.structs.replace(result, losses=[], val_history=[])))
     except UserError as e:
-        out.put(("user_error", str(e)))
+        send(ChildUserError(str(e)))
     except BaseException as e:
-        out.put(("error", f"{type(e).__name__}: {e}", traceback.format_exc()))
+        send(ChildError(f"{type(e).__name__}: {e}", traceback.format_exc()))
 
 
-def _get(q: Queue[Message], timeout: float) -> Message | None:
+def _get(q: Queue[bytes], timeout: float) -> ChildMessage | None:
     try:
-        return q.get(timeout=timeout)
+        return decode_message(q.get(timeout=timeout))
     except queue_mod.Empty:
         return None
 
@@ -129,19 +154,8 @@ def _finite(x: float) -> float:
     )
 
 
-def _float(d: dict[str, object], key: str) -> float:
-    v = d.get(key)
-    return _finite(float(v)) if isinstance(v, int | float) else 0.0
-
-
-def _opt_float(d: dict[str, object], key: str) -> float | None:
-    v = d.get(key)
-    return _finite(float(v)) if isinstance(v, int | float) else None
-
-
-def _int(d: dict[str, object], key: str) -> int:
-    v = d.get(key)
-    return int(v) if isinstance(v, int | float) else 0
+def _opt_finite(x: float | None) -> float | None:
+    return None if x is None else _finite(x)
 
 
 def train_config(cmd: ModelTrain, pretrained: str | None = None) -> TrainConfig:
@@ -205,7 +219,7 @@ class TrainerActor(Actor):
             raise Cancelled("cancelled before training started")
         cancel.clear()
         mp = multiprocessing.get_context("spawn")
-        out: Queue[Message] = mp.Queue()
+        out: Queue[bytes] = mp.Queue()
         child = mp.Process(target=train_child, args=(job, out), name=f"train-{cmd.run_id}")
         child.start()
         ctx.log.info("training child started", pid=child.pid)
@@ -214,37 +228,22 @@ class TrainerActor(Actor):
         finally:
             await _stop_child(child, stop)
             stop.clear()
-        if result.get("status") == "cancelled":
-            raise Cancelled(f"cancelled at step {_int(result, 'steps')}; checkpoint kept")
+        if result.status == "cancelled":
+            raise Cancelled(f"cancelled at step {result.steps}; checkpoint kept")
         cancel.clear()
-        return Outcome(
-            events=[
-                TrainCompleted(
-                    status=str(result.get("status", "completed")),
-                    steps=_int(result, "steps"),
-                    tokens=_int(result, "tokens"),
-                    train_loss=_opt_float(result, "train_loss"),
-                    val_loss=_opt_float(result, "val_loss"),
-                    test_loss=_opt_float(result, "test_loss"),
-                    test_ppl=_opt_float(result, "test_ppl"),
-                    best_step=_int(result, "best_step"),
-                    early_stopped=result.get("status") == "early_stopped",
-                    tokens_per_s=_float(result, "tokens_per_s"),
-                )
-            ]
-        )
+        return Outcome(events=[completed_event(result)])
 
     async def follow(
         self,
         cmd: ModelTrain,
         ctx: Context,
         child: multiprocessing.process.BaseProcess,
-        out: Queue[Message],
+        out: Queue[bytes],
         cancel: CancelFlag,
-    ) -> dict[str, object]:
+    ) -> TrainResult:
         """Forward progress until the child reports its result; watch the cancel flag."""
         last_emit = last_cancel_check = 0.0
-        pending: dict[str, object] | None = None
+        pending: Progress | None = None
         while True:
             msg = await asyncio.to_thread(_get, out, CANCEL_CHECK_S)
             # The flag is polled on a clock, not per message: progress arrives every step.
@@ -255,7 +254,7 @@ class TrainerActor(Actor):
                     cancel.set()
             if msg is None:
                 if pending is not None and time.monotonic() - last_emit >= PROGRESS_EVERY_S:
-                    await ctx.emit(_progress_event(pending))
+                    await ctx.emit(progress_event(pending))
                     last_emit, pending = time.monotonic(), None
                 if not child.is_alive():
                     msg = _get(out, 0.1)
@@ -264,62 +263,74 @@ class TrainerActor(Actor):
                 else:
                     continue
             match msg:
-                case ("started", dict() as info):
-                    await ctx.emit(_started_event(cmd, info))
-                    if resumed := _int(info, "resumed_from_step"):
-                        ctx.log.info("resumed from checkpoint", step=resumed)
-                case ("progress", dict() as p):
-                    validated = p.get("val_loss") is not None
-                    if validated or time.monotonic() - last_emit >= PROGRESS_EVERY_S:
-                        await ctx.emit(_progress_event(p))
+                case ChildStarted(info=info):
+                    await ctx.emit(started_event(cmd, info))
+                    if info.resumed_from_step:
+                        ctx.log.info("resumed from checkpoint", step=info.resumed_from_step)
+                case ChildProgress(progress=p):
+                    if p.val_loss is not None or time.monotonic() - last_emit >= PROGRESS_EVERY_S:
+                        await ctx.emit(progress_event(p))
                         last_emit, pending = time.monotonic(), None
                     else:
                         pending = p
-                case ("result", dict() as result):
+                case ChildResult(result=result):
                     if pending is not None:
-                        await ctx.emit(_progress_event(pending))
+                        await ctx.emit(progress_event(pending))
                     return result
-                case ("user_error", str() as message):
+                case ChildUserError(message=message):
                     raise UserError(message)
-                case ("error", str() as message, str() as tb):
+                case ChildError(message=message, traceback=tb):
                     ctx.log.error("training failed", error=message, traceback=tb[-2000:])
                     raise RuntimeError(message)
-                case _:
-                    raise RuntimeError(f"unexpected message from the training child: {msg!r}")
 
 
-def _started_event(cmd: ModelTrain, info: dict[str, object]) -> TrainStarted:
+def started_event(cmd: ModelTrain, info: StartInfo) -> TrainStarted:
     """What was asked for, and what the child resolved (device, precision, sizes)."""
     return TrainStarted(
         model_family=cmd.model_family,
         model_size=cmd.model_size,
-        total_epochs=_int(info, "total_epochs"),
-        total_steps=_int(info, "total_steps"),
+        total_epochs=info.total_epochs,
+        total_steps=info.total_steps,
         batch_size=cmd.batch_size,
         learning_rate=cmd.learning_rate,
         threads=cmd.threads or (os.cpu_count() or 1),
         cpu_cores=os.cpu_count() or 1,
         memory_mb=_memory_mb(),
-        device=str(info.get("device", cmd.device)),
-        precision=str(info.get("precision", cmd.precision)),
-        parameters=_int(info, "parameters"),
-        resumed_from_step=_int(info, "resumed_from_step"),
+        device=info.device,
+        precision=info.precision,
+        parameters=info.parameters,
+        resumed_from_step=info.resumed_from_step,
     )
 
 
-def _progress_event(p: dict[str, object]) -> TrainProgress:
+def progress_event(p: Progress) -> TrainProgress:
     return TrainProgress(
-        step=_int(p, "step"),
-        epoch=_int(p, "epoch"),
-        total_epochs=_int(p, "total_epochs"),
-        total_steps=_int(p, "total_steps"),
-        loss=_float(p, "loss"),
-        lr=_float(p, "lr"),
-        grad_norm=_float(p, "grad_norm"),
-        tokens_per_s=_float(p, "tokens_per_s"),
-        samples_per_s=_float(p, "samples_per_s"),
-        val_loss=_opt_float(p, "val_loss"),
-        val_ppl=_opt_float(p, "val_ppl"),
+        step=p.step,
+        epoch=p.epoch,
+        total_epochs=p.total_epochs,
+        total_steps=p.total_steps,
+        loss=_finite(p.loss),
+        lr=_finite(p.lr),
+        grad_norm=_finite(p.grad_norm),
+        tokens_per_s=_finite(p.tokens_per_s),
+        samples_per_s=_finite(p.samples_per_s),
+        val_loss=_opt_finite(p.val_loss),
+        val_ppl=_opt_finite(p.val_ppl),
+    )
+
+
+def completed_event(result: TrainResult) -> TrainCompleted:
+    return TrainCompleted(
+        status=result.status,
+        steps=result.steps,
+        tokens=result.tokens,
+        train_loss=_opt_finite(result.train_loss),
+        val_loss=_opt_finite(result.val_loss),
+        test_loss=_opt_finite(result.test_loss),
+        test_ppl=_opt_finite(result.test_ppl),
+        best_step=result.best_step or 0,
+        early_stopped=result.status == "early_stopped",
+        tokens_per_s=_finite(result.tokens_per_s),
     )
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
-import json
 import os
 import secrets
 import tarfile
@@ -31,8 +30,9 @@ from actors.runtime.pool import PoolActor
 from actors.runtime.streams import Context, Outcome
 from actors.workers import databank
 from protocol.commands import ArtifactUpload, Base
-from protocol.events import ArtifactStored
+from protocol.events import ArtifactPointer, ArtifactStored
 from trainer.errors import UserError
+from trainer.jsonfile import dumps, from_json, load_json
 
 CONTENT_TYPE = "application/gzip"
 MANIFEST = "manifest.json"
@@ -115,23 +115,20 @@ def build_archive(src_dir: str, dest: str, arc_root: str, exclude: list[str]) ->
     return Archive(path=str(out), size=sink.size, sha256=sink.digest.hexdigest())
 
 
-def record_in_manifest(run_dir: Path, pointer: dict[str, object]) -> bool:
+def record_in_manifest(run_dir: Path, pointer: ArtifactPointer) -> bool:
     """Read-modify-write run_dir/manifest.json with the pointer under "artifact", atomically.
 
-    Creates the manifest when the run dir has none; does nothing (False) without a run dir."""
+    Creates the manifest when the run dir has none; does nothing (False) without a run dir.
+    The rest of the manifest is kept as it is (the trainer owns its shape)."""
     if not run_dir.is_dir():
         return False
     path = run_dir / MANIFEST
     manifest: dict[str, object] = {}
     if path.is_file():
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path} is not a JSON object")
-        manifest = raw
+        manifest = from_json(load_json(path), dict[str, object], path)
     manifest["artifact"] = pointer
     tmp = run_dir / f".{MANIFEST}.tmp-{secrets.token_hex(4)}"
-    # allow_nan like trainer.manifest: a diverged loss stays readable by Python's json.
-    tmp.write_text(json.dumps(manifest, indent=2, allow_nan=True) + "\n", encoding="utf-8")
+    tmp.write_text(dumps(manifest), encoding="utf-8")  # NaN/inf kept, as trainer.manifest does
     os.replace(tmp, path)
     return True
 
@@ -208,15 +205,7 @@ class UploaderActor(PoolActor):
                 size=archive.size,
                 sha256=archive.sha256,
             )
-        pointer: dict[str, object] = {
-            "storage": event.storage,
-            "target": event.target,
-            "uri": event.uri,
-            "file_id": event.file_id,
-            "size": event.size,
-            "sha256": event.sha256,
-        }
-        await asyncio.to_thread(record_in_manifest, s.run_dir(cmd.run_id), pointer)
+        await asyncio.to_thread(record_in_manifest, s.run_dir(cmd.run_id), event.pointer())
         return Outcome(events=[event])
 
     async def send(self, archive: Archive, url: str, key: str) -> databank.DataBankFile:
