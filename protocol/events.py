@@ -190,3 +190,9 @@ AnyEvent = (
 
 def event_kind(event: Event) -> str:
     return str(type(event).__struct_config__.tag)
+
+
+TERMINAL_STATUSES: frozenset[RunStatus] = frozenset({"completed", "failed", "cancelled"})
+TERMINAL_KINDS: frozenset[str] = frozenset(
+    str(t.__struct_config__.tag) for t in (RunCompleted, RunFailed, RunCancelled)
+)

@@ -18,11 +18,12 @@ from aiohttp import web
 
 from actors.runtime.config import Settings
 from actors.web.app import bound_url, create_app
+from actors.web.curves import Curves
 from actors.web.dashboard import STATIC_DIR, STATIC_FILES, add_routes
 from protocol.events import AnyEvent
 from protocol.keys import Keys
-from protocol.requests import GenerateRequest, TokenizerTrainRequest, TrainRequest
-from protocol.state import RunState
+from protocol.requests import HTTP_NAMES, GenerateRequest, TokenizerTrainRequest, TrainRequest
+from protocol.state import RunState, StepView
 from tests.http_helpers import read_sse
 from trainer.corpus import NAMED_CORPORA
 
@@ -157,6 +158,8 @@ RUN_FIELDS = (
     "run_id",
     "status",
     "step",
+    "steps",
+    "chain",
     "model_family",
     "model_size",
     "corpus",
@@ -167,31 +170,28 @@ RUN_FIELDS = (
     "total_steps",
     "loss",
     "val_loss",
+    "lr",
     "tokens_per_s",
+    "parameters",
+    "device",
+    "precision",
     "message",
+    "cancel_requested",
     "attempt",
     "created_at",
     "started_at",
     "ended_at",
     "artifact",
+    "corpus_ready",
+    "tokenizer_ready",
+    "train_completed",
 )
+STEP_FIELDS = ("state", "attempt", "duration_s", "error")
+CURVES_FIELDS = ("train_loss", "val_loss", "lr", "tokens_per_s", "last")
+# The events the view keeps whole (corpus_ready, tokenizer_ready, train_completed).
 EVENT_FIELDS: dict[str, tuple[str, ...]] = {
-    "run.queued": ("steps",),
-    "step.started": ("step", "attempt", "at"),
-    "step.completed": ("step", "duration_s"),
     "corpus.ready": ("corpus_id", "chars", "lines"),
     "tokenizer.ready": ("tokenizer_id", "tokenizer_kind", "stats"),
-    "train.started": ("total_steps", "parameters", "device", "precision"),
-    "train.progress": (
-        "step",
-        "epoch",
-        "total_epochs",
-        "total_steps",
-        "loss",
-        "lr",
-        "tokens_per_s",
-        "val_loss",
-    ),
     "train.completed": (
         "status",
         "steps",
@@ -204,10 +204,6 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
         "early_stopped",
         "tokens_per_s",
     ),
-    "eval.completed": ("request_id",),
-    "artifact.stored": ("storage", "target", "uri", "file_id", "size", "sha256"),
-    "run.failed": ("step", "message"),
-    "run.cancelled": ("step",),
 }
 
 
@@ -228,6 +224,15 @@ def test_the_event_fields_the_page_reads_exist() -> None:
         fields = {f.name for f in msgspec.structs.fields(types[kind])}
         assert set(names) <= fields, kind
     assert set(RUN_FIELDS) <= {f.name for f in msgspec.structs.fields(RunState)}
+    assert set(STEP_FIELDS) <= {f.name for f in msgspec.structs.fields(StepView)}
+    assert set(CURVES_FIELDS) <= {f.name for f in msgspec.structs.fields(Curves)}
+
+
+def test_the_page_reduces_no_events() -> None:
+    """The server reduces the events (the view, the curves); the page only re-fetches."""
+    assert "/curves" in APP_JS
+    assert "JSON.parse(msg.data)" not in APP_JS
+    assert not re.search(r"case \"(run|train|step)\.", APP_JS)
 
 
 async def test_runs_and_run_and_events_have_what_the_page_reads(
@@ -246,7 +251,11 @@ async def test_runs_and_run_and_events_have_what_the_page_reads(
     assert (row["status"], row["model_family"], row["model_size"]) == ("queued", "gpt2", "tiny")
     assert row["corpus"] == "tiny.txt"
     async with client.get(f"/runs/{run_id}") as resp:
-        assert set(RUN_FIELDS) <= set(await resp.json())
+        run = await resp.json()
+    assert set(RUN_FIELDS) <= set(run)
+    assert run["steps"] == ["ingest", "tokenizer", "trainer", "evaluator", "uploader"]
+    async with client.get(f"/runs/{run_id}/curves") as resp:
+        assert set(CURVES_FIELDS) <= set(await resp.json())
     async with client.get(f"/runs/{run_id}/events?follow=false") as resp:
         assert resp.content_type == "text/event-stream"
         messages = await read_sse(resp)
@@ -335,6 +344,18 @@ def _unwrap(typ: object) -> list[object]:
     return [typ]
 
 
+def _flat_types(request_type: type[msgspec.Struct]) -> dict[str, object]:
+    """The body's fields and their types; a grouped request's groups side by side, as sent."""
+    out: dict[str, object] = {}
+    for f in msgspec.structs.fields(request_type):
+        if isinstance(f.type, type) and issubclass(f.type, msgspec.Struct):
+            for g in msgspec.structs.fields(f.type):
+                out.setdefault(HTTP_NAMES.get(g.name, g.name), g.type)
+        else:
+            out[f.name] = f.type
+    return out
+
+
 @pytest.mark.parametrize(
     ("form_id", "request_type"),
     [
@@ -349,7 +370,7 @@ def test_form_inputs_match_the_request_fields(
     """Each input is named after a field of the request, with its type; a select offers
     exactly the values of the field's Literal."""
     inputs = _parse_forms()[form_id]
-    fields = {f.name: f.type for f in msgspec.structs.fields(request_type)}
+    fields = _flat_types(request_type)
     assert inputs, form_id
     for name, (data_type, options) in inputs.items():
         assert name in fields, f"{form_id}: {name} is not a field of {request_type.__name__}"

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from actors.runtime.streams import Redis, connect
 from protocol.codec import FIELD, decode_event
 from protocol.events import (
+    TERMINAL_KINDS,
     AnyEvent,
     ArtifactStored,
     CancelRequested,
@@ -38,11 +39,10 @@ from protocol.events import (
     TrainStarted,
     event_kind,
 )
+from protocol.events import TERMINAL_STATUSES as TERMINAL_STATUSES  # the CLI reads it here
 from protocol.keys import Keys
-from protocol.state import RunState
+from protocol.state import RunState, apply
 
-TERMINAL_KINDS = frozenset({"run.completed", "run.failed", "run.cancelled"})
-TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 # The history of a run starts at its run.queued event; event ids are the server's clock and
 # created_at the submitter's, so the scan starts this much earlier to allow for clock skew.
 HISTORY_MARGIN_S = 3600.0
@@ -202,7 +202,7 @@ async def watch(url: str, redis: Redis, keys: Keys, run_id: str, renderer: Rende
     return await run_state(redis, keys, run_id)
 
 
-# ------------------------------------------------------------------------- the view model
+# ------------------------------------------------------------------- what a terminal shows
 def duration(seconds: float) -> str:
     s = round(seconds)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -210,62 +210,61 @@ def duration(seconds: float) -> str:
 
 @dataclass
 class RunView:
-    """What the watcher knows of the run, from its events only."""
+    """The run's shared view (protocol.state) and what only the watcher adds: an ETA."""
 
-    run_id: str = ""
-    steps: list[str] = field(default_factory=list)
-    step: str = ""
-    steps_done: int = 0
-    status: str = "queued"
-    epoch: int = 0
-    total_epochs: int = 0
-    train_step: int = 0
-    total_steps: int = 0
-    loss: float | None = None
-    val_loss: float | None = None
-    tokens_per_s: float = 0.0
+    state: RunState = field(default_factory=lambda: RunState(run_id=""))
     eta_s: float | None = None
-    message: str = ""
     # (event time, step) where the current training rate is measured from
     origin: tuple[float, int] | None = None
 
     @property
     def chain_label(self) -> str:
-        if not self.step:
+        step, steps = self.state.step, self.state.steps
+        if not step:
             return "waiting"
-        if self.step in self.steps:
-            return f"{self.step} ({self.steps.index(self.step) + 1}/{len(self.steps)})"
-        return self.step
+        if step in steps:
+            return f"{step} ({steps.index(step) + 1}/{len(steps)})"
+        return step
 
     def progress_line(self) -> str:
-        parts = [f"step {self.train_step}/{self.total_steps or '?'}"]
-        if self.total_epochs:
-            parts.append(f"epoch {self.epoch}/{self.total_epochs}")
-        if self.loss is not None:
-            parts.append(f"loss {self.loss:.4f}")
-        if self.val_loss is not None:
-            parts.append(f"val {self.val_loss:.4f}")
-        if self.tokens_per_s:
-            parts.append(f"{self.tokens_per_s:,.0f} tok/s")
+        s = self.state
+        parts = [f"step {s.train_step}/{s.total_steps or '?'}"]
+        if s.total_epochs:
+            parts.append(f"epoch {s.epoch}/{s.total_epochs}")
+        if s.loss is not None:
+            parts.append(f"loss {s.loss:.4f}")
+        if s.val_loss is not None:
+            parts.append(f"val {s.val_loss:.4f}")
+        if s.tokens_per_s:
+            parts.append(f"{s.tokens_per_s:,.0f} tok/s")
         if self.eta_s is not None:
             parts.append(f"ETA {duration(self.eta_s)}")
         return " | ".join(parts)
 
     def apply(self, event: AnyEvent) -> str | None:
         """Update from one event; a line worth showing on its own, or None (plain progress)."""
-        self.run_id = self.run_id or event.run_id
+        if not self.state.run_id:
+            self.state = RunState(run_id=event.run_id)
+        self.state = apply(self.state, event)
+        match event:
+            case TrainStarted():
+                self.origin, self.eta_s = None, None  # measured from the first step on
+            case TrainProgress():
+                self._eta(event)
+            case TrainCompleted():
+                self.eta_s = 0.0
+            case _:
+                pass
+        return self.line(event)
+
+    def line(self, event: AnyEvent) -> str | None:
         match event:
             case RunQueued():
-                self.steps = [str(s) for s in event.steps]
-                return "queued: " + " → ".join(self.steps)
+                return "queued: " + " → ".join(event.steps)
             case StepStarted():
-                self.step, self.status = event.step, "running"
                 again = f" (attempt {event.attempt})" if event.attempt > 1 else ""
                 return f"{self.chain_label} started{again}"
             case StepCompleted():
-                self.step = event.step
-                if event.step in self.steps:
-                    self.steps_done = max(self.steps_done, self.steps.index(event.step) + 1)
                 return f"{self.chain_label} done in {event.duration_s:.1f}s"
             case CommandDuplicate():
                 return f"{event.step}: duplicate delivery of {event.command_id} acknowledged"
@@ -276,9 +275,6 @@ class RunView:
                 stats = ", ".join(f"{k} {v:g}" for k, v in sorted(event.stats.items())[:6])
                 return f"tokenizer ready: {event.tokenizer_kind} {event.tokenizer_id} {stats}"
             case TrainStarted():
-                self.total_epochs, self.total_steps = event.total_epochs, event.total_steps
-                self.train_step = event.resumed_from_step
-                self.origin, self.eta_s = None, None  # measured from the first step on
                 facts = [
                     f"{event.parameters:,} parameters" if event.parameters else "",
                     f"{event.total_epochs} epochs",
@@ -292,14 +288,11 @@ class RunView:
                     f for f in facts if f
                 )
             case TrainProgress():
-                self._progress(event)
                 if event.val_loss is not None:
                     ppl = f" (ppl {event.val_ppl:.2f})" if event.val_ppl is not None else ""
                     return f"validation at step {event.step}: val_loss {event.val_loss:.4f}{ppl}"
                 return None
             case TrainCompleted():
-                self.train_step = event.steps or self.train_step
-                self.eta_s = 0.0
                 done = f"training {event.status}: {event.steps} steps"
                 for name in ("train_loss", "val_loss", "test_loss", "test_ppl"):
                     value = getattr(event, name)
@@ -319,32 +312,21 @@ class RunView:
             case CancelRequested():
                 return "cancel requested"
             case RunCompleted():
-                self.status, self.message = "completed", event.message
-                self.steps_done = len(self.steps)
                 return f"run completed{': ' + event.message if event.message else ''}"
             case RunFailed():
-                self.status, self.message = "failed", event.message
                 return f"run failed in {event.step} ({event.error_kind} error): {event.message}"
             case RunCancelled():
-                self.status, self.message = "cancelled", event.message
                 return f"run cancelled{': ' + event.message if event.message else ''}"
-        return None
 
-    def _progress(self, event: TrainProgress) -> None:
-        self.train_step, self.epoch = event.step, event.epoch
-        self.total_epochs = event.total_epochs or self.total_epochs
-        self.total_steps = event.total_steps or self.total_steps
-        self.loss = event.loss
-        if event.val_loss is not None:
-            self.val_loss = event.val_loss
-        self.tokens_per_s = event.tokens_per_s
+    def _eta(self, event: TrainProgress) -> None:
         if self.origin is None:
             self.origin = (event.at, event.step)
             return
         t0, s0 = self.origin
-        if event.at > t0 and event.step > s0 and self.total_steps:
+        total = self.state.total_steps
+        if event.at > t0 and event.step > s0 and total:
             rate = (event.step - s0) / (event.at - t0)
-            self.eta_s = max(0.0, (self.total_steps - event.step) / rate)
+            self.eta_s = max(0.0, (total - event.step) / rate)
 
 
 # ---------------------------------------------------------------------------- renderers
@@ -376,7 +358,7 @@ class PlainRenderer:
             self._print(line, event)
 
     def _print(self, line: str, event: AnyEvent) -> None:
-        print(f"[{event.run_id or self.view.run_id}] {line}", file=self.out, flush=True)
+        print(f"[{event.run_id or self.view.state.run_id}] {line}", file=self.out, flush=True)
 
     def close(self) -> None:
         return None
@@ -402,21 +384,22 @@ class RichRenderer:
     def update(self, event: AnyEvent) -> None:
         view = self.view
         line = view.apply(event)
+        state = view.state
         if line is not None:
             self.progress.console.print(line, markup=False, highlight=False)
         self.progress.update(
             self.chain,
-            total=len(view.steps) or None,
-            completed=view.steps_done,
-            info=f"{view.status}: {view.chain_label}",
+            total=len(state.steps) or None,
+            completed=state.steps_done,
+            info=f"{state.status}: {view.chain_label}",
         )
         if isinstance(event, TrainStarted) and self.train is None:
-            self.train = self.progress.add_task("train", total=view.total_steps or None, info="")
+            self.train = self.progress.add_task("train", total=state.total_steps or None, info="")
         if self.train is not None:
             self.progress.update(
                 self.train,
-                total=view.total_steps or None,
-                completed=view.train_step,
+                total=state.total_steps or None,
+                completed=state.train_step,
                 info=view.progress_line(),
             )
 

@@ -39,6 +39,7 @@ from actors.client.submit import new_id, plan_tokenizer, plan_train, submit
 from actors.runtime import log
 from actors.runtime.config import Settings
 from actors.runtime.streams import Redis, add_command, add_event, connect, request_kind
+from actors.web import curves
 from actors.web.dashboard import add_routes as add_dashboard
 from actors.web.openapi import Operation, Param, Reply, build
 from protocol.codec import FIELD
@@ -1222,6 +1223,17 @@ ROUTES: tuple[tuple[Operation, Handler], ...] = (
             errors=(401, 404, 422),
         ),
         stream_events,
+    ),
+    (
+        Operation(
+            "GET",
+            "/runs/{id}/curves",
+            "the run's training curves: [step, value] points from its recorded events",
+            (Reply(200, "train loss, validation loss, lr and tokens/s by step", curves.Curves),),
+            params=(curves.AFTER,),
+            errors=(401, 404),
+        ),
+        curves.handler(_run, lambda app: (app[REDIS], app[KEYS])),
     ),
     (
         Operation(

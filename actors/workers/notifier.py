@@ -47,6 +47,7 @@ from actors.runtime.config import Settings
 from actors.runtime.streams import GroupReader, Redis, connect, keep_alive
 from protocol.codec import FIELD, decode_event
 from protocol.events import (
+    TERMINAL_STATUSES,
     AnyEvent,
     ArtifactPointer,
     ArtifactStored,
@@ -68,6 +69,7 @@ from protocol.events import (
     TrainStarted,
 )
 from protocol.keys import Keys
+from protocol.state import RunState, apply
 
 GROUP = "notifier"
 PROGRESS_SHARE: dict[str, tuple[int, int]] = {
@@ -179,31 +181,42 @@ def percent(step: str, fraction: float) -> int:
 
 
 # ------------------------------------------------------------------ per-run view
+_pointer = msgspec.json.Decoder(ArtifactPointer)
+
+
+def pointer_of(state: RunState) -> ArtifactPointer | None:
+    """The run's artifact pointer (RunState.artifact holds it as JSON)."""
+    if not state.artifact:
+        return None
+    try:
+        return _pointer.decode(state.artifact)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
 @dataclass
 class RunView:
-    """What the notifier knows of one run; the Discord card is drawn from it."""
+    """One run as the bot sees it: the run's shared view (protocol.state, reduced by the one
+    rule) and what only the bot's contract adds: the percent done, the text of its progress
+    messages and the rate limit of its progress pairs."""
 
-    run_id: str
-    user_id: int = 0
-    status: str = "queued"
-    step: str = ""
+    state: RunState
     progress: int = 0
     message: str = "queued"
     started: bool = False
     last_progress_at: float | None = None
-    epoch: int = 0
-    total_epochs: int = 0
-    train_step: int = 0
-    total_steps: int = 0
-    loss: float | None = None
-    val_loss: float | None = None
-    test_loss: float | None = None
-    test_ppl: float | None = None
-    artifact: ArtifactPointer | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.state.run_id
+
+    @property
+    def user_id(self) -> int:
+        return self.state.user_id
 
     @property
     def final(self) -> bool:
-        return self.status in ("completed", "failed", "cancelled")
+        return self.state.status in TERMINAL_STATUSES
 
 
 @dataclass(frozen=True)
@@ -245,7 +258,7 @@ class Translator:
     def view(self, run_id: str) -> RunView:
         view = self.views.get(run_id)
         if view is None:
-            view = self.views[run_id] = RunView(run_id)
+            view = self.views[run_id] = RunView(RunState(run_id=run_id))
             while len(self.views) > MAX_RUNS:
                 self.views.popitem(last=False)
         else:
@@ -254,15 +267,14 @@ class Translator:
 
     def messages(self, event: AnyEvent, view: RunView) -> list[BotMessage]:
         """Update the view with the event and say what the bot should hear of it."""
-        if event.user_id:
-            view.user_id = event.user_id
-        rid, uid = view.run_id, int(view.user_id)
+        view.state = apply(view.state, event)
+        state = view.state
+        rid, uid = view.run_id, view.user_id
         match event:
             case RunQueued():
-                view.status, view.message = "queued", "queued"
+                view.message = "queued"
                 return []
             case StepStarted(step=step):
-                view.status, view.step = "running", step
                 view.progress = max(view.progress, percent(step, 0.0))
                 suffix = f" (attempt {event.attempt})" if event.attempt > 1 else ""
                 view.message = f"{step} started{suffix}"
@@ -277,8 +289,6 @@ class Translator:
                 view.message = f"tokenizer ready ({event.tokenizer_kind})"
                 return [self._progress(view, done="tokenizer")]
             case TrainStarted():
-                view.total_epochs, view.total_steps = event.total_epochs, event.total_steps
-                view.train_step = event.resumed_from_step
                 view.message = f"training {event.model_family} {event.model_size}"
                 return [
                     MetricsConfig(
@@ -299,7 +309,6 @@ class Translator:
             case TrainProgress():
                 return self._train_progress(event, view)
             case TrainCompleted():
-                view.test_loss, view.test_ppl = event.test_loss, event.test_ppl
                 view.message = f"training {event.status} after {event.steps} steps"
                 if event.test_loss is None:
                     return []  # the bot's completed metrics need a test loss
@@ -318,24 +327,16 @@ class Translator:
                 view.message = f"evaluated on {event.split or 'test'}{loss}"
                 return [self._progress(view, done="evaluator")]
             case ArtifactStored():
-                view.artifact = event.pointer()
                 view.message = f"artifact stored ({event.storage}, {event.size:,} bytes)"
                 return [self._progress(view, done="uploader")]
             case RunCompleted():
-                view.status, view.progress = "completed", 100
-                view.message = event.message or "completed"
-                art = view.artifact
+                view.progress, view.message = 100, state.message
+                art = pointer_of(state)
                 result = (art.file_id or art.uri if art else "") or view.run_id
-                return [
-                    JobCompleted(
-                        job_id=rid,
-                        user_id=uid,
-                        result_id=result,
-                        result_bytes=art.size if art else 0,
-                    )
-                ]
+                size = art.size if art else 0
+                return [JobCompleted(job_id=rid, user_id=uid, result_id=result, result_bytes=size)]
             case RunFailed():
-                view.status, view.message = "failed", f"{event.step} failed: {event.message}"
+                view.message = state.message
                 return [
                     JobFailed(
                         job_id=rid, user_id=uid, error_kind=event.error_kind, message=view.message
@@ -343,7 +344,7 @@ class Translator:
                 ]
             case RunCancelled():
                 # The bot has no "cancelled": a cancellation is the user's own doing.
-                view.status, view.message = "cancelled", event.message or "cancelled"
+                view.message = state.message
                 message = f"cancelled: {view.message}"
                 return [JobFailed(job_id=rid, user_id=uid, error_kind="user", message=message)]
             case CancelRequested():
@@ -357,27 +358,22 @@ class Translator:
             view.progress = max(view.progress, percent(done, 1.0))
         return JobProgress(
             job_id=view.run_id,
-            user_id=int(view.user_id),
+            user_id=view.user_id,
             progress=view.progress,
             message=view.message,
         )
 
     def _train_progress(self, event: TrainProgress, view: RunView) -> list[BotMessage]:
-        view.epoch, view.total_epochs = event.epoch, event.total_epochs or view.total_epochs
-        view.train_step = event.step
-        view.total_steps = event.total_steps or view.total_steps
-        view.loss = event.loss
-        if event.val_loss is not None:
-            view.val_loss = event.val_loss
-        if view.total_steps:
-            fraction = event.step / view.total_steps
-        elif view.total_epochs:
-            fraction = (event.epoch - 1) / view.total_epochs
+        state = view.state
+        if state.total_steps:
+            fraction = event.step / state.total_steps
+        elif state.total_epochs:
+            fraction = (event.epoch - 1) / state.total_epochs
         else:
             fraction = 0.0
         view.progress = max(view.progress, percent("trainer", fraction))
-        total = f"/{view.total_steps}" if view.total_steps else ""
-        view.message = f"epoch {event.epoch}/{view.total_epochs} step {event.step}{total}"
+        total = f"/{state.total_steps}" if state.total_steps else ""
+        view.message = f"epoch {event.epoch}/{state.total_epochs} step {event.step}{total}"
         view.message += f" loss {event.loss:.4f}"
         if event.val_loss is not None:
             view.message += f" val {event.val_loss:.4f}"
@@ -395,9 +391,9 @@ class Translator:
             self._progress(view),
             MetricsProgress(
                 job_id=view.run_id,
-                user_id=int(view.user_id),
+                user_id=view.user_id,
                 epoch=event.epoch,
-                total_epochs=view.total_epochs,
+                total_epochs=state.total_epochs,
                 step=event.step,
                 train_loss=clamp(event.loss),
                 train_ppl=ppl(event.loss),
@@ -425,30 +421,31 @@ _COLORS = {
 
 def embed(view: RunView) -> dict[str, object]:
     """One embed per run: the run's card in the user's direct messages."""
+    state = view.state
     fields = [
-        ("Status", view.status),
-        ("Step", view.step or "-"),
+        ("Status", state.status),
+        ("Step", state.step or "-"),
         ("Progress", f"{view.progress}%"),
     ]
-    if view.total_epochs:
-        fields.append(("Epoch", f"{view.epoch}/{view.total_epochs}"))
-    if view.train_step:
-        total = f"/{view.total_steps}" if view.total_steps else ""
-        fields.append(("Train step", f"{view.train_step}{total}"))
+    if state.total_epochs:
+        fields.append(("Epoch", f"{state.epoch}/{state.total_epochs}"))
+    if state.train_step:
+        total = f"/{state.total_steps}" if state.total_steps else ""
+        fields.append(("Train step", f"{state.train_step}{total}"))
     for name, value in (
-        ("Loss", view.loss),
-        ("Val loss", view.val_loss),
-        ("Test loss", view.test_loss),
-        ("Test ppl", view.test_ppl),
+        ("Loss", state.loss),
+        ("Val loss", state.val_loss),
+        ("Test loss", state.test_loss),
+        ("Test ppl", state.test_ppl),
     ):
         if value is not None:
             fields.append((name, f"{value:.4f}"))
-    if view.artifact:
-        fields.append(("Artifact", view.artifact.file_id or view.artifact.uri))
+    if (art := pointer_of(state)) is not None:
+        fields.append(("Artifact", art.file_id or art.uri))
     return {
         "title": f"Run {view.run_id}"[:256],
         "description": view.message[:4000],
-        "color": _COLORS.get(view.status, _COLORS["running"]),
+        "color": _COLORS.get(state.status, _COLORS["running"]),
         "fields": [{"name": n, "value": v[:1024] or "-", "inline": True} for n, v in fields],
     }
 
@@ -720,8 +717,11 @@ class Notifier:
             if not self.translator.relevant(event):
                 continue
             view = self.translator.view(event.run_id)
-            if isinstance(event, RunCompleted) and view.artifact is None:
-                view.artifact = await self._stored_pointer(event.run_id)
+            if isinstance(event, RunCompleted) and not view.state.artifact:
+                stored = await self.redis.hget(self.keys.run(event.run_id), "artifact")
+                if stored:  # the artifact event came before this notifier's time
+                    artifact = stored.decode() if isinstance(stored, bytes) else stored
+                    view.state = msgspec.structs.replace(view.state, artifact=artifact)
             outgoing.extend(msgspec.json.encode(m) for m in self.translator.messages(event, view))
             if self._mailer is not None:
                 self._mailer.update(view)
@@ -733,16 +733,6 @@ class Notifier:
             self.reader.ack(pipe, *[i for i, _ in entries])
             await pipe.execute()
         self._last_id = entries[-1][0]
-
-    async def _stored_pointer(self, run_id: str) -> ArtifactPointer | None:
-        """The artifact pointer from the run state (an artifact event this notifier missed)."""
-        raw = await self.redis.hget(self.keys.run(run_id), "artifact")
-        if not raw:
-            return None
-        try:
-            return msgspec.json.decode(raw, type=ArtifactPointer)
-        except msgspec.DecodeError:  # also a pointer of the wrong shape (ValidationError)
-            return None
 
 
 async def run_notifier(

@@ -9,10 +9,10 @@
   const GENERATE_POLL_MS = 500;
   const GENERATE_TIMEOUT_MS = 10 * 60 * 1000;
   const LOG_LINES = 1000;
-  const TERMINAL = new Set(["completed", "failed", "cancelled"]);
-  const TERMINAL_KINDS = new Set(["run.completed", "run.failed", "run.cancelled"]);
+  const REFRESH_MS = 250; // at most one re-fetch of a run's view and curves per this, on events
   // Every event kind of protocol/events.py: SSE messages are named by kind, and EventSource
-  // only delivers a named message to a listener registered for that name.
+  // only delivers a named message to a listener registered for that name. An event only
+  // tells the page to re-fetch: the server reduces the events (the view and the curves).
   const EVENT_KINDS = [
     "run.queued", "step.started", "step.completed", "command.duplicate", "corpus.ready",
     "tokenizer.ready", "train.started", "train.progress", "train.completed", "eval.completed",
@@ -520,107 +520,61 @@
   }
 
   // ------------------------------------------------------------------ one run
+  // The run's view (GET /runs/{id}) and its curves (GET /runs/{id}/curves, newer points
+  // only after the first read), both reduced from the events by the server.
   function newModel(id) {
     return {
-      id, state: null, chain: [], steps: {}, loss: new Map(), val: new Map(), lr: new Map(),
-      tps: new Map(), progress: null, trainStarted: null, trainCompleted: null, tokenizer: null,
-      corpus: null, terminal: null, cancelRequested: false, evalLoaded: false, version: 0,
+      id, state: null, curves: { train: new Map(), val: new Map(), lr: new Map(), tps: new Map() },
+      last: "", evalLoaded: false, params: null,
     };
   }
 
-  function applyEvent(model, kind, ev) {
-    const step = (name) => (model.steps[name] = model.steps[name] || { state: "pending" });
-    switch (kind) {
-      case "run.queued":
-        model.chain = ev.steps || [];
-        for (const s of model.chain) step(s);
-        break;
-      case "step.started":
-        Object.assign(step(ev.step), { state: "running", attempt: ev.attempt, at: ev.at });
-        break;
-      case "step.completed":
-        Object.assign(step(ev.step), { state: "done", duration: ev.duration_s });
-        break;
-      case "corpus.ready": model.corpus = ev; break;
-      case "tokenizer.ready": model.tokenizer = ev; break;
-      case "train.started": model.trainStarted = ev; break;
-      case "train.progress":
-        model.progress = ev;
-        model.loss.set(ev.step, ev.loss);
-        if (ev.lr) model.lr.set(ev.step, ev.lr);
-        if (ev.tokens_per_s) model.tps.set(ev.step, ev.tokens_per_s);
-        if (ev.val_loss !== null && ev.val_loss !== undefined) model.val.set(ev.step, ev.val_loss);
-        break;
-      case "train.completed": model.trainCompleted = ev; break;
-      case "eval.completed": if (!ev.request_id) model.evalLoaded = false; break;
-      case "artifact.stored":
-        if (model.state) {
-          const { storage, target, uri, file_id: fileId, size, sha256 } = ev;
-          model.state.artifact = JSON.stringify({ storage, target, uri, file_id: fileId, size, sha256 });
-        }
-        break;
-      case "run.cancel_requested": model.cancelRequested = true; break;
-      case "run.completed": model.terminal = ev; break;
-      case "run.failed":
-        model.terminal = ev;
-        Object.assign(step(ev.step), { state: "failed", error: ev.message });
-        break;
-      case "run.cancelled": {
-        model.terminal = ev;
-        const running = ev.step || model.chain.find((s) => model.steps[s] && model.steps[s].state === "running");
-        if (running) Object.assign(step(running), { state: "cancelled" });
-        break;
-      }
-      default: break;
-    }
-    model.version += 1;
+  // A run is over once it has an end time: its terminal event is the only one that sets it.
+  const isOver = (st) => st.ended_at !== null && st.ended_at !== undefined;
+
+  function addPoints(model, data) {
+    const add = (map, pts) => { for (const [x, y] of pts || []) map.set(x, y); };
+    add(model.curves.train, data.train_loss);
+    add(model.curves.val, data.val_loss);
+    add(model.curves.lr, data.lr);
+    add(model.curves.tps, data.tokens_per_s);
+    if (data.last) model.last = data.last;
   }
 
   const points = (map) => [...map.entries()].sort((a, b) => a[0] - b[0]);
 
-  const ENDED_AS = { "run.completed": "completed", "run.failed": "failed", "run.cancelled": "cancelled" };
-
   function renderRun(model) {
     const st = model.state || {};
-    // A terminal event arrives before the next poll of the state: believe it at once.
-    const status = (model.terminal && ENDED_AS[model.terminal.kind]) || st.status || "queued";
+    const status = st.status || "queued";
+    const over = isOver(st);
     const badge = $("run-status");
     badge.textContent = status;
     badge.className = `badge ${status}`;
-    // The state is polled; progress events arrive sooner: say what the newest one says.
-    const p = model.progress;
-    let message = st.message || "";
-    if (p && status === "running" && st.step === "trainer" && p.step > (st.train_step || 0)) {
-      message = `step ${p.step}/${p.total_steps} loss ${p.loss.toFixed(4)}`;
-    }
-    if (model.cancelRequested && !TERMINAL.has(status)) message = "cancel requested";
-    $("run-message").textContent = message;
+    $("run-message").textContent = st.cancel_requested && !over ? "cancel requested" : st.message || "";
     const cancel = $("cancel-button");
-    cancel.hidden = TERMINAL.has(status);
+    cancel.hidden = over;
 
-    const totalSteps = (p && p.total_steps) || st.total_steps || (model.trainStarted && model.trainStarted.total_steps);
-    const trainStep = p ? p.step : st.train_step;
+    const totalSteps = st.total_steps;
     $("stat-model").textContent = st.model_family ? `${st.model_family} / ${st.model_size}` : "–";
-    $("stat-step").textContent = trainStep ? `${trainStep}${totalSteps ? ` / ${totalSteps}` : ""}` : "–";
-    const epoch = p ? p.epoch : st.epoch;
-    const epochs = (p && p.total_epochs) || st.total_epochs;
-    $("stat-epoch").textContent = epoch ? `${epoch}${epochs ? ` / ${epochs}` : ""}` : "–";
-    $("stat-loss").textContent = fmtNum(p ? p.loss : st.loss);
-    const lastVal = points(model.val).pop();
+    $("stat-step").textContent = st.train_step ? `${st.train_step}${totalSteps ? ` / ${totalSteps}` : ""}` : "–";
+    const epochs = st.total_epochs;
+    $("stat-epoch").textContent = st.epoch ? `${st.epoch}${epochs ? ` / ${epochs}` : ""}` : "–";
+    $("stat-loss").textContent = fmtNum(st.loss);
+    const lastVal = points(model.curves.val).pop();
     $("stat-val-loss").textContent = fmtNum(lastVal ? lastVal[1] : st.val_loss);
-    $("stat-lr").textContent = p && p.lr ? p.lr.toExponential(2) : "–";
-    const tps = p ? p.tokens_per_s : st.tokens_per_s;
-    $("stat-tps").textContent = tps ? fmtInt(tps) : "–";
-    const params = model.trainStarted && model.trainStarted.parameters;
-    $("stat-params").textContent = params ? fmtInt(params) : (model.params ? fmtInt(model.params) : "–");
+    $("stat-lr").textContent = st.lr ? st.lr.toExponential(2) : "–";
+    $("stat-tps").textContent = st.tokens_per_s ? fmtInt(st.tokens_per_s) : "–";
+    const params = st.parameters || model.params;
+    $("stat-params").textContent = params ? fmtInt(params) : "–";
 
     // The chain: every step of the run, in order, with its state.
-    const chain = model.chain.length ? model.chain : Object.keys(model.steps);
+    const steps = st.chain || {};
+    const chain = (st.steps || []).length ? st.steps : Object.keys(steps);
     $("chain-steps").replaceChildren(...chain.map((name) => {
-      const s = model.steps[name] || { state: "pending" };
+      const s = steps[name] || { state: "pending" };
       let state = s.state;
-      if (state === "pending" && TERMINAL.has(status) && status !== "completed") state = "skipped";
-      const detail = state === "done" && Number.isFinite(s.duration) ? fmtDuration(s.duration)
+      if (state === "pending" && over && status !== "completed") state = "skipped";
+      const detail = state === "done" && Number.isFinite(s.duration_s) ? fmtDuration(s.duration_s)
         : state === "running" && s.attempt > 1 ? `attempt ${s.attempt}`
           : state === "failed" ? s.error || "" : "";
       return el("li", { "data-step": name, "data-state": state, class: state, "data-testid": "chain-step" },
@@ -637,37 +591,37 @@
       ["ended", fmtTime(ended)],
       ["duration", ended && st.created_at ? fmtDuration(ended - st.created_at) : "–"],
       ["attempt", st.attempt ? String(st.attempt) : "–"],
-      ["device", model.trainStarted ? `${model.trainStarted.device} · ${model.trainStarted.precision}` : "–"],
+      ["device", started !== null && started !== undefined ? `${st.device} · ${st.precision}` : "–"],
     ]);
 
     drawChart($("loss-chart"), [
-      { key: "train", label: "train", color: "#2563eb", points: points(model.loss) },
-      { key: "val", label: "validation", color: "#dc2626", points: points(model.val), dots: true },
+      { key: "train", label: "train", color: "#2563eb", points: points(model.curves.train) },
+      { key: "val", label: "validation", color: "#dc2626", points: points(model.curves.val), dots: true },
     ], (y) => fmtNum(y, 3));
-    drawChart($("lr-chart"), [{ key: "lr", label: "lr", color: "#7c3aed", points: points(model.lr) }],
+    drawChart($("lr-chart"), [{ key: "lr", label: "lr", color: "#7c3aed", points: points(model.curves.lr) }],
       (y) => y.toExponential(1));
-    drawChart($("tps-chart"), [{ key: "tps", label: "tokens/s", color: "#059669", points: points(model.tps) }],
+    drawChart($("tps-chart"), [{ key: "tps", label: "tokens/s", color: "#059669", points: points(model.curves.tps) }],
       (y) => fmtInt(y));
 
-    if (model.corpus) {
-      const c = model.corpus;
+    if (st.corpus_ready) {
+      const c = st.corpus_ready;
       kvTable($("corpus-stats"), [
         ["corpus", c.corpus_id],
         ...Object.entries(c.chars || {}).map(([k, v]) => [`${k} chars`, fmtInt(v)]),
         ...Object.entries(c.lines || {}).map(([k, v]) => [`${k} lines`, fmtInt(v)]),
       ]);
     }
-    if (model.tokenizer) {
-      const t = model.tokenizer;
+    if (st.tokenizer_ready) {
+      const t = st.tokenizer_ready;
       kvTable($("tokenizer-stats"), [
         ["tokenizer", t.tokenizer_id, "tokenizer-id"],
         ["kind", t.tokenizer_kind || "–"],
         ...Object.entries(t.stats || {}).map(([k, v]) => [k, fmtNum(v), `tokenizer-stat-${k}`]),
       ]);
     }
-    $("tokenizer-stats-empty").hidden = !!model.tokenizer;
-    if (model.trainCompleted) {
-      const t = model.trainCompleted;
+    $("tokenizer-stats-empty").hidden = !!st.tokenizer_ready;
+    if (st.train_completed) {
+      const t = st.train_completed;
       kvTable($("train-summary"), [
         ["status", t.status],
         ["steps", fmtInt(t.steps)],
@@ -681,7 +635,7 @@
         ["tokens/s", fmtInt(t.tokens_per_s)],
       ]);
     }
-    $("train-summary-empty").hidden = !!model.trainCompleted;
+    $("train-summary-empty").hidden = !!st.train_completed;
     renderArtifact(model);
     const gen = $("generate-button");
     if (!gen.dataset.busy) {
@@ -760,34 +714,26 @@
     $("eval-empty").hidden = true;
   }
 
-  function followEvents(model, render, live) {
+  // Live: each event of the run asks for a re-fetch (throttled); the stream ends with the run.
+  function followEvents(model, refresh) {
     let es = null;
     let closed = false;
-    const open = () => {
-      es = new EventSource(withKey(`/runs/${encodeURIComponent(model.id)}/events`));
-      for (const kind of EVENT_KINDS) {
-        es.addEventListener(kind, (msg) => {
-          let ev;
-          try { ev = JSON.parse(msg.data); } catch (e) { return; }
-          applyEvent(model, kind, ev);
-          if (kind === "eval.completed" && !ev.request_id) loadEval(model, live).catch(globalError);
-          render();
-          if (TERMINAL_KINDS.has(kind)) { closed = true; es.close(); }
-        });
-      }
-      es.onerror = () => {
-        // The server ends the stream after the run's last event; the browser would
-        // reconnect forever, so stop once the run is over (else let it resume).
-        if (closed) return;
-        const status = model.state && model.state.status;
-        if (es.readyState === EventSource.CLOSED || TERMINAL.has(status)) {
-          es.close();
-          closed = true;
-        }
-      };
+    let timer = null;
+    const soon = () => {
+      if (timer) return;
+      timer = setTimeout(() => { timer = null; refresh(); }, REFRESH_MS);
     };
-    open();
-    onLeave(() => { closed = true; if (es) es.close(); });
+    const close = () => { closed = true; clearTimeout(timer); if (es) es.close(); };
+    es = new EventSource(withKey(`/runs/${encodeURIComponent(model.id)}/events`));
+    for (const kind of EVENT_KINDS) es.addEventListener(kind, soon);
+    es.onerror = () => {
+      // The server ends the stream after the run's last event; the browser would
+      // reconnect forever, so stop once the run is over (else let it resume).
+      if (closed) return;
+      if (es.readyState === EventSource.CLOSED || (model.state && isOver(model.state))) close();
+    };
+    onLeave(close);
+    return close;
   }
 
   function followLogs(model) {
@@ -810,15 +756,14 @@
     onLeave(() => es.close());
   }
 
-  function bindRunControls(model, render) {
+  function bindRunControls(model, refresh) {
     const cancel = $("cancel-button");
     cancel.disabled = false;
     cancel.onclick = async () => {
       cancel.disabled = true;
       try {
         await api("POST", `/runs/${encodeURIComponent(model.id)}/cancel`);
-        model.cancelRequested = true;
-        render();
+        await refresh();
       } catch (e) {
         $("run-error").textContent = e.message;
         $("run-error").hidden = false;
@@ -910,12 +855,15 @@
     };
     onLeave(() => clearTimeout(pending));
     let first = true;
-    // The state hash is polled until the run is over (one last read after its end gives
-    // the artifact pointer and the final message); the curves come from the events.
-    const stop = every(POLL_MS, async () => {
+    let stopEvents = null;
+    const path = `/runs/${encodeURIComponent(id)}`;
+    // One read at a time; a read asked for meanwhile runs once the current one is done.
+    let busy = false;
+    let dirty = false;
+    const load = async () => {
       let state;
       try {
-        ({ data: state } = await api("GET", `/runs/${encodeURIComponent(id)}`));
+        ({ data: state } = await api("GET", path));
       } catch (e) {
         if (e.status === 404) {
           stop();
@@ -926,17 +874,37 @@
         throw e;
       }
       if (!live()) return;
+      const after = model.last ? `?after=${encodeURIComponent(model.last)}` : "";
+      const { data: curves } = await api("GET", `${path}/curves${after}`);
+      if (!live()) return;
       model.state = state;
+      addPoints(model, curves);
       if (first) {
         first = false;
-        bindRunControls(model, render);
-        followEvents(model, render, live);
+        bindRunControls(model, refresh);
+        stopEvents = followEvents(model, () => refresh().catch((e) => globalError(e)));
         followLogs(model);
       }
-      if (state.status === "completed" && !model.evalLoaded) await loadEval(model, live);
+      const evaluated = state.chain && state.chain.evaluator && state.chain.evaluator.state === "done";
+      if ((state.status === "completed" || evaluated) && !model.evalLoaded) await loadEval(model, live);
       render();
-      if (TERMINAL.has(state.status)) stop();
-    });
+      if (isOver(state)) {
+        stop();
+        if (stopEvents) stopEvents();
+      }
+    };
+    const refresh = async () => {
+      if (busy) { dirty = true; return; }
+      busy = true;
+      try {
+        do { dirty = false; await load(); } while (dirty && live());
+      } finally {
+        busy = false;
+      }
+    };
+    // Polled as well until the run is over (one last read after its end gives the artifact
+    // pointer and the final message), should the event stream be cut.
+    const stop = every(POLL_MS, refresh);
   }
 
   // ------------------------------------------------------------------ start
