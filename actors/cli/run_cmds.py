@@ -199,34 +199,29 @@ async def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def request(
-    client: ServiceClient, cmd: RequestCommand, timeout_s: float
-) -> RequestResult | None:
-    """Queue a request for the evaluator and wait for its answer; None (and a message) when
-    it failed."""
-    if "evaluator" not in await client.alive_kinds():
-        print(
-            "note: no evaluator is running right now; the request waits in its queue",
-            file=sys.stderr,
-            flush=True,
-        )
-    await client.queue(cmd)
-    try:
-        answer = await client.wait_result(cmd.request_id, timeout_s)
-    except TimeoutError:
-        raise CliError(
-            f"no result after {timeout_s:g}s; request {cmd.request_id} stays queued and its "
-            f"result will be under {client.keys.result(cmd.request_id)}",
-            1,
-        ) from None
-    if answer.ok:
-        return answer
-    print(
-        f"{answer.what} failed ({answer.error_kind} error): {answer.message}",
-        file=sys.stderr,
-        flush=True,
-    )
-    return None
+async def ask(settings: Settings, cmd: RequestCommand, timeout_s: float) -> RequestResult:
+    """Queue a request for the evaluator and wait for its answer (a CliError, exit code 1,
+    when it failed or did not come in time)."""
+    async with connected(settings) as (_url, client):
+        await require_run(client, cmd.run_id)
+        if "evaluator" not in await client.alive_kinds():
+            print(
+                "note: no evaluator is running right now; the request waits in its queue",
+                file=sys.stderr,
+                flush=True,
+            )
+        await client.queue(cmd)
+        try:
+            answer = await client.wait_result(cmd.request_id, timeout_s)
+        except TimeoutError:
+            raise CliError(
+                f"no result after {timeout_s:g}s; request {cmd.request_id} stays queued and "
+                f"its result will be under {client.keys.result(cmd.request_id)}",
+                1,
+            ) from None
+    if not answer.ok:
+        raise CliError(f"{answer.what} failed ({answer.error_kind} error): {answer.message}", 1)
+    return answer
 
 
 async def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
@@ -243,11 +238,7 @@ async def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
         },
         ModelEvaluate,
     )
-    async with connected(settings) as (_url, client):
-        await require_run(client, args.run)
-        answer = await request(client, cmd, args.timeout)
-    if answer is None:
-        return 1
+    answer = await ask(settings, cmd, args.timeout)
     if args.json:
         print_json(answer.result)
         return 0
@@ -273,11 +264,7 @@ async def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
         if (value := getattr(args, name)) is not None:
             values[name] = value
     cmd = convert(values, ModelGenerate)
-    async with connected(settings) as (_url, client):
-        await require_run(client, args.run)
-        answer = await request(client, cmd, args.timeout)
-    if answer is None:
-        return 1
+    answer = await ask(settings, cmd, args.timeout)
     if args.json:
         print_json(answer.result)
         return 0
