@@ -192,6 +192,7 @@ def event_kind(event: Event) -> str:
     return str(type(event).__struct_config__.tag)
 
 
+# A run ends with exactly one of these events, and its state's status then never changes.
 TERMINAL_STATUSES: frozenset[RunStatus] = frozenset({"completed", "failed", "cancelled"})
 TERMINAL_KINDS: frozenset[str] = frozenset(
     str(t.__struct_config__.tag) for t in (RunCompleted, RunFailed, RunCancelled)

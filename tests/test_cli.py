@@ -13,7 +13,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from actors.cli import main as cli
-from actors.client.watch import PlainRenderer, stream_entries
+from actors.client.client import CANCEL_TTL_S, stream_entries
+from actors.client.watch import PlainRenderer
 from actors.runtime.streams import add_event
 from protocol.codec import FIELD, decode_command, decode_event
 from protocol.commands import (
@@ -186,7 +187,7 @@ async def test_cancel_sets_the_flag_and_records_the_request(
     await make_run(redis, keys, "r1")
     assert await cli.run(["cancel", "r1"]) == 0
     assert await redis.get(keys.cancel("r1")) == b"1"
-    assert 0 < await redis.ttl(keys.cancel("r1")) <= cli.CANCEL_TTL_S
+    assert 0 < await redis.ttl(keys.cancel("r1")) <= CANCEL_TTL_S
     kinds = [
         decode_event(f[FIELD.encode()]).__struct_config__.tag
         for _, f in stream_entries(await redis.xrange(keys.events))

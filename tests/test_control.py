@@ -19,19 +19,13 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from actors.client.client import stream_entries
 from actors.runtime.config import Settings
 from actors.runtime.streams import add_event
-from actors.web.app import (
-    ROUTES,
-    bound_url,
-    create_app,
-    field_of,
-    read_from,
-    serve,
-    stream_entries,
-    tail_lines,
-)
-from protocol.codec import any_command_decoder, decode_event
+from actors.web.app import ROUTES, bound_url, create_app, serve
+from actors.web.http import field_of
+from actors.web.streams import read_from, tail_lines
+from protocol.codec import FIELD, any_command_decoder, decode_event
 from protocol.commands import (
     ArtifactUpload,
     Command,
@@ -86,11 +80,12 @@ async def http(settings: Settings, redis_url: str) -> AsyncIterator[Served]:
 
 async def commands(redis: aioredis.Redis, keys: Keys, actor: ActorName) -> list[Command]:
     entries = stream_entries(await redis.xrange(keys.cmd(actor)))
-    return [any_command_decoder.decode(data) for _, data in entries]
+    return [any_command_decoder.decode(fields[FIELD.encode()]) for _, fields in entries]
 
 
 async def events(redis: aioredis.Redis, keys: Keys) -> list[AnyEvent]:
-    return [decode_event(data) for _, data in stream_entries(await redis.xrange(keys.events))]
+    entries = stream_entries(await redis.xrange(keys.events))
+    return [decode_event(fields[FIELD.encode()]) for _, fields in entries]
 
 
 async def emit(redis: aioredis.Redis, keys: Keys, *evs: AnyEvent) -> None:

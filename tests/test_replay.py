@@ -12,8 +12,8 @@ import redis.asyncio as aioredis
 from actors import service
 from actors.cli import main as cli
 from actors.client import replay
+from actors.client.client import stream_entries
 from actors.client.submit import plan_tokenizer, submit
-from actors.client.watch import stream_entries
 from actors.runtime.config import Settings
 from actors.runtime.streams import Actor, Context, Outcome, Runtime, RuntimeConfig
 from protocol.codec import FIELD, decode_event

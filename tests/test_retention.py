@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from actors.cli import main as cli
-from actors.client.watch import read_entries, stream_entries
+from actors.client.client import read_entries, stream_entries
 from actors.runtime import retention
 from protocol.keys import Keys
 from trainer.errors import UserError

@@ -45,8 +45,6 @@ from tests.http_helpers import read_sse, start_app
 
 pytestmark = pytest.mark.timeout(600)
 
-TERMINAL = {"run.completed", "run.failed", "run.cancelled"}
-
 
 def corpus_text() -> str:
     """A few hundred lines of real text: the start of a play from the demo corpus."""

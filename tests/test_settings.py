@@ -12,12 +12,13 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from actors.cli.main import parser, request_from
+from actors.cli.flags import request_from
+from actors.cli.main import parser
+from actors.client.client import stream_entries
 from actors.client.submit import plan_train
 from actors.runtime.config import Settings
-from actors.web.app import stream_entries
 from actors.workers.trainer import train_config
-from protocol.codec import decode_command
+from protocol.codec import FIELD, decode_command
 from protocol.commands import CorpusIngest, ModelTrain, TokenizerTrain
 from protocol.flags import struct_fields
 from protocol.keys import Keys
@@ -72,8 +73,8 @@ async def via_http(
     async with start_app(settings, redis_url) as http:
         resp = await http.session.post("/runs/train", json={"corpus_name": "shakespeare", **values})
         assert resp.status == 202, await resp.text()
-    [(_id, data)] = stream_entries(await redis.xrange(keys.cmd("ingest")))
-    ingest = decode_command("ingest", data)
+    [(_id, fields)] = stream_entries(await redis.xrange(keys.cmd("ingest")))
+    ingest = decode_command("ingest", fields[FIELD.encode()])
     assert isinstance(ingest, CorpusIngest)
     train = next(c for c in ingest.rest if isinstance(c, ModelTrain))
     return train_config(train)
@@ -209,7 +210,7 @@ def test_every_command_declares_the_header() -> None:
 
 
 def test_bad_flag_values_are_refused_naming_the_field() -> None:
-    from actors.cli.main import CliError
+    from actors.cli.common import CliError
 
     args = parser().parse_args(["train", "--corpus-name", "x", "--max-steps", "0"])
     with pytest.raises(CliError, match="max_steps"):

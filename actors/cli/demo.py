@@ -12,15 +12,15 @@ import asyncio
 import contextlib
 import json
 import sys
-import time
 from collections.abc import AsyncIterator
 
 import msgspec
 
-from actors.client.submit import new_id, plan_train, submit
-from actors.client.watch import renderer_for, run_history, watch
+from actors.cli.service_ctx import with_service
+from actors.client.client import Samples, ServiceClient
+from actors.client.submit import new_id
+from actors.client.watch import renderer_for, watch
 from actors.runtime.config import Settings
-from actors.runtime.streams import Redis, add_command, connect
 from protocol.commands import ModelGenerate
 from protocol.events import TokenizerReady, TrainProgress
 from protocol.keys import Keys
@@ -80,38 +80,31 @@ async def control_endpoint(settings: Settings, url: str) -> AsyncIterator[str]:
             await task
 
 
-async def generate(redis: Redis, keys: Keys, run_id: str, timeout_s: float = 120) -> list[str]:
+async def generate(client: ServiceClient, run_id: str, timeout_s: float = 120) -> list[str]:
     request_id = new_id("req")
-    cmd = ModelGenerate(
-        command_id=request_id,
-        run_id=run_id,
-        request_id=request_id,
-        prompt="",
-        max_new_tokens=48,
-        temperature=0.8,
-        top_k=40,
-        seed=7,
-        num_return_sequences=1,
-        stop_on_eos=False,
-    )
     samples: list[str] = []
     for i, prompt in enumerate(PROMPTS):
-        cmd.command_id = cmd.request_id = f"{request_id}-{i}"
-        cmd.prompt, cmd.seed = prompt, 7 + i
-        async with redis.pipeline(transaction=True) as pipe:
-            add_command(pipe, keys, cmd)
-            await pipe.execute()
-        deadline = time.monotonic() + timeout_s
-        while (raw := await redis.get(keys.result(cmd.request_id))) is None:
-            if time.monotonic() > deadline:
-                raise TimeoutError("no answer from the evaluator")
-            await asyncio.sleep(0.2)
-        body = msgspec.json.decode(raw, type=dict[str, object])
-        result = body.get("result")
-        if not body.get("ok") or not isinstance(result, dict):
-            raise RuntimeError(f"generation failed: {body.get('message')}")
-        texts = result.get("samples")
-        samples.append(prompt + (texts[0] if isinstance(texts, list) and texts else ""))
+        cmd = ModelGenerate(
+            command_id=f"{request_id}-{i}",
+            run_id=run_id,
+            request_id=f"{request_id}-{i}",
+            prompt=prompt,
+            max_new_tokens=48,
+            temperature=0.8,
+            top_k=40,
+            seed=7 + i,
+            num_return_sequences=1,
+            stop_on_eos=False,
+        )
+        await client.queue(cmd)
+        try:
+            answer = await client.wait_result(cmd.request_id, timeout_s)
+        except TimeoutError:
+            raise TimeoutError("no answer from the evaluator") from None
+        if not answer.ok:
+            raise RuntimeError(f"generation failed: {answer.message}")
+        texts = msgspec.convert(answer.result, Samples).samples
+        samples.append(prompt + (texts[0] if texts else ""))
     return samples
 
 
@@ -119,8 +112,8 @@ def _fmt(x: object) -> str:
     return f"{x:.2f}" if isinstance(x, float) else str(x)
 
 
-async def summary(settings: Settings, redis: Redis, keys: Keys, run_id: str) -> None:
-    entries, _ = await run_history(redis, keys, run_id)
+async def summary(settings: Settings, client: ServiceClient, run_id: str) -> None:
+    entries, _ = await client.history(run_id)
     events = [e.event for e in entries if e.event is not None]
     tok = next((e for e in events if isinstance(e, TokenizerReady)), None)
     val = [e for e in events if isinstance(e, TrainProgress) and e.val_ppl is not None]
@@ -152,14 +145,12 @@ async def summary(settings: Settings, redis: Redis, keys: Keys, run_id: str) -> 
             file=out,
         )
     print("samples", file=out)
-    for text in await generate(redis, keys, run_id):
+    for text in await generate(client, run_id):
         print("  " + text.replace("\n", "\n  "), file=out)
-    pointer = await redis.hget(keys.run(run_id), "artifact")
+    pointer = (await client.run_state(run_id)).artifact
     print(f"run dir     {run_dir}", file=out)
     if pointer:
-        print(
-            f"artifact    {pointer.decode() if isinstance(pointer, bytes) else pointer}", file=out
-        )
+        print(f"artifact    {pointer}", file=out)
     where = repr(str(run_dir))
     print(
         "load it     from transformers import AutoModelForCausalLM, AutoTokenizer\n"
@@ -170,14 +161,11 @@ async def summary(settings: Settings, redis: Redis, keys: Keys, run_id: str) -> 
 
 
 async def run_demo(settings: Settings, quick: bool) -> int:
-    from actors.cli.main import with_service
-
     req = demo_request(quick)
     async with with_service(settings) as url, control_endpoint(settings, url) as http:
-        redis = connect(url)
-        keys = Keys(settings.prefix)
+        client = ServiceClient.connect(url, Keys(settings.prefix))
         try:
-            info = await submit(redis, keys, plan_train(req))
+            info = await client.train(req)
             print(f"redis       {url}")
             print(
                 f"logs        {settings.data_dir / 'logs' / 'model-trainer.log'} "
@@ -194,13 +182,13 @@ async def run_demo(settings: Settings, quick: bool) -> int:
             )
             renderer = renderer_for()
             try:
-                state = await watch(url, redis, keys, info.run_id, renderer)
+                state = await watch(client, info.run_id, renderer)
             finally:
                 renderer.close()
             if state.status != "completed":
                 print(f"\nthe run ended {state.status}: {state.message}", file=sys.stderr)
                 return 1
-            await summary(settings, redis, keys, info.run_id)
+            await summary(settings, client, info.run_id)
             return 0
         finally:
-            await redis.aclose()
+            await client.aclose()

@@ -38,8 +38,7 @@ import msgspec
 from redis.exceptions import ResponseError
 
 from actors import service
-from actors.client import watch
-from actors.client.watch import stream_entries
+from actors.client.client import Entry, ServiceClient, stream_entries
 from actors.runtime.config import Settings
 from actors.runtime.streams import (
     Actor,
@@ -207,7 +206,7 @@ async def redrive(
         raise UserError(f"prefix {to.prefix!r} is not fresh: keys {to.prefix}:* exist")
     queued: RunQueued | None = None
     if run_id:
-        entries, _ = await watch.history(redis, source, run_id)
+        entries, _ = await ServiceClient(redis, source).history(run_id, after="0-0")
         queued = next((e.event for e in entries if isinstance(e.event, RunQueued)), None)
     async with redis.pipeline(transaction=True) as pipe:
         if queued is not None:
@@ -327,18 +326,16 @@ async def step(
         entry_id, raw = runtime.started
         entry = _recorded(actor_name, entry_id, {FIELD.encode(): raw})
         written = stream_entries(await redis.xrange(keys.events, min=f"({before}", max="+"))
-        kinds = [_event_kind(fields) for _, fields in written]
+        kinds = [_event_kind(entry_id, fields) for entry_id, fields in written]
         return StepResult(actor_name, entry_id, entry.kind, entry.command_id, kinds)
     finally:
         await blocking.aclose()
         await redis.aclose()
 
 
-def _event_kind(fields: dict[bytes, bytes]) -> str:
-    try:
-        return str(msgspec.json.decode(fields.get(FIELD.encode(), b"{}")).get("kind", "?"))
-    except (msgspec.DecodeError, AttributeError):
-        return "?"
+def _event_kind(entry_id: str, fields: dict[bytes, bytes]) -> str:
+    entry = Entry.of(entry_id, fields)
+    return entry.kind if entry is not None and entry.kind else "?"
 
 
 async def drain(
@@ -395,7 +392,7 @@ def compare(a: Iterable[bytes], b: Iterable[bytes], *, ignore: Iterable[str] = (
 async def diff_runs(
     redis: Redis, run_id: str, a: Keys, b: Keys, *, ignore: Iterable[str] = ()
 ) -> Diff:
-    """UnknownRun (watch) when the run has no state in one of the prefixes."""
-    left, _ = await watch.run_history(redis, a, run_id)
-    right, _ = await watch.run_history(redis, b, run_id)
+    """UnknownRun when the run has no state in one of the prefixes."""
+    left, _ = await ServiceClient(redis, a).history(run_id)
+    right, _ = await ServiceClient(redis, b).history(run_id)
     return compare([e.raw for e in left], [e.raw for e in right], ignore=ignore)

@@ -1,5 +1,5 @@
-"""Following a run: its recorded events (XRANGE), then live ones (XREAD BLOCK on a connection
-of its own), rendered as rich progress bars on a terminal or as plain rate-limited lines.
+"""Watching a run: its recorded events, then live ones (both read through the ServiceClient),
+rendered as rich progress bars on a terminal or as plain rate-limited lines.
 
 Everything shown is derived from the events stream alone, so `watch` of a finished run
 replays its history and `watch` of a running one joins it where it is.
@@ -8,18 +8,14 @@ replays its history and `watch` of a running one joins it where it is.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TextIO
 
-import msgspec
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 
-from actors.runtime.streams import Redis, connect
-from protocol.codec import FIELD, decode_event
+from actors.client.client import Entry, ServiceClient
 from protocol.events import (
-    TERMINAL_KINDS,
     AnyEvent,
     ArtifactStored,
     CancelRequested,
@@ -37,169 +33,24 @@ from protocol.events import (
     TrainCompleted,
     TrainProgress,
     TrainStarted,
-    event_kind,
 )
-from protocol.events import TERMINAL_STATUSES as TERMINAL_STATUSES  # the CLI reads it here
-from protocol.keys import Keys
 from protocol.state import RunState, apply
 
-# The history of a run starts at its run.queued event; event ids are the server's clock and
-# created_at the submitter's, so the scan starts this much earlier to allow for clock skew.
-HISTORY_MARGIN_S = 3600.0
 
-
-class UnknownRun(LookupError):
-    """No run-state hash under this id (in this prefix)."""
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One event of a run as recorded: its stream id, its raw payload, and the decoded event
-    (None for a kind this version does not know)."""
-
-    id: str
-    raw: bytes
-    event: AnyEvent | None
-
-
-class _Head(msgspec.Struct):
-    """Just enough of any event to filter by run without decoding the whole union."""
-
-    run_id: str = ""
-
-
-_head = msgspec.json.Decoder(_Head)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def stream_entries(reply: object) -> list[tuple[str, dict[bytes, bytes]]]:
-    """XRANGE / XREVRANGE replies (RESP2) → [(entry id, fields)]; deleted entries dropped."""
-    out: list[tuple[str, dict[bytes, bytes]]] = []
-    if not isinstance(reply, list):
-        return out
-    for entry_id, fields in reply:
-        if isinstance(fields, dict):
-            out.append((_text(entry_id), dict(fields)))
-    return out
-
-
-def read_entries(reply: object) -> list[tuple[str, dict[bytes, bytes]]]:
-    """XREAD replies (RESP2): [[stream, entries], ...] → [(entry id, fields)]."""
-    out: list[tuple[str, dict[bytes, bytes]]] = []
-    if isinstance(reply, list):
-        for _stream, entries in reply:
-            out.extend(stream_entries(entries))
-    return out
-
-
-def _entry_of(run_id: str, entry_id: str, fields: dict[bytes, bytes]) -> Entry | None:
-    raw = fields.get(FIELD.encode(), b"")
-    try:
-        if _head.decode(raw).run_id != run_id:
-            return None
-    except msgspec.DecodeError:
-        return None
-    try:
-        event: AnyEvent | None = decode_event(raw)
-    except msgspec.DecodeError:
-        event = None
-    return Entry(entry_id, raw, event)
-
-
-async def run_state(redis: Redis, keys: Keys, run_id: str) -> RunState:
-    raw = await redis.hgetall(keys.run(run_id))
-    if not raw:
-        raise UnknownRun(run_id)
-    return RunState.from_hash(run_id, {_text(k): _text(v) for k, v in raw.items()})
-
-
-def start_id(created_at: float | None) -> str:
-    if not created_at:
-        return "-"
-    return f"{max(0, int((created_at - HISTORY_MARGIN_S) * 1000))}-0"
-
-
-async def history(
-    redis: Redis, keys: Keys, run_id: str, *, start: str = "-", chunk: int = 2000
-) -> tuple[list[Entry], str]:
-    """The run's recorded events in order, and the id of the last entry scanned (where a live
-    XREAD continues without a gap)."""
-    out: list[Entry] = []
-    cursor = start
-    last = "0-0" if start == "-" else start
-    while True:
-        batch = stream_entries(await redis.xrange(keys.events, min=cursor, max="+", count=chunk))
-        for entry_id, fields in batch:
-            last = entry_id
-            if (entry := _entry_of(run_id, entry_id, fields)) is not None:
-                out.append(entry)
-        if len(batch) < chunk:
-            return out, last
-        cursor = f"({last}"
-
-
-async def run_history(redis: Redis, keys: Keys, run_id: str) -> tuple[list[Entry], str]:
-    """History of a known run (UnknownRun otherwise), scanning from just before its creation."""
-    state = await run_state(redis, keys, run_id)
-    return await history(redis, keys, run_id, start=start_id(state.created_at))
-
-
-def is_terminal(entry: Entry) -> bool:
-    return entry.event is not None and event_kind(entry.event) in TERMINAL_KINDS
-
-
-async def follow(
-    url: str,
-    keys: Keys,
-    run_id: str,
-    on_entry: Callable[[Entry], None],
-    *,
-    after: str,
-    block_ms: int = 1000,
-) -> None:
-    """Live events of the run after `after`, until its terminal event (or until its state says
-    it ended, should that event have been trimmed away)."""
-    blocking = connect(url, blocking=True, block_ms=block_ms)
-    plain = connect(url)
-    last = after
-    try:
-        while True:
-            reply = read_entries(
-                await blocking.xread({keys.events: last}, count=500, block=block_ms)
-            )
-            for entry_id, fields in reply:
-                last = entry_id
-                entry = _entry_of(run_id, entry_id, fields)
-                if entry is None:
-                    continue
-                on_entry(entry)
-                if is_terminal(entry):
-                    return
-            if not reply:
-                status = await plain.hget(keys.run(run_id), "status")
-                if status is not None and _text(status) in TERMINAL_STATUSES:
-                    return
-    finally:
-        await blocking.aclose()
-        await plain.aclose()
-
-
-async def watch(url: str, redis: Redis, keys: Keys, run_id: str, renderer: Renderer) -> RunState:
+async def watch(client: ServiceClient, run_id: str, renderer: Renderer) -> RunState:
     """Render the run's history, then follow it live until it ends; its final state."""
 
-    def show(entry: Entry) -> None:
-        if entry.event is not None:
-            renderer.update(entry.event)
+    def show(entries: list[Entry]) -> None:
+        for entry in entries:
+            if entry.event is not None:
+                renderer.update(entry.event)
 
-    entries, last = await run_history(redis, keys, run_id)
-    for entry in entries:
-        show(entry)
-    if not any(is_terminal(e) for e in entries):
-        await follow(url, keys, run_id, show, after=last)
-    return await run_state(redis, keys, run_id)
+    entries, last = await client.history(run_id)
+    show(entries)
+    if not any(e.terminal for e in entries):
+        async for batch in client.follow(run_id, after=last):
+            show(batch)
+    return await client.run_state(run_id)
 
 
 # ------------------------------------------------------------------- what a terminal shows

@@ -7,16 +7,15 @@ answer) limits the answer to newer points: the page asks for those when an event
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
 
 import msgspec
 from aiohttp import web
 
-from actors.client.watch import history, start_id
-from actors.runtime.streams import Redis
+from actors.client.client import ServiceClient, start_after
+from actors.web.context import CLIENT
+from actors.web.http import json_response, run_of
 from actors.web.openapi import Param
 from protocol.events import AnyEvent, TrainProgress
-from protocol.keys import Keys
 from protocol.state import RunState
 
 Point = tuple[int, float]  # (training step, value)
@@ -66,27 +65,17 @@ def curves_of(run_id: str, events: list[AnyEvent], last: str = "") -> Curves:
     )
 
 
-async def read_curves(redis: Redis, keys: Keys, state: RunState, after: str = "") -> Curves:
+async def read_curves(client: ServiceClient, state: RunState, after: str = "") -> Curves:
     """The run's curves from its creation on, or only the points recorded after `after`."""
-    start = f"({after}" if after else start_id(state.created_at)
-    entries, last = await history(redis, keys, state.run_id, start=start)
+    entries, last = await client.history(state.run_id, after=after or start_after(state))
     events = [e.event for e in entries if e.event is not None]
-    return curves_of(state.run_id, events, last.removeprefix("("))  # "(after": none newer
+    return curves_of(state.run_id, events, last)
 
 
-def handler(
-    load_run: Callable[[web.Request], Awaitable[RunState]],
-    store: Callable[[web.Application], tuple[Redis, Keys]],
-) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """The route's handler, given how the app finds a run (its 404 included) and its Redis."""
-
-    async def get_curves(request: web.Request) -> web.StreamResponse:
-        state = await load_run(request)
-        redis, keys = store(request.app)
-        after = request.query.get("after", "")
-        if not _ENTRY_ID.fullmatch(after):
-            after = ""  # as for Last-Event-ID: anything else means from the start
-        curves = await read_curves(redis, keys, state, after)
-        return web.Response(body=msgspec.json.encode(curves), content_type="application/json")
-
-    return get_curves
+async def get_curves(request: web.Request) -> web.StreamResponse:
+    state = await run_of(request)
+    after = request.query.get("after", "")
+    if not _ENTRY_ID.fullmatch(after):
+        after = ""  # as for Last-Event-ID: anything else means from the start
+    curves = await read_curves(request.app[CLIENT], state, after)
+    return json_response(curves)
