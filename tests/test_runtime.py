@@ -20,6 +20,7 @@ from pathlib import Path
 import msgspec
 import pytest
 import redis.asyncio as aioredis
+import structlog
 
 from actors.runtime.embedded import EmbeddedRedis
 from actors.runtime.streams import (
@@ -30,6 +31,7 @@ from actors.runtime.streams import (
     Runtime,
     RuntimeConfig,
     connect,
+    keep_alive,
 )
 from protocol.codec import FIELD, decode_event, encode
 from protocol.commands import Base, CorpusIngest, RunCancel, TokenizerTrain
@@ -586,3 +588,36 @@ async def test_a_cancelled_run_starts_no_further_step(
     assert await is_done(redis, keys, "x-step")
     assert RunState.from_hash("r-c", await _hash(redis, keys, "r-c")).status == "cancelled"
     assert await pending(redis, keys) == []
+
+
+# ---------------------------------------------------------------------------- heartbeat
+async def test_a_heartbeat_whose_write_fails_logs_it_and_keeps_beating(
+    redis_url: str, redis: aioredis.Redis, keys: Keys
+) -> None:
+    # A real refusal from the server: a user that may not SET, allowed to later.
+    user, password = f"{keys.prefix}-hb", "hb-secret"
+    await redis.acl_setuser(
+        user, enabled=True, passwords=[f"+{password}"], keys=["~*"], commands=["+@all", "-set"]
+    )
+    limited = aioredis.Redis.from_url(redis_url, protocol=2, username=user, password=password)
+    key = keys.heartbeat("ingest", "hb-0")
+
+    async def beating() -> bool:
+        return bool(await redis.exists(key))
+
+    with structlog.testing.capture_logs() as logs:
+        beat = asyncio.create_task(keep_alive(limited, key, 0.05))
+        try:
+            await eventually(lambda: len(logs) >= 2, "two failed beats to be logged", timeout=5)
+            assert not beat.done() and not await beating()
+            await redis.acl_setuser(user, commands=["+set"])
+            await eventually(beating, "a beat once writes are allowed again")
+            assert not beat.done()
+        finally:
+            beat.cancel()
+            await asyncio.gather(beat, return_exceptions=True)
+            await limited.aclose()
+            await redis.acl_deluser(user)
+    failed = [e for e in logs if e["event"] == "heartbeat write failed"]
+    assert len(failed) >= 2 and all(e["log_level"] == "warning" for e in failed)
+    assert "NoPermissionError" in failed[0]["error"] and failed[0]["heartbeat"] == key
