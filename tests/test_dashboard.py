@@ -4,7 +4,10 @@ and the JSON, SSE and forms the page relies on have the fields its JavaScript re
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from html.parser import HTMLParser
 from pathlib import Path
@@ -406,3 +409,31 @@ def test_the_train_form_covers_the_main_settings() -> None:
         "checkpoint_every",
     )
     assert set(main) <= set(inputs)
+
+
+# ------------------------------------------------------------- the browser tests' gate
+@pytest.mark.parametrize("ci", ["true", ""], ids=["under-ci-they-fail", "locally-they-skip"])
+def test_the_browser_tests_without_a_browser_fail_under_ci_and_skip_locally(
+    ci: str, redis_url: str, tmp_path: Path
+) -> None:
+    """tests/test_dashboard_e2e.py run where chromium and chromedriver are not on the PATH."""
+    env = {**os.environ, "PATH": str(tmp_path), "REDIS_URL": redis_url, "CI": ci}
+    args = ["-q", "-rsE", "-p", "no:cacheprovider", "tests/test_dashboard_e2e.py"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", *args],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    out = proc.stdout + proc.stderr
+    assert "chromium/chromedriver not found" in out, out[-3000:]
+    summary = out.strip().splitlines()[-1]
+    if ci:
+        assert proc.returncode == 1, out[-3000:]
+        assert "CI is set" in out and "error" in summary and "skipped" not in summary, summary
+    else:
+        assert proc.returncode == 0, out[-3000:]
+        assert "skipped" in summary and "error" not in summary and "failed" not in summary, summary

@@ -20,6 +20,7 @@ from pathlib import Path
 import msgspec
 import pytest
 import redis.asyncio as aioredis
+import structlog
 
 from actors.runtime.embedded import EmbeddedRedis
 from actors.runtime.streams import (
@@ -30,6 +31,7 @@ from actors.runtime.streams import (
     Runtime,
     RuntimeConfig,
     connect,
+    keep_alive,
 )
 from protocol.codec import FIELD, decode_event, encode
 from protocol.commands import Base, CorpusIngest, RunCancel, TokenizerTrain
@@ -396,6 +398,58 @@ async def test_a_command_that_keeps_failing_is_dead_lettered_as_a_system_error(
     assert state.status == "failed"
 
 
+async def deliver_to_dying_consumers(redis: aioredis.Redis, keys: Keys, deliveries: int) -> str:
+    """Queue a command and deliver it `deliveries` times to consumers that die with it: the
+    first reads it, each next one takes it over (XCLAIM, as XAUTOCLAIM does once the lease
+    ran out). It is left idle past the lease, so a live consumer claims it next."""
+    command_id = f"c-dying-{deliveries}"
+    [entry_id] = await send(redis, keys, ingest(command_id, "ok", run_id=f"r-{command_id}"))
+    stream = keys.cmd("ingest")
+    await redis.xgroup_create(stream, "ingest", id="0")
+    await redis.xreadgroup("ingest", "dying-1", {stream: ">"}, count=1)
+    idle = int(LEASE * 1000) * 10
+    for n in range(2, deliveries + 1):
+        await redis.xclaim(stream, "ingest", f"dying-{n}", 0, [entry_id], idle=idle)
+    rows = await redis.xpending_range(stream, "ingest", min=entry_id, max=entry_id, count=1)
+    assert int(rows[0]["times_delivered"]) == deliveries
+    return entry_id
+
+
+@pytest.mark.parametrize(
+    "before",
+    [CONFIG.max_deliveries, CONFIG.max_deliveries - 1],
+    ids=["one-delivery-too-many", "max-deliveries-still-handled"],
+)
+async def test_a_command_whose_consumers_keep_dying_is_dead_lettered(
+    before: int, redis: aioredis.Redis, keys: Keys, work: Path
+) -> None:
+    entry_id = await deliver_to_dying_consumers(redis, keys, before)
+    command_id, run_id = f"c-dying-{before}", f"r-c-dying-{before}"
+
+    await runtime(redis, keys, ScriptedActor(work)).run(until_idle=True)  # one delivery more
+
+    assert await pending(redis, keys) == []
+    assert await is_done(redis, keys, command_id)
+    state = RunState.from_hash(run_id, await _hash(redis, keys, run_id))
+    if before < CONFIG.max_deliveries:  # max_deliveries deliveries: still handled
+        assert len(started(work, command_id)) == 1
+        assert await ready_count(redis, keys, command_id) == 1
+        assert await redis.xlen(keys.dead) == 0
+        assert state.status == "completed"
+        return
+    assert started(work, command_id) == []  # never handled again
+    reason = f"delivered {before + 1} times; its consumers kept dying"
+    letter = (await dead_letters(redis, keys))[entry_id]
+    assert letter["error"].decode() == reason
+    assert letter["deliveries"] == str(before + 1).encode()
+    assert letter["data"] == encode(ingest(command_id, "ok", run_id=run_id))
+    failed = [e for e in await events(redis, keys) if isinstance(e, RunFailed)]
+    assert [(e.run_id, e.error_kind, e.step, e.message) for e in failed] == [
+        (run_id, "system", "ingest", reason)
+    ]
+    assert (state.status, state.message) == ("failed", f"ingest failed: {reason}")
+
+
 async def test_a_user_error_fails_at_once_and_is_not_retried(
     redis: aioredis.Redis, keys: Keys, work: Path
 ) -> None:
@@ -586,3 +640,36 @@ async def test_a_cancelled_run_starts_no_further_step(
     assert await is_done(redis, keys, "x-step")
     assert RunState.from_hash("r-c", await _hash(redis, keys, "r-c")).status == "cancelled"
     assert await pending(redis, keys) == []
+
+
+# ---------------------------------------------------------------------------- heartbeat
+async def test_a_heartbeat_whose_write_fails_logs_it_and_keeps_beating(
+    redis_url: str, redis: aioredis.Redis, keys: Keys
+) -> None:
+    # A real refusal from the server: a user that may not SET, allowed to later.
+    user, password = f"{keys.prefix}-hb", "hb-secret"
+    await redis.acl_setuser(
+        user, enabled=True, passwords=[f"+{password}"], keys=["~*"], commands=["+@all", "-set"]
+    )
+    limited = aioredis.Redis.from_url(redis_url, protocol=2, username=user, password=password)
+    key = keys.heartbeat("ingest", "hb-0")
+
+    async def beating() -> bool:
+        return bool(await redis.exists(key))
+
+    with structlog.testing.capture_logs() as logs:
+        beat = asyncio.create_task(keep_alive(limited, key, 0.05))
+        try:
+            await eventually(lambda: len(logs) >= 2, "two failed beats to be logged", timeout=5)
+            assert not beat.done() and not await beating()
+            await redis.acl_setuser(user, commands=["+set"])
+            await eventually(beating, "a beat once writes are allowed again")
+            assert not beat.done()
+        finally:
+            beat.cancel()
+            await asyncio.gather(beat, return_exceptions=True)
+            await limited.aclose()
+            await redis.acl_deluser(user)
+    failed = [e for e in logs if e["event"] == "heartbeat write failed"]
+    assert len(failed) >= 2 and all(e["log_level"] == "warning" for e in failed)
+    assert "NoPermissionError" in failed[0]["error"] and failed[0]["heartbeat"] == key

@@ -498,24 +498,71 @@ def actor_process(
     )
 
 
+def training_children(run_dir: Path) -> list[int]:
+    """Pids of the run's training children, in the order their trainers started them."""
+    lines = map(json.loads, (run_dir / "logs.jsonl").open())
+    return [int(line["pid"]) for line in lines if line.get("event") == "training child started"]
+
+
+def alive(pid: int) -> bool:
+    """A zombie (exited, not yet reaped by whoever adopted it) is not alive."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in {"Z", "X"}
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    import torch
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def train_curve(run_dir: Path) -> list[tuple[str, int, float]]:
+    """(kind, step, loss) of every line of metrics.jsonl: what a stray writer would change."""
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out.append((r["kind"], r["step"], r.get("loss", r.get("val_loss", r.get("test_loss")))))
+    return out
+
+
 async def test_a_killed_trainer_is_taken_over_and_resumes_from_its_checkpoint(
     redis_url: str, redis: aioredis.Redis, keys: Keys, tmp_path: Path
 ) -> None:
     settings = make_settings(tmp_path, keys.prefix)
+    request = tiny(max_steps=300, checkpoint_every=10)
     first = actor_process(redis_url, settings, "trainer", "first")
     second: subprocess.Popen[bytes] | None = None
     try:
         others: list[ActorName] = ["ingest", "tokenizer", "evaluator", "uploader"]
         async with running(settings, redis_url, others):
-            info = await submit(redis, keys, plan_train(tiny(max_steps=300, checkpoint_every=10)))
+            info = await submit(redis, keys, plan_train(request))
+            run_dir = settings.run_dir(info.run_id)
             deadline = time.monotonic() + 180
-            while not list((settings.run_dir(info.run_id) / "checkpoints").glob("step-*")):
+            while not list((run_dir / "checkpoints").glob("step-*")):
                 assert time.monotonic() < deadline, "no checkpoint was written"
                 await asyncio.sleep(0.2)
+            [orphan] = training_children(run_dir)
             first.send_signal(signal.SIGKILL)
             first.wait()
             second = actor_process(redis_url, settings, "trainer", "second")
+            # The killed actor's child exits by itself, before the second trainer starts the
+            # command (a lease later): nothing of it can land in the run after the takeover.
+            deadline = time.monotonic() + 5
+            while alive(orphan):
+                assert time.monotonic() < deadline, "the orphaned training child lives on"
+                await asyncio.sleep(0.05)
+            assert len(trainer_steps(await events_of(redis, keys, info.run_id))) == 1
             assert await wait_for_end(redis, keys, info.run_id, timeout=300) == "completed"
+
+            # The same run, never interrupted: same request, same corpus, same tokenizer.
+            same = msgspec.structs.replace(request, tokenizer_id=info.tokenizer_id)
+            clean = await submit(redis, keys, plan_train(same))
+            assert await wait_for_end(redis, keys, clean.run_id, timeout=300) == "completed"
     finally:
         for proc in (first, second):
             if proc is not None and proc.poll() is None:
@@ -529,6 +576,16 @@ async def test_a_killed_trainer_is_taken_over_and_resumes_from_its_checkpoint(
     assert [e.consumer.split("-")[0] for e in trainer_steps(events)] == ["first", "second"]
     done = next(e for e in events if isinstance(e, TrainCompleted))
     assert done.steps == 300
+    children = training_children(run_dir)
+    assert len(children) == 2 and children[0] == orphan and not alive(orphan)
+
+    clean_dir = settings.run_dir(clean.run_id)
+    clean_starts = [
+        e for e in await events_of(redis, keys, clean.run_id) if isinstance(e, TrainStarted)
+    ]
+    assert [e.resumed_from_step for e in clean_starts] == [0]
+    assert same_weights(run_dir, clean_dir), "the resumed run's weights differ"
+    assert train_curve(run_dir) == train_curve(clean_dir)
 
 
 async def test_two_trainers_split_two_runs(

@@ -225,9 +225,12 @@ async def keep_alive(redis: Redis, key: str, every_s: float) -> None:
     """Mark a consumer alive (a key with a TTL of a few periods) until cancelled; /readyz
     looks for one per actor kind."""
     ttl = max(2, int(every_s * 3))
+    logger = log.get("runtime").bind(heartbeat=key)
     while True:
-        with contextlib.suppress(Exception):
+        try:
             await redis.set(key, str(time.time()), ex=ttl)
+        except Exception as e:  # a missed beat must not end the heartbeat: the next one retries
+            logger.warning("heartbeat write failed", error=f"{type(e).__name__}: {e}")
         await asyncio.sleep(every_s)
 
 

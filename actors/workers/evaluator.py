@@ -129,10 +129,12 @@ class EvaluatorActor(PoolActor):
             chat_job, str(run_dir), [(t.role, t.content) for t in turns], cmd
         )
         turns += [Turn("user", cmd.message), Turn("assistant", reply)]
-        await ctx.redis.set(key, msgspec.json.encode(turns), ex=CHAT_TTL_S)
         history = [{"role": t.role, "content": t.content} for t in turns]
         result = {"reply": reply, "session_id": cmd.session_id, "history": history}
-        return answer(ctx.keys, cmd, {"result": result})
+        outcome = answer(ctx.keys, cmd, {"result": result})
+        # With the ack, fenced: a worker whose command was taken over must not add its turn.
+        outcome.writes.append(("SET", key, msgspec.json.encode(turns), "EX", str(CHAT_TTL_S)))
+        return outcome
 
     async def run_dir(self, run_id: str, ctx: Context) -> Path:
         """The run's model dir on this machine, fetched through its artifact pointer if absent."""
