@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
@@ -560,7 +561,8 @@ async def test_a_killed_trainer_is_taken_over_and_resumes_from_its_checkpoint(
             assert await wait_for_end(redis, keys, info.run_id, timeout=300) == "completed"
 
             # The same run, never interrupted: same request, same corpus, same tokenizer.
-            same = msgspec.structs.replace(request, tokenizer_id=info.tokenizer_id)
+            chain = msgspec.structs.replace(request.chain, tokenizer_id=info.tokenizer_id)
+            same = msgspec.structs.replace(request, chain=chain)
             clean = await submit(redis, keys, plan_train(same))
             assert await wait_for_end(redis, keys, clean.run_id, timeout=300) == "completed"
     finally:
