@@ -11,9 +11,10 @@ from actors.runtime import log
 from actors.runtime.config import Settings
 from actors.runtime.embedded import EmbeddedRedis
 from actors.runtime.streams import Actor, RuntimeConfig, run_actors
+from actors.workers.bot_events import NotifierConfig
 from actors.workers.evaluator import EvaluatorActor
 from actors.workers.ingest import IngestActor
-from actors.workers.notifier import NotifierConfig, run_notifier
+from actors.workers.notifier import run_notifier
 from actors.workers.tokenizer import TokenizerActor
 from actors.workers.trainer import TrainerActor
 from actors.workers.uploader import UploaderActor

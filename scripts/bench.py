@@ -25,8 +25,10 @@ from pathlib import Path
 import msgspec
 
 from actors.runtime import log
+from actors.runtime.connection import Redis, connect
 from actors.runtime.embedded import EmbeddedRedis
-from actors.runtime.streams import Actor, Context, Outcome, Redis, Runtime, RuntimeConfig, connect
+from actors.runtime.outcome import Outcome
+from actors.runtime.streams import Actor, Context, Runtime, RuntimeConfig
 from protocol.codec import FIELD, encode
 from protocol.commands import Base, CorpusIngest, ModelScore
 from protocol.keys import ActorName, Keys

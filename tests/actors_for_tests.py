@@ -15,8 +15,9 @@ import os
 from pathlib import Path
 
 from actors.runtime import log
+from actors.runtime.outcome import Outcome
 from actors.runtime.pool import Pool
-from actors.runtime.streams import Actor, Context, Outcome, RuntimeConfig, run_actors
+from actors.runtime.streams import Actor, Context, RuntimeConfig, run_actors
 from protocol.commands import Base, CorpusIngest
 from protocol.events import CorpusReady
 from protocol.keys import Keys

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from actors.runtime.connection import connect
 from actors.runtime.embedded import EmbeddedRedis
-from actors.runtime.streams import connect
 from protocol.keys import Keys
 
 

@@ -13,9 +13,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from actors.cli import main as cli
-from actors.client.client import CANCEL_TTL_S, stream_entries
+from actors.client.client import CANCEL_TTL_S
 from actors.client.watch import PlainRenderer
-from actors.runtime.streams import add_event
+from actors.runtime.connection import stream_entries
+from actors.runtime.outcome import add_event
 from protocol.codec import FIELD, decode_command, decode_event
 from protocol.commands import (
     Base,

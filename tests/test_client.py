@@ -21,9 +21,9 @@ from actors.client.client import (
     Samples,
     ServiceClient,
     UnknownRun,
-    stream_entries,
 )
-from actors.runtime.streams import Write, add_event, answer
+from actors.runtime.connection import stream_entries
+from actors.runtime.outcome import Write, add_event, answer
 from protocol.codec import FIELD, decode_command, decode_event
 from protocol.commands import CorpusIngest, ModelGenerate
 from protocol.events import (

@@ -19,9 +19,9 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from actors.client.client import stream_entries
 from actors.runtime.config import Settings
-from actors.runtime.streams import add_event
+from actors.runtime.connection import stream_entries
+from actors.runtime.outcome import add_event
 from actors.web.app import ROUTES, bound_url, create_app, serve
 from actors.web.http import field_of
 from actors.web.streams import read_from, tail_lines

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from actors.runtime.config import Settings
-from actors.runtime.streams import add_event
+from actors.runtime.outcome import add_event
 from protocol.events import RunCompleted, RunQueued
 from protocol.keys import Keys
 from protocol.requests import (

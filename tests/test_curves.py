@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from actors.runtime.config import Settings
-from actors.runtime.streams import add_event
+from actors.runtime.outcome import add_event
 from actors.web.app import bound_url, create_app
 from actors.web.curves import Curves
 from protocol.events import AnyEvent, RunQueued, StepStarted, TrainProgress, TrainStarted

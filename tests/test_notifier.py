@@ -18,16 +18,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from actors.runtime.config import Settings
-from actors.workers.notifier import (
-    GROUP,
-    Discord,
-    JobProgress,
-    MetricsProgress,
-    Notifier,
-    NotifierConfig,
-    Translator,
-    run_notifier,
-)
+from actors.workers.bot_events import JobProgress, MetricsProgress, NotifierConfig, Translator
+from actors.workers.discord import Discord
+from actors.workers.notifier import GROUP, Notifier, run_notifier
 from protocol.codec import FIELD, encode
 from protocol.events import (
     AnyEvent,

@@ -12,10 +12,11 @@ import redis.asyncio as aioredis
 from actors import service
 from actors.cli import main as cli
 from actors.client import replay
-from actors.client.client import stream_entries
 from actors.client.submit import plan_tokenizer, submit
 from actors.runtime.config import Settings
-from actors.runtime.streams import Actor, Context, Outcome, Runtime, RuntimeConfig
+from actors.runtime.connection import stream_entries
+from actors.runtime.outcome import Outcome
+from actors.runtime.streams import Actor, Context, Runtime, RuntimeConfig
 from protocol.codec import FIELD, decode_event
 from protocol.commands import Base, CorpusIngest, TokenizerTrain
 from protocol.events import CorpusReady, TokenizerReady

@@ -9,8 +9,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from actors.cli import main as cli
-from actors.client.client import read_entries, stream_entries
 from actors.runtime import retention
+from actors.runtime.connection import read_entries, stream_entries
 from protocol.keys import Keys
 from trainer.errors import UserError
 

@@ -22,17 +22,10 @@ import pytest
 import redis.asyncio as aioredis
 import structlog
 
+from actors.runtime.connection import connect, keep_alive
 from actors.runtime.embedded import EmbeddedRedis
-from actors.runtime.streams import (
-    Actor,
-    Context,
-    Fenced,
-    Outcome,
-    Runtime,
-    RuntimeConfig,
-    connect,
-    keep_alive,
-)
+from actors.runtime.outcome import Outcome
+from actors.runtime.streams import Actor, Context, Fenced, Runtime, RuntimeConfig
 from protocol.codec import FIELD, decode_event, encode
 from protocol.commands import Base, CorpusIngest, RunCancel, TokenizerTrain
 from protocol.events import (

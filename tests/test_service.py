@@ -27,7 +27,8 @@ import redis.asyncio as aioredis
 from actors import service
 from actors.client.submit import plan_train, submit
 from actors.runtime.config import Settings
-from actors.runtime.streams import RuntimeConfig, connect
+from actors.runtime.connection import connect
+from actors.runtime.streams import RuntimeConfig
 from protocol.codec import FIELD, decode_event
 from protocol.events import (
     AnyEvent,

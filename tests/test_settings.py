@@ -14,9 +14,9 @@ import redis.asyncio as aioredis
 
 from actors.cli.flags import request_from
 from actors.cli.main import parser
-from actors.client.client import stream_entries
 from actors.client.submit import plan_train
 from actors.runtime.config import Settings
+from actors.runtime.connection import stream_entries
 from actors.workers.trainer import train_config
 from protocol.codec import FIELD, decode_command
 from protocol.commands import CorpusIngest, ModelTrain, TokenizerTrain

@@ -8,7 +8,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from actors.runtime.streams import add_event
+from actors.runtime.outcome import add_event
 from protocol.events import (
     TERMINAL_KINDS,
     TERMINAL_STATUSES,

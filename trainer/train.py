@@ -213,6 +213,13 @@ def _save_model_dir(model: nn.Module, cfg: ModelConfig, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+class _MetricsLine(msgspec.Struct):
+    """What _trim_metrics reads of a metrics.jsonl line."""
+
+    kind: str
+    step: int = 0
+
+
 def _trim_metrics(path: Path, upto_step: int) -> None:
     """Drop metrics lines past the checkpoint a run resumes from (they will be redone),
     and the test line of a finished run (the final evaluation is redone too)."""
@@ -221,11 +228,11 @@ def _trim_metrics(path: Path, upto_step: int) -> None:
     kept = []
     for line in path.read_text().splitlines():
         try:
-            record = json.loads(line)
-        except ValueError:
+            # json, not msgspec, parses: the lines may hold NaN, which JSON proper cannot.
+            record = msgspec.convert(json.loads(line), _MetricsLine)
+        except (ValueError, msgspec.ValidationError):
             continue  # a line cut short by a crash
-        step = record.get("step", 0)
-        if isinstance(step, int) and step <= upto_step and record.get("kind") != "test":
+        if record.step <= upto_step and record.kind != "test":
             kept.append(line + "\n")
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(kept))

@@ -112,6 +112,13 @@ def _fmt(x: object) -> str:
     return f"{x:.2f}" if isinstance(x, float) else str(x)
 
 
+class _TestMetrics(msgspec.Struct):
+    """What the summary shows of the evaluation's metrics.json."""
+
+    perplexity: float | None = None
+    bits_per_char: float | None = None
+
+
 async def summary(settings: Settings, client: ServiceClient, run_id: str) -> None:
     entries, _ = await client.history(run_id)
     events = [e.event for e in entries if e.event is not None]
@@ -119,7 +126,9 @@ async def summary(settings: Settings, client: ServiceClient, run_id: str) -> Non
     val = [e for e in events if isinstance(e, TrainProgress) and e.val_ppl is not None]
     run_dir = settings.run_dir(run_id)
     metrics_file = run_dir / "eval" / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    metrics: _TestMetrics | None = None
+    if metrics_file.is_file():  # json parses: the file may hold NaN, which JSON proper cannot
+        metrics = msgspec.convert(json.loads(metrics_file.read_text()), _TestMetrics)
     out = sys.stdout
     print("\n== summary", file=out)
     if tok is not None:
@@ -138,10 +147,10 @@ async def summary(settings: Settings, client: ServiceClient, run_id: str) -> Non
             f"→ {_fmt(last.val_ppl)} at step {last.step}",
             file=out,
         )
-    if metrics:
+    if metrics is not None:
         print(
-            f"test        perplexity {_fmt(metrics.get('perplexity'))}, "
-            f"{_fmt(metrics.get('bits_per_char'))} bits/char",
+            f"test        perplexity {_fmt(metrics.perplexity)}, "
+            f"{_fmt(metrics.bits_per_char)} bits/char",
             file=out,
         )
     print("samples", file=out)

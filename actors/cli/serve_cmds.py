@@ -13,7 +13,7 @@ from actors.cli.demo import run_demo
 from actors.cli.service_ctx import serve_control
 from actors.runtime import retention
 from actors.runtime.config import Settings
-from actors.runtime.streams import connect
+from actors.runtime.connection import connect
 from protocol.keys import ACTOR_NAMES, ActorName, Keys
 
 

@@ -19,14 +19,8 @@ from typing import Literal
 import msgspec
 
 from actors.client.submit import plan_tokenizer, plan_train, submit
-from actors.runtime.streams import (
-    Redis,
-    Write,
-    add_command,
-    connect,
-    event_writes,
-    request_kind,
-)
+from actors.runtime.connection import Redis, connect, read_entries, stream_entries
+from actors.runtime.outcome import Write, add_command, event_writes, request_kind
 from protocol.codec import FIELD, decode_event
 from protocol.commands import ChainCommand, RequestCommand
 from protocol.events import (
@@ -126,26 +120,6 @@ _marker = msgspec.json.Decoder(RequestMarker)
 
 def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-
-
-def stream_entries(reply: object) -> list[tuple[str, dict[bytes, bytes]]]:
-    """XRANGE / XREVRANGE replies (RESP2) → [(entry id, fields)]; deleted entries dropped."""
-    out: list[tuple[str, dict[bytes, bytes]]] = []
-    if not isinstance(reply, list):
-        return out
-    for entry_id, fields in reply:
-        if isinstance(fields, dict):  # None: deleted while we read
-            out.append((_text(entry_id), dict(fields)))
-    return out
-
-
-def read_entries(reply: object) -> list[tuple[str, dict[bytes, bytes]]]:
-    """XREAD / XREADGROUP replies (RESP2): [[stream, entries], ...] → [(entry id, fields)]."""
-    out: list[tuple[str, dict[bytes, bytes]]] = []
-    if isinstance(reply, list):
-        for _stream, entries in reply:
-            out.extend(stream_entries(entries))
-    return out
 
 
 @dataclass(frozen=True)

@@ -38,18 +38,11 @@ import msgspec
 from redis.exceptions import ResponseError
 
 from actors import service
-from actors.client.client import Entry, ServiceClient, stream_entries
+from actors.client.client import Entry, ServiceClient
 from actors.runtime.config import Settings
-from actors.runtime.streams import (
-    Actor,
-    Redis,
-    Runtime,
-    RuntimeConfig,
-    add_event,
-    connect,
-    is_chain_step,
-    run_id_of,
-)
+from actors.runtime.connection import Redis, connect, stream_entries
+from actors.runtime.outcome import add_event, is_chain_step, run_id_of
+from actors.runtime.streams import Actor, Runtime, RuntimeConfig
 from protocol.codec import FIELD, decode_command
 from protocol.commands import Base, kind_of
 from protocol.events import RunQueued

@@ -9,7 +9,8 @@ from __future__ import annotations
 import secrets
 import time
 
-from actors.runtime.streams import Redis, add_command, add_event
+from actors.runtime.connection import Redis
+from actors.runtime.outcome import add_command, add_event
 from protocol.commands import (
     ArtifactUpload,
     ChainCommand,

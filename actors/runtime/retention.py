@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from redis.exceptions import RedisError, ResponseError
 
 from actors.runtime import log
-from actors.runtime.streams import Redis
+from actors.runtime.connection import Redis
 from protocol.keys import COMMAND_ACTORS, Keys
 from trainer.errors import UserError
 

@@ -17,52 +17,56 @@ and an async `handle`. The runtime gives it, per command:
 - events and the run-state hash written in one MULTI/EXEC;
 - an orderly stop: stop reading, let running handlers finish within the grace period,
   cancel the rest (their entries stay pending for another consumer).
+
+Why one module of ~650 lines: these are the states of one delivery (read, claim, begin,
+renew, commit or fail, ack) and they guard each other's invariants; split, the fencing rule
+would be spread over files. What a handler returns and how it becomes writes is
+actors.runtime.outcome; connections and stream reading are actors.runtime.connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import signal
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import msgspec
-import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors.runtime import log
-from protocol.codec import FIELD, decode_command, encode
+from actors.runtime.connection import GroupReader, Redis, connect, keep_alive, read_entries
+from actors.runtime.outcome import (
+    Cancelled,
+    Outcome,
+    Write,
+    add_event,
+    answer,
+    command_writes,
+    event_writes,
+    is_chain_step,
+    next_in_chain,
+    request_id_of,
+    run_id_of,
+)
+from protocol.codec import FIELD, decode_command
 from protocol.commands import (
-    ArtifactUpload,
     Base,
-    ChainCommand,
-    CorpusIngest,
-    ModelChat,
-    ModelEvaluate,
-    ModelGenerate,
-    ModelScore,
-    ModelTrain,
-    RequestCommand,
     RunCancel,
-    TokenizerTrain,
-    actor_of,
 )
 from protocol.events import (
     AnyEvent,
     CancelRequested,
     CommandDuplicate,
     ErrorKind,
-    RequestKind,
-    ResultReady,
     RunCancelled,
     RunCompleted,
     RunFailed,
@@ -70,10 +74,7 @@ from protocol.events import (
     StepStarted,
 )
 from protocol.keys import ActorName, Keys
-from protocol.state import state_fields
 from trainer.errors import UserError
-
-Redis = aioredis.Redis
 
 # Reset the idle time of our own pending entry, but only while we still own both the entry
 # and the current attempt: a renewal must never take a command back from its new owner.
@@ -106,26 +107,6 @@ class Fenced(Exception):
     """Another consumer took the command over; this one must not write anything more."""
 
 
-class Cancelled(Exception):
-    """The run was cancelled; raised by handlers that noticed it (the runtime records it)."""
-
-
-Write = tuple[str | bytes, ...]  # one Redis command and its arguments
-
-
-@dataclass
-class Outcome:
-    """What a successful handler leaves behind: committed atomically with the ack.
-
-    For a chain step the runtime adds step.completed and queues the next step of the chain
-    (or records run.completed after the last one); `send` is for anything extra, `writes`
-    for other keys that must change with the ack (a request's result)."""
-
-    events: list[AnyEvent] = field(default_factory=list)
-    send: list[Base] = field(default_factory=list)
-    writes: list[Write] = field(default_factory=list)
-
-
 @dataclass(frozen=True)
 class RuntimeConfig:
     lease_s: float = 30.0
@@ -136,153 +117,6 @@ class RuntimeConfig:
     backoff_max_s: float = 30.0
     grace_s: float = 30.0
     done_ttl_s: int = 14 * 24 * 3600
-
-
-def request_id_of(cmd: Base) -> str:
-    """Request-style commands answer under a request id instead of moving a run along."""
-    if isinstance(cmd, RequestCommand):
-        return cmd.request_id
-    return ""
-
-
-def run_id_of(cmd: Base) -> str:
-    if isinstance(
-        cmd,
-        CorpusIngest
-        | TokenizerTrain
-        | ModelTrain
-        | ModelEvaluate
-        | ModelScore
-        | ModelGenerate
-        | ModelChat
-        | ArtifactUpload
-        | RunCancel,
-    ):
-        return cmd.run_id
-    return ""
-
-
-def is_chain_step(cmd: Base) -> bool:
-    return isinstance(cmd, ChainCommand) and not request_id_of(cmd)
-
-
-def next_in_chain(cmd: Base) -> list[Base]:
-    """The next step of the run, carrying the rest of the chain."""
-    if not isinstance(cmd, ChainCommand) or not cmd.rest:
-        return []
-    nxt = cmd.rest[0]
-    nxt.rest = list(cmd.rest[1:])
-    return [nxt]
-
-
-def event_writes(keys: Keys, event: AnyEvent) -> list[Write]:
-    """An event on the events stream and the run-state change it implies."""
-    if not event.at:
-        event.at = time.time()
-    writes: list[Write] = [("XADD", keys.events, "*", FIELD, encode(event))]
-    fields = state_fields(event)
-    if event.run_id and fields:
-        writes.append(("HSET", keys.run(event.run_id), *itertools.chain(*fields.items())))
-    return writes
-
-
-def command_writes(keys: Keys, cmd: Base) -> list[Write]:
-    return [("XADD", keys.cmd(actor_of(cmd)), "*", FIELD, encode(cmd))]
-
-
-RESULT_TTL_S = 7 * 24 * 3600
-
-
-def answer(keys: Keys, cmd: Base, body: dict[str, object]) -> Outcome:
-    """The outcome of a request-style command: its result under the request id (`ok` and
-    `what` added here) and the result.ready event."""
-    rid, what = request_id_of(cmd), request_kind(cmd)
-    ok = body.get("ok", True) is True
-    stored = msgspec.json.encode({"ok": ok, "what": what, **body})
-    message = str(body.get("message", "")) if not ok else ""
-    return Outcome(
-        events=[ResultReady(request_id=rid, what=what, ok=ok, message=message)],
-        writes=[("SET", keys.result(rid), stored, "EX", str(RESULT_TTL_S))],
-    )
-
-
-def add_event(pipe: Redis, keys: Keys, event: AnyEvent) -> None:
-    """Queue an event and the run-state change it implies on a MULTI pipeline (the same
-    writes as `event_writes`, for callers outside the runtime)."""
-    if not event.at:
-        event.at = time.time()
-    pipe.xadd(keys.events, {FIELD: encode(event)})
-    fields = state_fields(event)
-    if event.run_id and fields:
-        pipe.hset(keys.run(event.run_id), mapping=fields)  # type: ignore[arg-type]  # redis-py's mapping type is invariant
-
-
-def add_command(pipe: Redis, keys: Keys, cmd: Base) -> None:
-    pipe.xadd(keys.cmd(actor_of(cmd)), {FIELD: encode(cmd)})
-
-
-async def keep_alive(redis: Redis, key: str, every_s: float) -> None:
-    """Mark a consumer alive (a key with a TTL of a few periods) until cancelled; /readyz
-    looks for one per actor kind."""
-    ttl = max(2, int(every_s * 3))
-    logger = log.get("runtime").bind(heartbeat=key)
-    while True:
-        try:
-            await redis.set(key, str(time.time()), ex=ttl)
-        except Exception as e:  # a missed beat must not end the heartbeat: the next one retries
-            logger.warning("heartbeat write failed", error=f"{type(e).__name__}: {e}")
-        await asyncio.sleep(every_s)
-
-
-class GroupReader:
-    """One consumer of one stream in one consumer group: creates the group, reads the
-    consumer's own pending entries ("0") or new ones (">"), recreates the group when Redis
-    lost it (NOGROUP), acknowledges. The command runtime and the notifier read through it.
-    """
-
-    def __init__(
-        self,
-        redis: Redis,
-        blocking: Redis,
-        stream: str,
-        group: str,
-        consumer: str,
-        recreate_at: Callable[[], str],
-    ) -> None:
-        self.redis = redis
-        self.blocking = blocking  # its own connection: the socket timeout exceeds BLOCK
-        self.stream, self.group, self.consumer = stream, group, consumer
-        self.recreate_at = recreate_at
-        self.log = log.get("runtime").bind(stream=stream, group=group, consumer=consumer)
-
-    async def ensure(self, at: str | None = None) -> None:
-        try:
-            await self.redis.xgroup_create(
-                self.stream, self.group, id=at or self.recreate_at(), mkstream=True
-            )
-        except ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
-
-    async def read(
-        self, entry_id: str, count: int, block: int | None
-    ) -> list[tuple[str, dict[bytes, bytes]]]:
-        try:
-            reply = await self.blocking.xreadgroup(
-                self.group, self.consumer, {self.stream: entry_id}, count=count, block=block
-            )
-        except ResponseError as e:
-            # Redis 7.0/7.1 answer a reader blocked on a deleted stream with UNBLOCKED.
-            if "NOGROUP" not in str(e) and "UNBLOCKED" not in str(e):
-                raise
-            self.log.warning("group missing, recreating", at=self.recreate_at())
-            await self.ensure()
-            return []
-        return _entries(reply)
-
-    def ack(self, pipe: Redis, *entry_ids: str) -> None:
-        """Queue the acknowledgement on a pipeline (with the writes it must go with)."""
-        pipe.xack(self.stream, self.group, *entry_ids)
 
 
 class Actor:
@@ -400,7 +234,9 @@ class Runtime:
             await self.ensure_group()
             return []
         # Never our own running entries (a renewal that came late), never more than we can run.
-        claimed = [(i, f) for i, f in _entries([[self.stream, reply[1]]]) if i not in self._tasks]
+        claimed = [
+            (i, f) for i, f in read_entries([[self.stream, reply[1]]]) if i not in self._tasks
+        ]
         if claimed:
             self.log.info("claimed idle entries", ids=[i for i, _ in claimed])
         return claimed
@@ -760,45 +596,6 @@ class Runtime:
                 if handler is not None:
                     handler.cancel()
                 return
-
-
-def request_kind(cmd: Base) -> RequestKind:
-    match cmd:
-        case ModelScore():
-            return "score"
-        case ModelGenerate():
-            return "generate"
-        case ModelChat():
-            return "chat"
-        case _:
-            return "evaluate"
-
-
-def _entries(reply: object) -> list[tuple[str, dict[bytes, bytes]]]:
-    """XREADGROUP / XAUTOCLAIM replies (RESP2) → [(entry id, fields)]; deleted entries dropped."""
-    out: list[tuple[str, dict[bytes, bytes]]] = []
-    if not isinstance(reply, list):
-        return out
-    for _stream, entries in reply:
-        for entry_id, fields in entries:
-            if fields is None:  # trimmed/deleted while pending
-                continue
-            eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-            out.append((eid, dict(fields)))
-    return out
-
-
-def connect(url: str, *, blocking: bool = False, block_ms: int = 1000) -> Redis:
-    """RESP2 (predictable reply shapes); blocking clients get a timeout longer than BLOCK."""
-    timeout = block_ms / 1000 + 10 if blocking else 10.0
-    return aioredis.Redis.from_url(
-        url,
-        protocol=2,
-        socket_timeout=timeout,
-        socket_connect_timeout=5.0,
-        health_check_interval=30,
-        retry_on_timeout=False,
-    )
 
 
 async def run_actors(

@@ -38,16 +38,18 @@ class DataBankFile(msgspec.Struct, kw_only=True):
     created_at: str = ""
 
 
+class _ErrorBody(msgspec.Struct):
+    message: str = ""
+
+
 async def _message(resp: aiohttp.ClientResponse) -> str:
     """The `message` of a Data Bank error body, or the start of whatever came back."""
     body = await resp.read()
     try:
-        decoded = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        return body[:200].decode("utf-8", "replace")
-    if isinstance(decoded, dict) and isinstance(decoded.get("message"), str):
-        return str(decoded["message"])
-    return body[:200].decode("utf-8", "replace")
+        message = msgspec.json.decode(body, type=_ErrorBody).message
+    except msgspec.DecodeError:  # not JSON, or not the error shape (ValidationError)
+        message = ""
+    return message or body[:200].decode("utf-8", "replace")
 
 
 async def _raise_for(resp: aiohttp.ClientResponse, what: str) -> None:

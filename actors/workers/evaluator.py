@@ -18,8 +18,9 @@ from pathlib import Path
 
 import msgspec
 
+from actors.runtime.outcome import Outcome, answer
 from actors.runtime.pool import PoolActor
-from actors.runtime.streams import Context, Outcome, answer
+from actors.runtime.streams import Context
 from protocol.commands import Base, ModelChat, ModelEvaluate, ModelGenerate, ModelScore
 from protocol.events import ArtifactPointer, EvalCompleted
 from trainer.errors import UserError
@@ -67,10 +68,11 @@ class Turn(msgspec.Struct):
     content: str
 
 
-def _numbers(d: dict[str, object]) -> dict[str, float]:
-    return {
-        k: float(v) for k, v in d.items() if isinstance(v, int | float) and not isinstance(v, bool)
-    }
+class _Scores(msgspec.Struct):
+    """The headline numbers of trainer.evaluate's metrics (the event carries these)."""
+
+    loss: float | None = None
+    perplexity: float | None = None
 
 
 class EvaluatorActor(PoolActor):
@@ -106,13 +108,15 @@ class EvaluatorActor(PoolActor):
             path = str(resolve_corpus_path(self.settings.corpus_root, cmd.path))
         out_name = "metrics" if not cmd.request_id else f"eval-{cmd.request_id}"
         metrics = await self.pool.run(evaluate_job, str(run_dir), cmd.split, path, out_name)
-        loss, ppl = metrics.get("loss"), metrics.get("perplexity")
+        scores = msgspec.convert(metrics, _Scores)
+        # The event keeps the numeric metrics; the rest (source, samples) is in the result.
+        numbers = {k: v for k, v in metrics.items() if type(v) in (int, float)}
         event = EvalCompleted(
             request_id=cmd.request_id,
             split=cmd.path or cmd.split,
-            loss=float(loss) if isinstance(loss, int | float) else None,
-            ppl=float(ppl) if isinstance(ppl, int | float) else None,
-            metrics=_numbers(metrics),
+            loss=scores.loss,
+            ppl=scores.perplexity,
+            metrics=msgspec.convert(numbers, dict[str, float]),
         )
         if cmd.request_id:
             outcome = answer(ctx.keys, cmd, {"result": metrics})

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from actors.runtime.outcome import Outcome
 from actors.runtime.pool import PoolActor
-from actors.runtime.streams import Context, Outcome
+from actors.runtime.streams import Context
 from protocol.commands import Base, CorpusIngest
 from protocol.events import CorpusReady
 from protocol.settings import CorpusSettings

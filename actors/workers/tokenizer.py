@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from actors.runtime.outcome import Outcome
 from actors.runtime.pool import PoolActor
-from actors.runtime.streams import Context, Outcome
+from actors.runtime.streams import Context
 from protocol.commands import Base, TokenizerTrain
 from protocol.events import TokenizerReady
 from protocol.settings import TokenizerSettings

@@ -26,8 +26,9 @@ from pathlib import Path
 import msgspec
 
 from actors.runtime.config import Settings
+from actors.runtime.outcome import Cancelled, Outcome
 from actors.runtime.pool import CancelFlag, WorkerDied
-from actors.runtime.streams import Actor, Cancelled, Context, Outcome
+from actors.runtime.streams import Actor, Context
 from protocol.commands import Base, ModelTrain
 from protocol.events import TrainCompleted, TrainProgress, TrainStarted
 from trainer.config import TrainConfig

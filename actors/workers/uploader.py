@@ -26,8 +26,9 @@ from typing import BinaryIO, Literal
 import aiohttp
 
 from actors.runtime.config import Settings
+from actors.runtime.outcome import Outcome
 from actors.runtime.pool import PoolActor
-from actors.runtime.streams import Context, Outcome
+from actors.runtime.streams import Context
 from actors.workers import databank
 from protocol.commands import ArtifactUpload, Base
 from protocol.events import ArtifactPointer, ArtifactStored
