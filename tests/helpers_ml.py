@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from protocol.settings import ModelFamily
 from trainer.config import TrainConfig, load_config
-from trainer.model import ModelFamily
 from trainer.tokenizer import TokenizerConfig, train_tokenizer
 
 # Plain English prose written for these tests: real words and sentences, so that a small

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from protocol.settings import GenerateSettings, SamplingSettings
+from protocol.settings import GenerateSettings, ModelFamily, SamplingSettings
 from tests.helpers_ml import TINY_DIMS, char_tokenizer, small_corpus, tiny_config, write_corpus
 from trainer.errors import UserError
 from trainer.evaluate import (
@@ -28,7 +28,7 @@ from trainer.evaluate import (
     head_lines,
     score,
 )
-from trainer.model import CharLSTM, ModelConfig, ModelFamily, build_model, save_model
+from trainer.model import CharLSTM, ModelConfig, build_model, save_model
 from trainer.model import logits as model_logits
 from trainer.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
 from trainer.train import train

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from protocol.settings import ModelFamily
 from tests.helpers_ml import TINY_DIMS
 from trainer.errors import UserError
 from trainer.model import (
@@ -15,7 +16,6 @@ from trainer.model import (
     SIZES,
     CharLSTM,
     ModelConfig,
-    ModelFamily,
     build_model,
     count_parameters,
     input_embedding,

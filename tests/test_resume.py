@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from protocol.settings import ModelFamily
 from tests.helpers_ml import char_tokenizer, small_corpus, tiny_config
 from trainer.checkpoint import LATEST, checkpoint_name
-from trainer.model import ModelFamily
 from trainer.train import train
 
 torch.set_num_threads(1)

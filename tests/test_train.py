@@ -15,13 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from protocol.settings import ModelFamily
 from tests.helpers_ml import char_tokenizer, lines, small_corpus, tiny_config, write_corpus
 from trainer.checkpoint import latest_checkpoint, list_checkpoints
 from trainer.config import TrainConfig, load_config
 from trainer.data import IGNORE_INDEX, TokenWindows, encode_splits
 from trainer.errors import UserError
 from trainer.manifest import read_manifest
-from trainer.model import ModelFamily, load_model, logits, read_model_config
+from trainer.model import load_model, logits, read_model_config
 from trainer.report import Progress
 from trainer.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
 from trainer.train import cpu_supports_bf16, lr_factor, train

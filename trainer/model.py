@@ -18,14 +18,13 @@ import msgspec
 import torch
 from torch import nn
 
+from protocol.settings import ModelFamily, ModelSize
 from trainer.errors import UserError
 from trainer.jsonfile import dumps, from_json, load_json, read_json
 
 if TYPE_CHECKING:  # transformers costs seconds to import: only where a model is built
     from transformers import PretrainedConfig, PreTrainedModel
 
-ModelFamily = Literal["gpt2", "llama", "qwen", "char_lstm"]
-ModelSize = Literal["tiny", "small", "medium", "large"]
 FAMILIES: tuple[ModelFamily, ...] = get_args(ModelFamily)
 SIZE_NAMES: tuple[ModelSize, ...] = get_args(ModelSize)
 
