@@ -3,6 +3,12 @@
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+# A chat session lives this long after its last turn, and keeps its newest CHAT_MAX_TURNS
+# turns (a user message is at most 4,000 characters, a reply at most max_new_tokens tokens):
+# the model sees fewer anyway, as its context holds only the newest turns that fit.
+CHAT_TTL_S = 24 * 3600
+CHAT_MAX_TURNS = 10
+
 ActorName = Literal["ingest", "tokenizer", "trainer", "evaluator", "uploader", "notifier"]
 ACTOR_NAMES: tuple[ActorName, ...] = get_args(ActorName)
 # Actors that read a command stream of their own (the notifier reads the events stream).
@@ -58,8 +64,16 @@ class Keys:
         pending forever."""
         return f"{self.prefix}:request:{request_id}"
 
-    def chat(self, session_id: str) -> str:
-        return f"{self.prefix}:chat:{session_id}"
+    def chat(self, run_id: str, session_id: str) -> str:
+        """A chat session's messages, a list of JSON {role, content}, oldest first. Scoped by
+        run: a session id names nothing in another run. '/' is in no id, so no two (run,
+        session) pairs share a key."""
+        return f"{self.prefix}:chat:{run_id}/{session_id}"
+
+    def chat_owner(self, session_id: str) -> str:
+        """The run a session id was started in over HTTP: continuing it through another run
+        is a 404."""
+        return f"{self.prefix}:chatrun:{session_id}"
 
     def heartbeat(self, actor: ActorName, consumer: str) -> str:
         """Liveness of one consumer, with a TTL; /readyz looks for one per actor kind."""

@@ -490,7 +490,7 @@ async def test_generate_evaluate_and_chat_are_queued(
     async with http.session.get(f"{chat_path}/{c1.request_id}") as resp:
         assert resp.status == 202
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    await redis.set(keys.chat(session), json.dumps(history))
+    await redis.rpush(keys.chat("run-g", session), *(json.dumps(m) for m in history))
     reply = {"reply": "hello", "session_id": session, "history": history}
     await redis.set(
         keys.result(c1.request_id), json.dumps({"ok": True, "what": "chat", "result": reply})
@@ -503,6 +503,33 @@ async def test_generate_evaluate_and_chat_are_queued(
         assert resp.status == 200
     async with http.session.delete(chat_path) as resp:
         await error_of(resp, 404, "NOT_FOUND")
+
+
+async def test_a_chat_session_is_a_404_through_another_run(
+    http: Served, redis: aioredis.Redis, keys: Keys
+) -> None:
+    await make_run(redis, keys, "run-a", completed=True)
+    await make_run(redis, keys, "run-b", completed=True)
+    async with http.session.post("/runs/run-b/chat", json={"message": "hi"}) as resp:
+        session = (await resp.json())["session_id"]
+        assert resp.status == 202
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "secret"}]
+    await redis.rpush(keys.chat("run-b", session), *(json.dumps(m) for m in history))
+
+    async with http.session.get(f"/runs/run-a/chat/{session}") as resp:
+        await error_of(resp, 404, "NOT_FOUND")
+    async with http.session.delete(f"/runs/run-a/chat/{session}") as resp:
+        await error_of(resp, 404, "NOT_FOUND")
+    body = {"message": "tell me", "session_id": session}
+    async with http.session.post("/runs/run-a/chat", json=body) as resp:
+        await error_of(resp, 404, "NOT_FOUND")
+    assert len(await commands(redis, keys, "evaluator")) == 1  # nothing queued through run-a
+
+    # Run B's session is untouched and still its own.
+    async with http.session.get(f"/runs/run-b/chat/{session}") as resp:
+        assert (await resp.json())["messages"] == history
+    async with http.session.post("/runs/run-b/chat", json=body) as resp:
+        assert resp.status == 202
 
 
 async def test_eval_and_artifacts_appear_when_written(

@@ -297,11 +297,11 @@ async def test_events_become_the_bots_messages_rate_limited(
         "metrics.progress.v1",  # step 20: the validation
         "job.progress.v1",
         "metrics.progress.v1",  # step 41: 6.5 s after the last one
-        "metrics.completed.v1",
         "job.progress.v1",
         "job.progress.v1",
         "job.progress.v1",
         "job.progress.v1",
+        "metrics.completed.v1",  # when the run is complete, not when training ends
         "job.completed.v1",
     ]
     assert all(m["user_id"] == 42 for m in r1)
@@ -320,7 +320,7 @@ async def test_events_become_the_bots_messages_rate_limited(
     assert metrics[1]["val_loss"] == 2.5
     assert metrics[1]["val_ppl"] == pytest.approx(math.exp(2.5))
     assert metrics[1]["train_ppl"] == pytest.approx(math.exp(2.8))
-    done = r1[12]
+    done = r1[-2]
     assert done["test_loss"] == 2.1 and done["test_ppl"] == pytest.approx(math.exp(2.1))
     assert done["artifact_path"] == str(settings.run_dir("r1"))
     assert (r1[-1]["result_id"], r1[-1]["result_bytes"]) == (FILE_ID, 12345)
@@ -336,9 +336,81 @@ async def test_events_become_the_bots_messages_rate_limited(
         "user",
         "ingest failed: the corpus is empty",
     )
-    assert (rest[3]["error_kind"], rest[3]["message"]) == ("user", "cancelled: by request")
+    assert (rest[3]["error_kind"], rest[3]["message"]) == (
+        "user",
+        "Cancelled on request at the ingest step, before training; nothing failed. "
+        "There is no checkpoint yet.",
+    )
     assert not [m for m in messages if m["job_id"] == "old"]
     assert (await redis.xpending(keys.events, GROUP))["pending"] == 0
+
+
+def _run(run_id: str, events: list[AnyEvent]) -> list[AnyEvent]:
+    for i, event in enumerate(events):
+        event.run_id, event.user_id, event.at = run_id, 7, T0 + i
+    return events
+
+
+async def test_the_bot_hears_a_cancel_plainly_and_completed_only_for_a_complete_run(
+    redis: aioredis.Redis, keys: Keys, settings: Settings, pubsub: aioredis.client.PubSub
+) -> None:
+    notifier = Notifier(redis, settings, consumer="n-9", keys=keys)
+    await notifier.ensure_group()
+
+    def train() -> StepStarted:
+        return StepStarted(step="trainer", command_id="x.trainer")
+
+    await add(
+        redis,
+        keys,
+        [
+            # Cancelled mid-training: the trainer kept a checkpoint.
+            *_run("cancelled", [train(), progress(30, T0), RunCancelled(step="trainer")]),
+            # Trained, then the upload failed: the bot never hears "completed".
+            *_run(
+                "upload-failed",
+                [
+                    train(),
+                    TrainCompleted(steps=100, test_loss=2.0),
+                    StepStarted(step="uploader", command_id="x.up"),
+                    RunFailed(step="uploader", error_kind="system", message="disk full"),
+                ],
+            ),
+            # Trained without a test split; the evaluation step measured one.
+            *_run(
+                "completed",
+                [
+                    train(),
+                    TrainCompleted(steps=100),
+                    EvalCompleted(split="test", loss=1.5, ppl=4.48),
+                    RunCompleted(),
+                ],
+            ),
+        ],
+    )
+    await notifier.run(until_idle=True)
+    messages = await received(pubsub)
+    for msg in messages:
+        check_shape(msg)
+    by_run: dict[object, list[dict[str, object]]] = {}
+    for msg in messages:
+        by_run.setdefault(msg["job_id"], []).append(msg)
+
+    failed = by_run["cancelled"][-1]
+    assert (failed["type"], failed["error_kind"]) == ("trainer.job.failed.v1", "user")
+    assert failed["message"] == (
+        "Cancelled on request at the trainer step, after training step 30 of 100; "
+        "nothing failed. Its checkpoint is kept."
+    )
+    kinds = [m["type"] for m in by_run["upload-failed"]]
+    assert "trainer.metrics.completed.v1" not in kinds
+    assert kinds[-1] == "trainer.job.failed.v1"
+    assert [m["type"] for m in by_run["completed"][-2:]] == [
+        "trainer.metrics.completed.v1",
+        "trainer.job.completed.v1",
+    ]
+    metrics = by_run["completed"][-2]
+    assert (metrics["test_loss"], metrics["test_ppl"]) == (1.5, 4.48)
 
 
 async def test_completed_reads_the_pointer_from_run_state_and_pending_comes_first(

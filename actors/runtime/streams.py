@@ -117,6 +117,9 @@ class RuntimeConfig:
     backoff_max_s: float = 30.0
     grace_s: float = 30.0
     done_ttl_s: int = 14 * 24 * 3600
+    # Request-style commands taken while their slots are busy wait (leased) up to this many,
+    # so that the reads reach a chain step queued behind them (Actor.request_slots).
+    request_backlog: int = 32
 
 
 class Actor:
@@ -124,6 +127,10 @@ class Actor:
 
     name: ClassVar[ActorName]
     concurrency: int = 1
+    # Slots of their own for request-style commands (a request_id: score, generate, chat),
+    # beside `concurrency` for the rest, so that a run's step never waits behind interactive
+    # work; 0: they share `concurrency`.
+    request_slots: int = 0
 
     async def start(self) -> None:
         return None
@@ -197,6 +204,11 @@ class Runtime:
         self.group = actor.name
         self.log = log.get("runtime").bind(actor=actor.name, consumer=consumer)
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # Entries of request-style tasks (running or waiting for a request slot); a task not
+        # decoded yet counts as a chain step until it is (then _lanes_changed wakes the loop).
+        self._requests: set[str] = set()
+        self._request_slots = asyncio.Semaphore(max(1, actor.request_slots))
+        self._lanes_changed = asyncio.Event()
         self._stopping = asyncio.Event()
         # Blocking reads get their own connection (socket timeout > BLOCK). The group starts
         # at id 0: commands XADDed before the first actor started are not skipped.
@@ -242,7 +254,14 @@ class Runtime:
         return claimed
 
     def _free(self) -> int:
-        return max(0, self.actor.concurrency - len(self._tasks))
+        """How many entries may be read now: room for each, whichever kind it turns out to be."""
+        if not self.actor.request_slots:
+            return max(0, self.actor.concurrency - len(self._tasks))
+        requests = len(self._requests)
+        others = self.actor.concurrency - (len(self._tasks) - requests)
+        return max(
+            0, min(others, self.actor.request_slots + self.config.request_backlog - requests)
+        )
 
     async def run(self, *, until_idle: bool = False) -> None:
         """Read and handle until stopped; with until_idle, handle what is queued and return."""
@@ -302,18 +321,26 @@ class Runtime:
                     await asyncio.wait_for(self._stopping.wait(), delay)
 
     async def _wait_for_slot(self) -> None:
+        self._lanes_changed.clear()
         stopping = asyncio.create_task(self._stopping.wait())
+        lanes = asyncio.create_task(self._lanes_changed.wait())
         try:
             await asyncio.wait(
-                [*self._tasks.values(), stopping], return_when=asyncio.FIRST_COMPLETED
+                [*self._tasks.values(), stopping, lanes], return_when=asyncio.FIRST_COMPLETED
             )
         finally:
             stopping.cancel()
+            lanes.cancel()
 
     def _start(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
         task = asyncio.create_task(self._process(entry_id, fields))
         self._tasks[entry_id] = task
-        task.add_done_callback(lambda _t: self._tasks.pop(entry_id, None))
+
+        def done(_t: asyncio.Task[None]) -> None:
+            self._tasks.pop(entry_id, None)
+            self._requests.discard(entry_id)
+
+        task.add_done_callback(done)
 
     def stop(self) -> None:
         """Stop reading; `run` then drains running handlers within the grace period."""
@@ -344,6 +371,9 @@ class Runtime:
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             await self._dead_letter_raw(entry_id, raw, f"undecodable payload: {e}", 1)
             return
+        if self.actor.request_slots and request_id_of(cmd):
+            self._requests.add(entry_id)
+            self._lanes_changed.set()
         structlog.contextvars.bind_contextvars(command_id=cmd.command_id)
         if self.runs_dir is not None:
             structlog.contextvars.bind_contextvars(runs_dir=str(self.runs_dir))
@@ -394,8 +424,14 @@ class Runtime:
             return
 
         renewer = asyncio.create_task(self._renew_lease(ctx, asyncio.current_task()))
+        lane = (
+            self._request_slots
+            if self.actor.request_slots and request_id_of(cmd)
+            else contextlib.nullcontext()
+        )
         try:
-            await self._handle_with_retries(ctx, raw, deliveries)
+            async with lane:  # a request waits here, leased, for a request slot
+                await self._handle_with_retries(ctx, raw, deliveries)
         finally:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):

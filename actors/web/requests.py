@@ -16,6 +16,7 @@ from actors.web.errors import ApiError, not_found
 from actors.web.http import completed_run, confine, json_response, path_id, read_body, run_of
 from protocol.commands import ModelChat, ModelEvaluate, ModelGenerate, ModelScore, RequestCommand
 from protocol.events import RequestKind
+from protocol.keys import CHAT_TTL_S
 from protocol.requests import ChatRequest, EvaluateRequest, GenerateRequest, ScoreRequest
 
 
@@ -118,10 +119,23 @@ async def generate(request: web.Request) -> web.StreamResponse:
     )
 
 
+async def _bind_session(request: web.Request, run_id: str, session_id: str) -> None:
+    """A session id belongs to the run it was started in: through another run it is a 404."""
+    client = request.app[CLIENT]
+    key = client.keys.chat_owner(session_id)
+    owner = await client.redis.set(key, run_id, nx=True, ex=CHAT_TTL_S, get=True)
+    if owner is None:
+        return
+    if owner != run_id.encode():
+        raise not_found(f"unknown chat session {session_id!r}")
+    await client.redis.expire(key, CHAT_TTL_S)
+
+
 async def chat(request: web.Request) -> web.StreamResponse:
     state = await completed_run(request)
     req = await read_body(request, ChatRequest)
     session_id = req.session_id or new_id("chat")
+    await _bind_session(request, state.run_id, session_id)
     request_id = new_id("chatreq")
     return await _queue(
         request.app,
@@ -188,17 +202,17 @@ async def chat_history(request: web.Request) -> web.StreamResponse:
     state = await run_of(request)
     session_id = path_id(request, "session_id", "chat session")
     client = request.app[CLIENT]
-    raw = await client.redis.get(client.keys.chat(session_id))
-    if raw is None:
+    stored = await client.redis.lrange(client.keys.chat(state.run_id, session_id), 0, -1)
+    if not stored:
         raise not_found(f"unknown chat session {session_id!r}")
-    messages = msgspec.json.decode(raw, type=list[dict[str, str]])
+    messages = [msgspec.json.decode(raw, type=dict[str, str]) for raw in stored]
     return json_response(ChatHistory(session_id=session_id, run_id=state.run_id, messages=messages))
 
 
 async def chat_delete(request: web.Request) -> web.StreamResponse:
-    await run_of(request)
+    state = await run_of(request)
     session_id = path_id(request, "session_id", "chat session")
     client = request.app[CLIENT]
-    if not await client.redis.delete(client.keys.chat(session_id)):
+    if not await client.redis.delete(client.keys.chat(state.run_id, session_id)):
         raise not_found(f"unknown chat session {session_id!r}")
     return json_response(Deleted(session_id=session_id))

@@ -14,9 +14,12 @@ metrics.progress) per `progress_interval_s`, plus every event that carries a val
 What the bot hears: job.started on the first step.started of a run (queue = that step's
 actor); job.progress on later step.started and on each step's result (corpus, tokenizer,
 evaluation, artifact); metrics.config on train.started; the progress pair on train.progress;
-metrics.completed on train.completed when it has a test loss; job.completed on
-run.completed (result_id = the artifact's file id, else its uri, else the run id); job.failed
-on run.failed, and on run.cancelled as a "user" error ("cancelled: ...").
+on run.completed, metrics.completed (when a test loss is known: training's, else the run's
+evaluation on the test split) then job.completed (result_id = the artifact's file id, else
+its uri, else the run id) — only then, so the bot never shows "completed" for a run whose
+evaluation or upload then fails; job.failed on run.failed, and on run.cancelled as a "user"
+error (the contract has no cancel) whose message says it was a cancellation on request, at
+which step, and what is kept.
 """
 
 from __future__ import annotations
@@ -163,6 +166,22 @@ def percent(step: str, fraction: float) -> int:
     return int(lo + (hi - lo) * f)
 
 
+def cancel_message(state: RunState, step: str) -> str:
+    """What the bot shows for a cancelled run (under its "user" failure heading)."""
+    if not step:
+        return "Cancelled on request before any step started; nothing failed."
+    where = f"Cancelled on request at the {step} step"
+    if state.train_completed is not None or step in ("evaluator", "uploader"):
+        return f"{where}, after training; nothing failed. The trained model is kept."
+    if step == "trainer" and state.train_step:
+        total = f" of {state.total_steps}" if state.total_steps else ""
+        return (
+            f"{where}, after training step {state.train_step}{total}; nothing failed. "
+            "Its checkpoint is kept."
+        )
+    return f"{where}, before training; nothing failed. There is no checkpoint yet."
+
+
 # ------------------------------------------------------------------ per-run view
 _pointer = msgspec.json.Decoder(ArtifactPointer)
 
@@ -188,6 +207,8 @@ class RunView:
     message: str = "queued"
     started: bool = False
     last_progress_at: float | None = None
+    eval_test_loss: float | None = None  # the run's evaluation step on the test split
+    eval_test_ppl: float | None = None
 
     @property
     def run_id(self) -> str:
@@ -293,19 +314,10 @@ class Translator:
                 return self._train_progress(event, view)
             case TrainCompleted():
                 view.message = f"training {event.status} after {event.steps} steps"
-                if event.test_loss is None:
-                    return []  # the bot's completed metrics need a test loss
-                test_ppl = event.test_ppl if event.test_ppl is not None else ppl(event.test_loss)
-                return [
-                    MetricsCompleted(
-                        job_id=rid,
-                        user_id=uid,
-                        test_loss=clamp(event.test_loss),
-                        test_ppl=clamp(test_ppl),
-                        artifact_path=str(self.settings.run_dir(view.run_id)),
-                    )
-                ]
+                return []  # metrics.completed waits for the run to complete
             case EvalCompleted():
+                if event.split == "test" and event.loss is not None:
+                    view.eval_test_loss, view.eval_test_ppl = event.loss, event.ppl
                 loss = "" if event.loss is None else f": loss {event.loss:.4f}"
                 view.message = f"evaluated on {event.split or 'test'}{loss}"
                 return [self._progress(view, done="evaluator")]
@@ -317,7 +329,8 @@ class Translator:
                 art = pointer_of(state)
                 result = (art.file_id or art.uri if art else "") or view.run_id
                 size = art.size if art else 0
-                return [JobCompleted(job_id=rid, user_id=uid, result_id=result, result_bytes=size)]
+                done = JobCompleted(job_id=rid, user_id=uid, result_id=result, result_bytes=size)
+                return [*self._metrics_completed(view), done]
             case RunFailed():
                 view.message = state.message
                 return [
@@ -326,15 +339,35 @@ class Translator:
                     )
                 ]
             case RunCancelled():
-                # The bot has no "cancelled": a cancellation is the user's own doing.
+                # The bot has no "cancelled": it reads a "user" failure, so the message must
+                # say plainly that nothing went wrong.
                 view.message = state.message
-                message = f"cancelled: {view.message}"
+                message = cancel_message(state, event.step)
                 return [JobFailed(job_id=rid, user_id=uid, error_kind="user", message=message)]
             case CancelRequested():
                 view.message = "cancel requested"
                 return []
             case _:
                 return []
+
+    def _metrics_completed(self, view: RunView) -> list[BotMessage]:
+        """The bot's completed metrics need a test loss: training's, else the evaluation's."""
+        state = view.state
+        if state.test_loss is not None:
+            loss, test_ppl = state.test_loss, state.test_ppl
+        elif view.eval_test_loss is not None:
+            loss, test_ppl = view.eval_test_loss, view.eval_test_ppl
+        else:
+            return []
+        return [
+            MetricsCompleted(
+                job_id=view.run_id,
+                user_id=view.user_id,
+                test_loss=clamp(loss),
+                test_ppl=clamp(test_ppl if test_ppl is not None else ppl(loss)),
+                artifact_path=str(self.settings.run_dir(view.run_id)),
+            )
+        ]
 
     def _progress(self, view: RunView, done: str | None = None) -> JobProgress:
         if done is not None:

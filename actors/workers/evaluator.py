@@ -1,10 +1,12 @@
 """evaluator: `model.evaluate`, `model.score`, `model.generate`, `model.chat`.
 
-The work runs in the actor's pool; each pool child keeps its two most recently used models
+The work runs in the actor's pools; each pool child keeps its two most recently used models
 loaded (trainer.evaluate.MODEL_CACHE), so a chat does not reload the model every turn.
-Request-style commands answer under `mt:result:<request_id>`; chat sessions live in Redis
-with a TTL. A run whose model is not on this machine is fetched through its artifact
-pointer first.
+Request-style commands (with a request_id) have slots and a pool of their own, so that a
+long chat never delays a run's evaluation step. They answer under `mt:result:<request_id>`;
+chat sessions are Redis lists per run and session, appended in the fenced commit (no
+concurrent turn is lost), capped and with a TTL (protocol.keys). A run whose model is not
+on this machine is fetched through its artifact pointer first.
 """
 
 from __future__ import annotations
@@ -18,18 +20,19 @@ from pathlib import Path
 
 import msgspec
 
-from actors.runtime.outcome import Outcome, answer
-from actors.runtime.pool import PoolActor
+from actors.runtime.config import Settings
+from actors.runtime.outcome import Outcome, answer, request_id_of
+from actors.runtime.pool import Pool, PoolActor
 from actors.runtime.streams import Context
 from protocol.commands import Base, ModelChat, ModelEvaluate, ModelGenerate, ModelScore
 from protocol.events import ArtifactPointer, EvalCompleted
+from protocol.keys import CHAT_MAX_TURNS, CHAT_TTL_S
 from trainer.errors import UserError
 
 # The service evaluates on the first lines of a split up to this many tokens: enough for a
 # stable loss, and a big corpus does not hold the evaluator for minutes (the metrics say
 # how many tokens were used).
 EVAL_MAX_TOKENS = 50_000
-CHAT_TTL_S = 24 * 3600
 MODEL_FILES = ("config.json", "mt_model.json")
 
 
@@ -68,6 +71,9 @@ class Turn(msgspec.Struct):
     content: str
 
 
+_turn = msgspec.json.Decoder(Turn)
+
+
 class _Scores(msgspec.Struct):
     """The headline numbers of trainer.evaluate's metrics (the event carries these)."""
 
@@ -77,7 +83,21 @@ class _Scores(msgspec.Struct):
 
 class EvaluatorActor(PoolActor):
     name = "evaluator"
-    concurrency = 2
+    concurrency = 2  # chain steps (a run's evaluation)
+    request_slots = 2  # score, generate, chat, requested evaluations: beside the chain steps
+    chat_max_turns = CHAT_MAX_TURNS
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        # Its own child: a 2,048-token chat must not hold the one a run's evaluation needs.
+        self.requests = Pool(1)
+
+    def pool_for(self, cmd: Base) -> Pool:
+        return self.requests if request_id_of(cmd) else self.pool
+
+    async def stop(self) -> None:
+        self.requests.shutdown(wait=False)
+        await super().stop()
 
     async def handle(self, cmd: Base, ctx: Context) -> Outcome | None:
         match cmd:
@@ -85,13 +105,13 @@ class EvaluatorActor(PoolActor):
                 return await self.evaluate(cmd, ctx)
             case ModelScore():
                 run_dir = await self.run_dir(cmd.run_id, ctx)
-                result = await self.pool.run(
+                result = await self.requests.run(
                     score_job, str(run_dir), cmd.text, cmd.detail, cmd.top_k
                 )
                 return answer(ctx.keys, cmd, {"result": result})
             case ModelGenerate():
                 run_dir = await self.run_dir(cmd.run_id, ctx)
-                samples = await self.pool.run(generate_job, str(run_dir), cmd)
+                samples = await self.requests.run(generate_job, str(run_dir), cmd)
                 result = {"prompt": cmd.prompt, "samples": samples}
                 return answer(ctx.keys, cmd, {"result": result})
             case ModelChat():
@@ -107,7 +127,9 @@ class EvaluatorActor(PoolActor):
 
             path = str(resolve_corpus_path(self.settings.corpus_root, cmd.path))
         out_name = "metrics" if not cmd.request_id else f"eval-{cmd.request_id}"
-        metrics = await self.pool.run(evaluate_job, str(run_dir), cmd.split, path, out_name)
+        metrics = await self.pool_for(cmd).run(
+            evaluate_job, str(run_dir), cmd.split, path, out_name
+        )
         scores = msgspec.convert(metrics, _Scores)
         # The event keeps the numeric metrics; the rest (source, samples) is in the result.
         numbers = {k: v for k, v in metrics.items() if type(v) in (int, float)}
@@ -126,18 +148,24 @@ class EvaluatorActor(PoolActor):
 
     async def chat(self, cmd: ModelChat, ctx: Context) -> Outcome:
         run_dir = await self.run_dir(cmd.run_id, ctx)
-        key = ctx.keys.chat(cmd.session_id)
-        raw = await ctx.redis.get(key)
-        turns = msgspec.json.decode(raw, type=list[Turn]) if raw else []
-        reply = await self.pool.run(
+        key = ctx.keys.chat(cmd.run_id, cmd.session_id)
+        # Every turn committed before this one started is in what it is generated from.
+        turns = [_turn.decode(raw) for raw in await ctx.redis.lrange(key, 0, -1)]
+        reply = await self.requests.run(
             chat_job, str(run_dir), [(t.role, t.content) for t in turns], cmd
         )
-        turns += [Turn("user", cmd.message), Turn("assistant", reply)]
-        history = [{"role": t.role, "content": t.content} for t in turns]
+        new = [Turn("user", cmd.message), Turn("assistant", reply)]
+        kept = 2 * self.chat_max_turns
+        history = [{"role": t.role, "content": t.content} for t in [*turns, *new][-kept:]]
         result = {"reply": reply, "session_id": cmd.session_id, "history": history}
         outcome = answer(ctx.keys, cmd, {"result": result})
         # With the ack, fenced: a worker whose command was taken over must not add its turn.
-        outcome.writes.append(("SET", key, msgspec.json.encode(turns), "EX", str(CHAT_TTL_S)))
+        # Appended, not rewritten, so that concurrent turns of a session are all kept.
+        outcome.writes += [
+            ("RPUSH", key, *(msgspec.json.encode(t) for t in new)),
+            ("LTRIM", key, str(-kept), "-1"),
+            ("EXPIRE", key, str(CHAT_TTL_S)),
+        ]
         return outcome
 
     async def run_dir(self, run_id: str, ctx: Context) -> Path:
@@ -151,7 +179,7 @@ class EvaluatorActor(PoolActor):
         pointer = msgspec.json.decode(raw, type=ArtifactPointer)
         archive = await self.fetch(pointer, ctx)
         ctx.log.info("unpacking the run's artifact", archive=str(archive))
-        await self.pool.run(unpack, str(archive), str(run_dir))
+        await self.pool_for(ctx.cmd).run(unpack, str(archive), str(run_dir))
         return run_dir
 
     async def fetch(self, pointer: ArtifactPointer, ctx: Context) -> Path:
