@@ -42,7 +42,8 @@ MANIFEST = "manifest.json"
 # a user downloads is the saved model in the run dir itself (and best/). They are also the
 # bulk of a run dir, so they stay out of the archive.
 RUN_EXCLUDE = ("checkpoints",)
-TOKENIZER_MANIFEST = "mt_tokenizer.json"  # trainer.tokenizer.MANIFEST_NAME
+# What a tokenizer dir holds: our manifest (trainer.tokenizer.MANIFEST_NAME), the HF file.
+TOKENIZER_FILES = ("mt_tokenizer.json", "tokenizer.json")
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,7 @@ class UploaderActor(PoolActor):
         check_command(cmd)
         if cmd.target == "tokenizer":
             tok_dir = self.settings.tokenizer_dir(cmd.tokenizer_id)
-            if not (tok_dir / TOKENIZER_MANIFEST).is_file():
+            if not any((tok_dir / name).is_file() for name in TOKENIZER_FILES):
                 raise FieldError("tokenizer_id", f"unknown tokenizer {cmd.tokenizer_id!r}")
             return tok_dir, cmd.tokenizer_id, "tokenizer"
         run_dir = self.settings.run_dir(cmd.run_id)
