@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
+from protocol.errors import FieldError
 from protocol.keys import ActorName
 from protocol.requests import (
     ChatMessage,
@@ -32,6 +33,7 @@ from protocol.settings import (
     SamplingSettings,
     TokenizerSettings,
     TrainSettings,
+    check,
 )
 
 
@@ -181,3 +183,27 @@ def actor_of(cmd: Base) -> ActorName:
 def kind_of(cmd: Base) -> str:
     tag = type(cmd).__struct_config__.tag
     return str(tag)
+
+
+def check_command(cmd: Base) -> None:
+    """What the types cannot say, of the command and of every step of the chain it carries:
+    the settings' rules (protocol.settings) and the command's own. Raises FieldError naming
+    the field; an actor calls it before any work, the client before submitting."""
+    check(cmd)
+    match cmd:
+        case CorpusIngest():
+            sources = {"path": cmd.path, "named": cmd.named, "file_id": cmd.file_id}
+            given = [name for name, value in sources.items() if value]
+            if len(given) != 1:
+                got = " and ".join(given) or "none"
+                raise FieldError(
+                    given[-1] if given else "path",
+                    f"give exactly one of path, named, file_id (got {got})",
+                )
+        case ArtifactUpload(target="tokenizer", tokenizer_id=""):
+            raise FieldError("tokenizer_id", "artifact.upload of a tokenizer needs its id")
+        case _:
+            pass
+    if isinstance(cmd, ChainCommand):
+        for step in cmd.rest:
+            check_command(step)

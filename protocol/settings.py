@@ -17,6 +17,8 @@ from typing import Annotated, Literal, TypeVar
 import msgspec
 from msgspec import Meta
 
+from protocol.errors import FieldError
+
 Id = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
 OptId = Annotated[str, Meta(pattern=r"^([A-Za-z0-9][A-Za-z0-9_.:-]{0,127})?$")]
 PathText = Annotated[str, Meta(max_length=1024)]
@@ -35,7 +37,8 @@ Threads = Annotated[int, Meta(ge=0, le=256, description="CPU threads; 0 = all co
 DEFAULT_SEED = 1337
 
 Fraction = Annotated[float, Meta(ge=0.01, le=0.5)]
-# The least a kind can have (char: the 4 specials + 1) and the most; bpe needs 260 or more.
+# The least a kind can have (char: the 4 specials + 1) and the most; bpe needs 260 or more
+# (TokenizerSettings.check).
 VocabSize = Annotated[int, Meta(ge=5, le=200_000, description="tokenizer vocabulary size")]
 MinFrequency = Annotated[
     int, Meta(ge=1, le=1_000_000, description="a merge/piece needs this many occurrences")
@@ -73,6 +76,26 @@ class CorpusSettings(msgspec.Struct, kw_only=True):
     test_fraction: Annotated[Fraction, Meta(description="share of lines for the test split")] = 0.1
     seed: Seed = DEFAULT_SEED
 
+    def check(self) -> None:
+        """The rules across fields (bounds are the types'); FieldError names the field."""
+        if self.validation_fraction + self.test_fraction >= 1.0:
+            raise FieldError(
+                "test_fraction",
+                f"validation_fraction + test_fraction must be below 1 so that some text is "
+                f"left to train on, got {self.validation_fraction} + {self.test_fraction}",
+            )
+
+
+# The 4 special tokens every kind has (<pad>, <unk>, <bos>, <eos>).
+SPECIAL_TOKEN_COUNT = 4
+# The least vocabulary of each kind: bpe's 256 byte symbols and the specials must fit; a char
+# vocabulary needs one character; sentencepiece room for a few pieces.
+MIN_VOCAB: dict[TokenizerKind, int] = {
+    "bpe": 256 + SPECIAL_TOKEN_COUNT,
+    "sentencepiece": 16,
+    "char": SPECIAL_TOKEN_COUNT + 1,
+}
+
 
 class TokenizerSettings(msgspec.Struct, kw_only=True):
     tokenizer_kind: Annotated[TokenizerKind, Meta(description="byte-level BPE, SP or chars")] = (
@@ -84,6 +107,16 @@ class TokenizerSettings(msgspec.Struct, kw_only=True):
         "unigram"
     )
     threads: Threads = 0
+
+    def check(self) -> None:
+        """The rules across fields (bounds are the types'); FieldError names the field."""
+        least = MIN_VOCAB[self.tokenizer_kind]
+        if self.vocab_size < least:
+            raise FieldError(
+                "vocab_size",
+                f"a {self.tokenizer_kind} tokenizer needs vocab_size {least} or more, "
+                f"got {self.vocab_size}",
+            )
 
 
 class TrainSettings(msgspec.Struct, kw_only=True):
@@ -114,6 +147,13 @@ class TrainSettings(msgspec.Struct, kw_only=True):
     threads: Threads = 0
     seed: Seed = DEFAULT_SEED
 
+    def check(self) -> None:
+        """The rules across fields (bounds are the types'); FieldError names the field."""
+        if self.pretrained_run_id and self.pretrained_path:
+            raise FieldError(
+                "pretrained_path", "give pretrained_run_id or pretrained_path, not both"
+            )
+
 
 class SamplingSettings(msgspec.Struct, kw_only=True):
     """How generate and chat sample from a model."""
@@ -133,6 +173,14 @@ class GenerateSettings(SamplingSettings, kw_only=True):
 
 
 S = TypeVar("S", bound=msgspec.Struct)
+Checked = CorpusSettings | TokenizerSettings | TrainSettings
+
+
+def check(settings: msgspec.Struct) -> None:
+    """The cross-field rules of settings (or of a command that carries them), if they have
+    any; raises FieldError naming the field."""
+    if isinstance(settings, Checked):
+        settings.check()
 
 
 def checked(settings: S) -> S:

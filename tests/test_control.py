@@ -422,9 +422,16 @@ async def test_score_is_queued_and_its_result_read_back(
             await error_of(resp, 404, "NOT_FOUND")
     result = {"ok": True, "what": "score", "result": {"loss": 2.0, "perplexity": 7.39}}
     await redis.set(keys.result(request_id), json.dumps(result))
+    # Upstream's flat fields beside ours (what the detail-less result has of them).
+    upstream = {"loss": 2.0, "perplexity": 7.39, "surprisal": None, "topk": None, "tokens": None}
     async with http.session.get(path) as resp:
         assert resp.status == 200
-        assert await resp.json() == {**result, "request_id": request_id, "status": "completed"}
+        assert await resp.json() == {
+            **result,
+            **upstream,
+            "request_id": request_id,
+            "status": "completed",
+        }
     async with http.session.get(f"/runs/run-q/generate/{request_id}") as resp:
         await error_of(resp, 404, "NOT_FOUND")  # a score result is not a generate result
 

@@ -24,7 +24,7 @@ from typing import Literal
 import msgspec
 
 from protocol.settings import CorpusSettings
-from trainer.errors import UserError
+from trainer.errors import FieldError, UserError
 from trainer.jsonfile import BadFile, dumps, read_json
 
 MANIFEST_VERSION = 1
@@ -43,17 +43,15 @@ class CorpusConfig(CorpusSettings, kw_only=True):
     """How to normalize and split: the corpus settings (protocol.settings)."""
 
     def validate(self) -> None:
+        """Bounds are checked when a config is decoded, not when it is built in code: check
+        the fractions here, then the rules across fields (CorpusSettings.check)."""
         for name, f in (
             ("validation_fraction", self.validation_fraction),
             ("test_fraction", self.test_fraction),
         ):
             if not 0.0 < f < 1.0:
-                raise UserError(f"{name} must be between 0 and 1 (exclusive), got {f}")
-        if self.validation_fraction + self.test_fraction >= 1.0:
-            raise UserError(
-                "validation_fraction + test_fraction must be below 1 "
-                "so that some text is left to train on"
-            )
+                raise FieldError(name, f"must be between 0 and 1 (exclusive), got {f}")
+        self.check()
 
 
 class SourceFile(msgspec.Struct, frozen=True):
@@ -114,33 +112,69 @@ NAMED_CORPORA: dict[str, Callable[[], list[Path]]] = {"shakespeare": shakespeare
 # ---------------------------------------------------------------------------- confinement
 
 
-def resolve_corpus_path(root: Path, user_path: str) -> Path:
+def resolve_corpus_path(root: Path, user_path: str, what: str = "corpus path") -> Path:
     """The real path of `user_path` (relative to `root`, or absolute) if it lies inside root.
 
     Symlinks are resolved before the check, so a link that points outside is refused too.
+    Messages name `what` and the path as given, never a path of the server.
     """
     try:
         real_root = root.resolve()
         candidate = (real_root / user_path).resolve()
     except (OSError, ValueError, RuntimeError) as e:  # NUL bytes, symlink loops
-        raise UserError(f"invalid corpus path {user_path!r}: {e}") from None
+        raise UserError(f"invalid {what} {user_path!r}: {_reason(e)}") from None
     if not candidate.is_relative_to(real_root):
-        raise UserError(f"corpus path {user_path!r} is outside the corpus root")
+        raise UserError(f"{what} {user_path!r} is outside the corpus root")
     try:
         exists = candidate.exists()
     except OSError as e:  # e.g. a path component longer than the filesystem allows
-        raise UserError(f"invalid corpus path {user_path!r}: {e}") from None
+        raise UserError(f"invalid {what} {user_path!r}: {_reason(e)}") from None
     if not exists:
-        raise UserError(f"corpus path {user_path!r} does not exist")
+        raise UserError(f"{what} {user_path!r} does not exist")
     return candidate
 
 
-def _collect(path: Path, confine_to: Path | None) -> tuple[SourceKind, list[tuple[str, Path]]]:
-    """(kind, [(name relative to the source, real path)]) of the files to read."""
+def _reason(e: Exception) -> str:
+    """Why a path failed, without the path (an OSError's message names the full path)."""
+    if isinstance(e, OSError):
+        return e.strerror or type(e).__name__
+    if isinstance(e, RuntimeError):
+        return "symlink loop"
+    return str(e)
+
+
+def resolve_corpus_file(root: Path, user_path: str, what: str) -> Path:
+    """resolve_corpus_path, for a path that must be a readable regular file."""
+    real = resolve_corpus_path(root, user_path, what)
+    if real.is_dir():
+        raise UserError(f"{what} {user_path!r} is a folder; give a text file")
+    if not real.is_file():
+        raise UserError(f"{what} {user_path!r} is not a regular file")
+    if not os.access(real, os.R_OK):
+        raise UserError(f"{what} {user_path!r} is not readable")
+    return real
+
+
+def read_corpus_text(root: Path, user_path: str, what: str, max_chars: int) -> str:
+    """The UTF-8 text of a file under the corpus root, at most max_chars long."""
+    real = resolve_corpus_file(root, user_path, what)
+    if real.stat().st_size > 4 * max_chars:  # 4 bytes per character at most in UTF-8
+        raise UserError(f"{what} {user_path!r} is longer than {max_chars} characters")
+    text = _decode(user_path, real.read_bytes())
+    if len(text) > max_chars:
+        raise UserError(f"{what} {user_path!r} is longer than {max_chars} characters")
+    return text
+
+
+def _collect(
+    path: Path, confine_to: Path | None, label: str
+) -> tuple[SourceKind, list[tuple[str, Path]]]:
+    """(kind, [(name relative to the source, real path)]) of the files to read; `label` is
+    the source as the user named it (for messages)."""
     if path.is_file():
         return "file", [(path.name, path)]
     if not path.is_dir():
-        raise UserError(f"corpus path {path} is neither a file nor a folder")
+        raise UserError(f"corpus path {label!r} is neither a file nor a folder")
     found: list[tuple[str, Path]] = []
     for p in sorted(path.rglob("*")):
         rel = p.relative_to(path).as_posix()
@@ -272,7 +306,7 @@ def prepare_corpus(
             if not path.exists():
                 raise UserError(f"corpus path {str(source)!r} does not exist")
             label = str(path)
-        kind, named = _collect(path, confine)
+        kind, named = _collect(path, confine, label)
 
     source_hash = hashlib.sha256()
     source_files: list[SourceFile] = []

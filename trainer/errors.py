@@ -1,5 +1,6 @@
-"""Errors the ML core raises on purpose."""
+"""Errors the ML core raises on purpose (defined in protocol.errors, where the settings'
+own rules raise them too)."""
 
+from protocol.errors import FieldError, UserError
 
-class UserError(ValueError):
-    """Bad input from the user (corpus, config): reported as-is and never retried."""
+__all__ = ["FieldError", "UserError"]

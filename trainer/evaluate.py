@@ -412,8 +412,17 @@ class ContextLogits:
         return result
 
 
+@dataclass(frozen=True)
+class Generation:
+    """Continuations, how many decoding steps ran, and which continuations ended at eos."""
+
+    texts: list[str]
+    steps: int
+    eos_terminated: list[bool]
+
+
 @torch.inference_mode()
-def _generate(lm: LoadedModel, prompt: str, cfg: GenerateSettings) -> list[str]:
+def _generate(lm: LoadedModel, prompt: str, cfg: GenerateSettings) -> Generation:
     try:
         cfg = checked(cfg)
     except msgspec.ValidationError as e:
@@ -427,8 +436,11 @@ def _generate(lm: LoadedModel, prompt: str, cfg: GenerateSettings) -> list[str]:
     banned = lm.unsampled_ids
     prefix = decode_tokens(tok, prompt_ids)
     finished: list[str | None] = [None] * n
+    at_eos = [False] * n
+    steps = 0
     ctx = ContextLogits(lm)
     for step in range(cfg.max_new_tokens):
+        steps = step + 1
         logits = ctx.next_logits(ids)
         logits[:, banned] = -math.inf
         if cfg.temperature < 1e-5:  # 0, or so close to it that logits / T would overflow
@@ -441,6 +453,7 @@ def _generate(lm: LoadedModel, prompt: str, cfg: GenerateSettings) -> list[str]:
             if finished[r] is not None:
                 continue
             if cfg.stop_on_eos and token_id == tok.eos_id:
+                at_eos[r] = True
                 finished[r] = _continuation(
                     tok, prompt_ids, ids[r, start : start + step].tolist(), prefix
                 )
@@ -451,10 +464,11 @@ def _generate(lm: LoadedModel, prompt: str, cfg: GenerateSettings) -> list[str]:
                     finished[r] = text[:cut]
         if all(f is not None for f in finished):
             break
-    return [
+    texts = [
         f if f is not None else _continuation(tok, prompt_ids, ids[r, start:].tolist(), prefix)
         for r, f in enumerate(finished)
     ]
+    return Generation(texts=texts, steps=steps, eos_terminated=at_eos)
 
 
 def _continuation(tok: Tokenizer, prompt_ids: list[int], new_ids: list[int], prefix: str) -> str:
@@ -484,6 +498,16 @@ def generate(
     as a newline), before the first stop sequence, or after max_new_tokens. The context is
     cropped to the model's max_seq_len.
     """
+    return generation(run_dir, prompt, settings, device).texts
+
+
+def generation(
+    run_dir: Path | LoadedModel,
+    prompt: str,
+    settings: GenerateSettings | None = None,
+    device: Device = "auto",
+) -> Generation:
+    """generate, with the decoding steps taken and which continuations ended at eos."""
     return _generate(load(run_dir, device), prompt, settings or GenerateSettings())
 
 
@@ -522,7 +546,7 @@ def chat(
         prompt = format_chat(turns, message)
     # The reply ends where the model starts the user's next turn.
     cfg = with_fields(GenerateSettings, sampling, stop=["\nUser:"], stop_on_eos=False)
-    return _generate(lm, prompt, cfg)[0].strip()
+    return _generate(lm, prompt, cfg).texts[0].strip()
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -669,7 +693,7 @@ def evaluate(
             seed=sc.seed + i,
             stop_on_eos=False,
         )
-        completion = _generate(lm, prompt, cfg)[0]
+        completion = _generate(lm, prompt, cfg).texts[0]
         ids = encode_text(lm.tokenizer, completion).ids
         sample_ids.append(ids)
         sample_rows.append(

@@ -60,24 +60,13 @@ class TokenizerConfig(TokenizerSettings, kw_only=True):
                 f"unknown sentencepiece model type {self.spm_model_type!r}; "
                 f"choose one of {SPM_MODEL_TYPES}"
             )
-        smallest = _MIN_VOCAB[self.tokenizer_kind]
-        if not smallest <= self.vocab_size <= MAX_VOCAB_SIZE:
-            raise UserError(
-                f"vocab_size for {self.tokenizer_kind} must be between {smallest} and "
-                f"{MAX_VOCAB_SIZE}, got {self.vocab_size}"
-            )
+        if self.vocab_size > MAX_VOCAB_SIZE:
+            raise UserError(f"vocab_size must be {MAX_VOCAB_SIZE} or less, got {self.vocab_size}")
+        self.check()  # the least vocabulary of the kind (protocol.settings.MIN_VOCAB)
         if self.min_frequency < 1:
             raise UserError(f"min_frequency must be at least 1, got {self.min_frequency}")
         if self.threads < 0:
             raise UserError(f"threads must be 0 (all cores) or more, got {self.threads}")
-
-
-# bpe: the 256 byte symbols + specials must fit; the others need room for a few pieces.
-_MIN_VOCAB: dict[TokenizerKind, int] = {
-    "bpe": 256 + len(SPECIAL_TOKENS),
-    "sentencepiece": 16,
-    "char": len(SPECIAL_TOKENS) + 1,
-}
 
 
 class TokenizerStats(msgspec.Struct, frozen=True, kw_only=True):

@@ -14,6 +14,7 @@ from actors.cli.common import CliError
 from actors.runtime.config import Settings
 from protocol.flags import FlagError, field_message, given, load_toml, struct_fields
 from protocol.requests import (
+    UPSTREAM_ONLY,
     CorpusSource,
     GenerateRequest,
     TokenizerTrainRequest,
@@ -29,7 +30,7 @@ R = TypeVar("R", TrainRequest, TokenizerTrainRequest)
 
 TRAIN_FIELDS = [(f.name, f.info) for f in flat_fields(TrainRequest)]
 TOKENIZER_FIELDS = [(f.name, f.info) for f in flat_fields(TokenizerTrainRequest)]
-GENERATE_FIELDS = struct_fields(GenerateRequest, skip=("prompt", "user_id"))
+GENERATE_FIELDS = struct_fields(GenerateRequest, skip=("prompt", "user_id", *UPSTREAM_ONLY))
 
 
 def convert(values: dict[str, object], struct: type[S]) -> S:

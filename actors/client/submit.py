@@ -19,12 +19,13 @@ from protocol.commands import (
     ModelTrain,
     TokenizerTrain,
     actor_of,
+    check_command,
 )
 from protocol.events import RunQueued
 from protocol.keys import ActorName, Keys
 from protocol.requests import CorpusSource, RunCreated, TokenizerTrainRequest, TrainRequest
 from protocol.settings import CorpusSettings, TokenizerSettings, with_fields
-from trainer.errors import UserError
+from trainer.errors import FieldError
 
 
 def new_id(kind: str) -> str:
@@ -37,7 +38,9 @@ def _ingest(
 ) -> CorpusIngest:
     sources = [s for s in (source.corpus_path, source.corpus_name, source.corpus_file_id) if s]
     if len(sources) != 1:
-        raise UserError("give exactly one of corpus_path, corpus_name, corpus_file_id")
+        raise FieldError(
+            "corpus_path", "give exactly one of corpus_path, corpus_name, corpus_file_id"
+        )
     return with_fields(
         CorpusIngest,
         corpus,
@@ -72,9 +75,17 @@ def _tokenizer(
     )
 
 
+def checked_chain(chain: list[ChainCommand]) -> list[ChainCommand]:
+    """The chain, each step checked (protocol.commands.check_command) before anything is
+    queued; raises FieldError naming the field."""
+    for cmd in chain:
+        check_command(cmd)
+    return chain
+
+
 def plan_train(req: TrainRequest, run_id: str | None = None) -> list[ChainCommand]:
     """The chain of a training run: ingest → tokenizer (unless given) → trainer → evaluator
-    → uploader."""
+    → uploader, checked."""
     run_id = run_id or new_id("run")
     now = time.time()
     corpus_id = f"{run_id}-corpus"
@@ -114,18 +125,20 @@ def plan_train(req: TrainRequest, run_id: str | None = None) -> list[ChainComman
                 requested_at=now,
             )
         )
-    return chain
+    return checked_chain(chain)
 
 
 def plan_tokenizer(req: TokenizerTrainRequest, run_id: str | None = None) -> list[ChainCommand]:
-    """A tokenizer job is a short run of its own: ingest → tokenizer."""
+    """A tokenizer job is a short run of its own: ingest → tokenizer, checked."""
     run_id = run_id or new_id("tokjob")
     now = time.time()
     corpus_id = f"{run_id}-corpus"
-    return [
-        _ingest(req.source, req.corpus, run_id, corpus_id, now),
-        _tokenizer(req.source, req.tokenizer, run_id, corpus_id, f"{run_id}-tok", now),
-    ]
+    return checked_chain(
+        [
+            _ingest(req.source, req.corpus, run_id, corpus_id, now),
+            _tokenizer(req.source, req.tokenizer, run_id, corpus_id, f"{run_id}-tok", now),
+        ]
+    )
 
 
 def created(chain: list[ChainCommand]) -> RunCreated:

@@ -13,10 +13,10 @@ from aiohttp import web
 from actors.runtime.config import Settings
 from actors.web.context import CLIENT
 from actors.web.errors import ApiError, invalid, not_found
-from protocol.requests import decode_flat
+from protocol.requests import decode_body, decode_flat
 from protocol.settings import Id
 from protocol.state import RunState
-from trainer.corpus import resolve_corpus_path
+from trainer.corpus import read_corpus_text, resolve_corpus_file, resolve_corpus_path
 from trainer.errors import UserError
 
 _AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
@@ -46,15 +46,15 @@ def field_of(message: str) -> str:
 
 
 async def read_body(request: web.Request, typ: type[T], *, flat: bool = False) -> T:
-    """Decode and validate a JSON body (an empty body is `{}`); `flat`: a grouped request
-    (protocol.requests.decode_flat)."""
+    """Decode and validate a JSON body (an empty body is `{}`; upstream's aliases and nulls
+    accepted, protocol.requests.decode_body); `flat`: a grouped request (decode_flat)."""
     raw = await request.read()
     if not raw.strip():
         raw = b"{}"
     try:
         if flat:
             return decode_flat(raw, typ)
-        return msgspec.json.decode(raw, type=typ)
+        return decode_body(raw, typ)
     except msgspec.ValidationError as e:
         field = field_of(str(e))
         if field:
@@ -124,10 +124,22 @@ async def completed_run(request: web.Request) -> RunState:
     return state
 
 
-def confine(settings: Settings, field: str, user_path: str) -> str:
-    """The path relative to the corpus root, if it exists inside it (symlinks resolved)."""
+def confine(settings: Settings, field: str, user_path: str, *, file: bool = False) -> str:
+    """The path relative to the corpus root, if it exists inside it (symlinks resolved);
+    `file`: and is a readable file. The error names the field, never a server path."""
     try:
-        real = resolve_corpus_path(settings.corpus_root, user_path)
+        if file:
+            real = resolve_corpus_file(settings.corpus_root, user_path, field)
+        else:
+            real = resolve_corpus_path(settings.corpus_root, user_path)
     except (UserError, OSError, ValueError) as e:
-        raise invalid(field, str(e) if isinstance(e, UserError) else f"invalid path: {e}") from None
+        raise invalid(field, str(e) if isinstance(e, UserError) else "invalid path") from None
     return real.relative_to(settings.corpus_root.resolve()).as_posix()
+
+
+def read_text(settings: Settings, field: str, user_path: str, max_chars: int) -> str:
+    """The text of a file under the corpus root; the error names the field."""
+    try:
+        return read_corpus_text(settings.corpus_root, user_path, field, max_chars)
+    except (UserError, OSError) as e:
+        raise invalid(field, str(e) if isinstance(e, UserError) else "cannot read it") from None

@@ -1,6 +1,7 @@
 """Routes of request-style work on a completed run: score, generate, chat and evaluate are
 queued (202 with a request id); their results are polled (202 pending, 200 done, 422/502
-failed); chat sessions can be read and forgotten."""
+failed), with upstream's flat result fields beside ours; chat sessions can be read and
+forgotten. Bodies in upstream's spelling are accepted (protocol.requests)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,27 @@ from aiohttp import web
 
 from actors.client.submit import new_id
 from actors.web.context import CLIENT, SETTINGS
-from actors.web.errors import ApiError, not_found
-from actors.web.http import completed_run, confine, json_response, path_id, read_body, run_of
+from actors.web.errors import ApiError, invalid, not_found
+from actors.web.http import (
+    completed_run,
+    confine,
+    json_response,
+    path_id,
+    read_body,
+    read_text,
+    run_of,
+)
 from protocol.commands import ModelChat, ModelEvaluate, ModelGenerate, ModelScore, RequestCommand
 from protocol.events import RequestKind
 from protocol.keys import CHAT_TTL_S
-from protocol.requests import ChatRequest, EvaluateRequest, GenerateRequest, ScoreRequest
+from protocol.requests import (
+    MAX_PROMPT_CHARS,
+    MAX_SCORE_CHARS,
+    ChatRequest,
+    EvaluateRequest,
+    GenerateRequest,
+    ScoreRequest,
+)
 
 
 class Accepted(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -59,7 +75,9 @@ async def evaluate(request: web.Request) -> web.StreamResponse:
     state = await completed_run(request)
     req = await read_body(request, EvaluateRequest)
     settings = request.app[SETTINGS]
-    path = await asyncio.to_thread(confine, settings, "path", req.path) if req.path else ""
+    path = ""
+    if req.path:  # or path_override, which decode_body put here
+        path = await asyncio.to_thread(confine, settings, "path", req.path, file=True)
     request_id = new_id("eval")
     return await _queue(
         request.app,
@@ -78,6 +96,14 @@ async def evaluate(request: web.Request) -> web.StreamResponse:
 async def score(request: web.Request) -> web.StreamResponse:
     state = await completed_run(request)
     req = await read_body(request, ScoreRequest)
+    if bool(req.text) == bool(req.path):
+        raise invalid("text", "give exactly one of text and path")
+    text = req.text
+    if req.path:
+        settings = request.app[SETTINGS]
+        text = await asyncio.to_thread(read_text, settings, "path", req.path, MAX_SCORE_CHARS)
+        if not text:
+            raise invalid("path", f"{req.path!r} is empty: nothing to score")
     request_id = new_id("score")
     return await _queue(
         request.app,
@@ -87,8 +113,8 @@ async def score(request: web.Request) -> web.StreamResponse:
             request_id=request_id,
             user_id=req.user_id,
             requested_at=time.time(),
-            text=req.text,
-            detail=req.detail,
+            text=text,
+            detail=req.detail or req.detail_level == "per_char",
             top_k=req.top_k,
         ),
     )
@@ -97,6 +123,14 @@ async def score(request: web.Request) -> web.StreamResponse:
 async def generate(request: web.Request) -> web.StreamResponse:
     state = await completed_run(request)
     req = await read_body(request, GenerateRequest)
+    prompt = req.prompt
+    if req.prompt_path:
+        if req.prompt:
+            raise invalid("prompt_path", "give prompt or prompt_path, not both")
+        settings = request.app[SETTINGS]
+        prompt = await asyncio.to_thread(
+            read_text, settings, "prompt_path", req.prompt_path, MAX_PROMPT_CHARS
+        )
     request_id = new_id("gen")
     return await _queue(
         request.app,
@@ -106,7 +140,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
             request_id=request_id,
             user_id=req.user_id,
             requested_at=time.time(),
-            prompt=req.prompt,
+            prompt=prompt,
             stop=req.stop,
             num_return_sequences=req.num_return_sequences,
             max_new_tokens=req.max_new_tokens,
@@ -156,6 +190,82 @@ async def chat(request: web.Request) -> web.StreamResponse:
     )
 
 
+# ------------------------------------------------------- upstream's flat result fields
+# Upstream's Model-Trainer API answers with flat fields (loss, outputs, response, ...); a
+# result here carries them beside ours, read from our result by these shapes.
+
+
+class _Top(msgspec.Struct):
+    token: str
+    prob: float
+
+
+class _Token(msgspec.Struct):
+    token: str
+    top_k: list[_Top] = []
+
+
+class _Score(msgspec.Struct):
+    loss: float | None = None
+    perplexity: float | None = None
+    surprisal_bits: list[float] | None = None
+    tokens: list[_Token] | None = None
+
+
+class _Generated(msgspec.Struct):
+    samples: list[str] = []
+    steps: int | None = None
+    eos_terminated: list[bool] | None = None
+
+
+class _Reply(msgspec.Struct):
+    reply: str | None = None
+    session_id: str | None = None
+
+
+class _Evaluated(msgspec.Struct):
+    split: str | None = None
+    loss: float | None = None
+    perplexity: float | None = None
+
+
+def upstream_fields(what: RequestKind, result: object) -> dict[str, object]:
+    """Upstream's flat fields of a result: score → loss, perplexity, surprisal (bits per
+    token), topk ([token, prob] per token) and tokens (with detail); generate → outputs,
+    steps, eos_terminated; chat → response, session_id; evaluate → split, loss,
+    perplexity. A result of another shape has none."""
+    try:
+        match what:
+            case "score":
+                sc = msgspec.convert(result, _Score)
+                tokens = sc.tokens
+                return {
+                    "loss": sc.loss,
+                    "perplexity": sc.perplexity,
+                    "surprisal": sc.surprisal_bits,
+                    "topk": [[[t.token, t.prob] for t in tok.top_k] for tok in tokens]
+                    if tokens is not None
+                    else None,
+                    "tokens": [tok.token for tok in tokens] if tokens is not None else None,
+                }
+            case "generate":
+                gen = msgspec.convert(result, _Generated)
+                return {
+                    "outputs": gen.samples,
+                    "steps": gen.steps,
+                    "eos_terminated": gen.eos_terminated,
+                }
+            case "chat":
+                chat = msgspec.convert(result, _Reply)
+                return {"response": chat.reply, "session_id": chat.session_id}
+            case "evaluate":
+                ev = msgspec.convert(result, _Evaluated)
+                return {"split": ev.split, "loss": ev.loss, "perplexity": ev.perplexity}
+    except msgspec.ValidationError:
+        return {}
+    return {}
+
+
 async def _result(request: web.Request, what: RequestKind) -> web.StreamResponse:
     """See the module docstring: 202 pending, 200 done, 422/502 failed."""
     state = await run_of(request)
@@ -171,7 +281,8 @@ async def _result(request: web.Request, what: RequestKind) -> web.StreamResponse
         raise not_found(f"no {what} request {request_id!r}")
     if stored.ok:
         body = msgspec.to_builtins(stored)
-        return json_response({**body, "request_id": request_id, "status": "completed"})
+        flat = upstream_fields(what, stored.result)
+        return json_response({**flat, **body, "request_id": request_id, "status": "completed"})
     kind = stored.error_kind
     raise ApiError(
         422 if kind == "user" else 502,

@@ -23,10 +23,10 @@ from actors.web.http import (
     text,
 )
 from protocol.events import ArtifactPointer
-from protocol.requests import CorpusSource, TokenizerTrainRequest, TrainRequest
+from protocol.requests import HTTP_NAMES, CorpusSource, TokenizerTrainRequest, TrainRequest
 from protocol.state import RunState
 from trainer.corpus import NAMED_CORPORA
-from trainer.errors import UserError
+from trainer.errors import FieldError, UserError
 
 _log = log.get("control")
 
@@ -107,6 +107,8 @@ async def train(request: web.Request) -> web.StreamResponse:
         await _check_pretrained(app, req.train.pretrained_run_id)
     try:
         info = await app[CLIENT].train(req)
+    except FieldError as e:
+        raise invalid(HTTP_NAMES.get(e.field, e.field), e.message) from None
     except UserError as e:
         raise ApiError(422, "INVALID_INPUT", str(e)) from None
     _log.info("run submitted", run_id=info.run_id, request_id=request[REQUEST_ID])
@@ -119,6 +121,8 @@ async def train_tokenizer(request: web.Request) -> web.StreamResponse:
     req.source = await _check_source(app, req.source)
     try:
         info = await app[CLIENT].train_tokenizer(req)
+    except FieldError as e:
+        raise invalid(HTTP_NAMES.get(e.field, e.field), e.message) from None
     except UserError as e:
         raise ApiError(422, "INVALID_INPUT", str(e)) from None
     _log.info("tokenizer job submitted", run_id=info.run_id, request_id=request[REQUEST_ID])

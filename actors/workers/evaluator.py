@@ -24,7 +24,14 @@ from actors.runtime.config import Settings
 from actors.runtime.outcome import Outcome, answer, request_id_of
 from actors.runtime.pool import Pool, PoolActor
 from actors.runtime.streams import Context
-from protocol.commands import Base, ModelChat, ModelEvaluate, ModelGenerate, ModelScore
+from protocol.commands import (
+    Base,
+    ModelChat,
+    ModelEvaluate,
+    ModelGenerate,
+    ModelScore,
+    check_command,
+)
 from protocol.events import ArtifactPointer, EvalCompleted
 from protocol.keys import CHAT_MAX_TURNS, CHAT_TTL_S
 from trainer.errors import UserError
@@ -54,10 +61,11 @@ def score_job(run_dir: str, text: str, detail: bool, top_k: int) -> dict[str, ob
     return score(Path(run_dir), text, detail=detail, top_k=top_k)
 
 
-def generate_job(run_dir: str, cmd: ModelGenerate) -> list[str]:
-    from trainer.evaluate import generate
+def generate_job(run_dir: str, cmd: ModelGenerate) -> dict[str, object]:
+    from trainer.evaluate import generation
 
-    return generate(Path(run_dir), cmd.prompt, cmd)
+    out = generation(Path(run_dir), cmd.prompt, cmd)
+    return {"samples": out.texts, "steps": out.steps, "eos_terminated": out.eos_terminated}
 
 
 def chat_job(run_dir: str, history: list[tuple[str, str]], cmd: ModelChat) -> str:
@@ -100,6 +108,7 @@ class EvaluatorActor(PoolActor):
         await super().stop()
 
     async def handle(self, cmd: Base, ctx: Context) -> Outcome | None:
+        check_command(cmd)  # before any work: a bad command fails at once, as a user error
         match cmd:
             case ModelEvaluate():
                 return await self.evaluate(cmd, ctx)
@@ -111,21 +120,20 @@ class EvaluatorActor(PoolActor):
                 return answer(ctx.keys, cmd, {"result": result})
             case ModelGenerate():
                 run_dir = await self.run_dir(cmd.run_id, ctx)
-                samples = await self.requests.run(generate_job, str(run_dir), cmd)
-                result = {"prompt": cmd.prompt, "samples": samples}
-                return answer(ctx.keys, cmd, {"result": result})
+                generated = await self.requests.run(generate_job, str(run_dir), cmd)
+                return answer(ctx.keys, cmd, {"result": {"prompt": cmd.prompt, **generated}})
             case ModelChat():
                 return await self.chat(cmd, ctx)
             case _:
                 return None
 
     async def evaluate(self, cmd: ModelEvaluate, ctx: Context) -> Outcome:
-        run_dir = await self.run_dir(cmd.run_id, ctx)
         path: str | None = None
-        if cmd.path:
-            from trainer.corpus import resolve_corpus_path
+        if cmd.path:  # checked before the run's model is looked for (or fetched)
+            from trainer.corpus import resolve_corpus_file
 
-            path = str(resolve_corpus_path(self.settings.corpus_root, cmd.path))
+            path = str(resolve_corpus_file(self.settings.corpus_root, cmd.path, "path"))
+        run_dir = await self.run_dir(cmd.run_id, ctx)
         out_name = "metrics" if not cmd.request_id else f"eval-{cmd.request_id}"
         metrics = await self.pool_for(cmd).run(
             evaluate_job, str(run_dir), cmd.split, path, out_name
@@ -141,7 +149,7 @@ class EvaluatorActor(PoolActor):
             metrics=msgspec.convert(numbers, dict[str, float]),
         )
         if cmd.request_id:
-            outcome = answer(ctx.keys, cmd, {"result": metrics})
+            outcome = answer(ctx.keys, cmd, {"result": {**metrics, "split": event.split}})
             outcome.events.insert(0, event)
             return outcome
         return Outcome(events=[event])
@@ -188,7 +196,9 @@ class EvaluatorActor(PoolActor):
             uri = urllib.parse.urlparse(pointer.uri)
             path = Path(urllib.request.url2pathname(uri.path))
             if not path.is_file():
-                raise UserError(f"the run's local artifact {path} is missing")
+                raise UserError(
+                    f"the run's local artifact {pointer.uri.rsplit('/', 1)[-1]} is missing"
+                )
             return path
         from actors.workers.databank import fetch
 

@@ -11,7 +11,7 @@ import msgspec
 from actors.runtime.outcome import Outcome
 from actors.runtime.pool import PoolActor
 from actors.runtime.streams import Context
-from protocol.commands import Base, CorpusIngest
+from protocol.commands import Base, CorpusIngest, check_command
 from protocol.events import CorpusReady
 from protocol.settings import CorpusSettings
 from trainer.errors import UserError
@@ -47,6 +47,9 @@ class IngestActor(PoolActor):
                 return None
 
     async def ingest(self, cmd: CorpusIngest, ctx: Context) -> Outcome:
+        # Before any work: the command and the rest of its chain (a tokenizer too small for
+        # its kind fails the run now, not after the corpus is split).
+        check_command(cmd)
         s = self.settings
         out_dir = s.corpus_dir(cmd.corpus_id)
         root: str | None = None
@@ -59,10 +62,11 @@ class IngestActor(PoolActor):
                 known = ", ".join(sorted(NAMED_CORPORA))
                 raise UserError(f"unknown named corpus {cmd.named!r} (known: {known})")
             source = cmd.named
-        elif cmd.path:
-            source, root = cmd.path, str(s.corpus_root)
         else:
-            raise UserError("no corpus given: set path, named or file_id")
+            from trainer.corpus import resolve_corpus_path
+
+            resolve_corpus_path(s.corpus_root, cmd.path)  # outside the root, missing: now
+            source, root = cmd.path, str(s.corpus_root)
         ctx.log.info("preparing corpus", source=source, corpus_id=cmd.corpus_id)
         manifest = await self.pool.run(
             prepare,

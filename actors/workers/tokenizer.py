@@ -13,7 +13,7 @@ import msgspec
 from actors.runtime.outcome import Outcome
 from actors.runtime.pool import PoolActor
 from actors.runtime.streams import Context
-from protocol.commands import Base, TokenizerTrain
+from protocol.commands import Base, TokenizerTrain, check_command
 from protocol.events import TokenizerReady
 from protocol.settings import TokenizerSettings
 from trainer.errors import UserError
@@ -47,6 +47,7 @@ class TokenizerActor(PoolActor):
                 return None
 
     async def train(self, cmd: TokenizerTrain, ctx: Context) -> Outcome:
+        check_command(cmd)  # before any work (e.g. a vocabulary too small for the kind)
         s = self.settings
         corpus_dir = s.corpus_dir(cmd.corpus_id)
         if not (corpus_dir / "corpus.json").is_file():

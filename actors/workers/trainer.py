@@ -29,7 +29,7 @@ from actors.runtime.config import Settings
 from actors.runtime.outcome import Cancelled, Outcome
 from actors.runtime.pool import CancelFlag, WorkerDied
 from actors.runtime.streams import Actor, Context
-from protocol.commands import Base, ModelTrain
+from protocol.commands import Base, ModelTrain, check_command
 from protocol.events import TrainCompleted, TrainProgress, TrainStarted
 from trainer.config import TrainConfig
 from trainer.errors import UserError
@@ -182,6 +182,7 @@ class TrainerActor(Actor):
                 return None
 
     def job(self, cmd: ModelTrain) -> TrainJob:
+        check_command(cmd)  # before any work (protocol.commands)
         s = self.settings
         corpus_dir = s.corpus_dir(cmd.corpus_id)
         if not (corpus_dir / "corpus.json").is_file():

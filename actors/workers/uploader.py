@@ -30,9 +30,10 @@ from actors.runtime.outcome import Outcome
 from actors.runtime.pool import PoolActor
 from actors.runtime.streams import Context
 from actors.workers import databank
-from protocol.commands import ArtifactUpload, Base
+from actors.workers.evaluator import MODEL_FILES
+from protocol.commands import ArtifactUpload, Base, check_command
 from protocol.events import ArtifactPointer, ArtifactStored
-from trainer.errors import UserError
+from trainer.errors import FieldError, UserError
 from trainer.jsonfile import dumps, from_json, load_json
 
 CONTENT_TYPE = "application/gzip"
@@ -41,6 +42,8 @@ MANIFEST = "manifest.json"
 # a user downloads is the saved model in the run dir itself (and best/). They are also the
 # bulk of a run dir, so they stay out of the archive.
 RUN_EXCLUDE = ("checkpoints",)
+# What a tokenizer dir holds: our manifest (trainer.tokenizer.MANIFEST_NAME), the HF file.
+TOKENIZER_FILES = ("mt_tokenizer.json", "tokenizer.json")
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,7 @@ def build_archive(src_dir: str, dest: str, arc_root: str, exclude: list[str]) ->
     bytes. Level 1 because model weights barely compress and the time goes to deflate."""
     src, out = Path(src_dir), Path(dest).absolute()
     if not src.is_dir() or not any(src.iterdir()):
-        raise UserError(f"nothing to archive: {src} does not exist or is empty")
+        raise UserError(f"nothing to archive: {arc_root!r} does not exist or is empty")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(4)}")
     try:
@@ -167,12 +170,21 @@ class UploaderActor(PoolActor):
                 return None
 
     def source(self, cmd: ArtifactUpload) -> tuple[Path, str, Literal["run", "tokenizer"]]:
-        """(dir to archive, archive name, store folder) for the command's target."""
+        """(dir to archive, archive name, store folder) for the command's target, checked
+        before any work: an unknown run or tokenizer is a user error, never an archive of
+        whatever its folder holds (a run's folder gets its log as soon as it is named)."""
+        check_command(cmd)
         if cmd.target == "tokenizer":
-            if not cmd.tokenizer_id:
-                raise UserError("artifact.upload with target=tokenizer needs a tokenizer_id")
-            return self.settings.tokenizer_dir(cmd.tokenizer_id), cmd.tokenizer_id, "tokenizer"
-        return self.settings.run_dir(cmd.run_id), cmd.run_id, "run"
+            tok_dir = self.settings.tokenizer_dir(cmd.tokenizer_id)
+            if not any((tok_dir / name).is_file() for name in TOKENIZER_FILES):
+                raise FieldError("tokenizer_id", f"unknown tokenizer {cmd.tokenizer_id!r}")
+            return tok_dir, cmd.tokenizer_id, "tokenizer"
+        run_dir = self.settings.run_dir(cmd.run_id)
+        if not any((run_dir / name).is_file() for name in MODEL_FILES):
+            raise FieldError(
+                "run_id", f"run {cmd.run_id!r} has no trained model here (unknown run?)"
+            )
+        return run_dir, cmd.run_id, "run"
 
     async def upload(self, cmd: ArtifactUpload, ctx: Context) -> Outcome:
         s = self.settings
