@@ -113,7 +113,7 @@ _TAIL = Param(
 )
 _FOLLOW = Param("follow", {"type": "boolean", "default": True}, "keep streaming until the run ends")
 _LAST_ID = Param("Last-Event-ID", {"type": "string"}, "resume after this SSE id", where="header")
-_QUEUED = (400, 401, 404, 409, 413, 422)
+_QUEUED = (400, 401, 404, 408, 409, 413, 415, 422)
 _PENDING = Reply(202, "still pending", requests.Pending)
 _DONE = Reply(200, "the stored result with request_id and status 'completed'")
 _SSE = "text/event-stream"
@@ -155,7 +155,7 @@ ROUTES: tuple[tuple[Operation, Handler], ...] = (
             (Reply(202, "queued", RunCreated),),
             body=TrainRequest,
             flat_body=True,
-            errors=(400, 401, 413, 422),
+            errors=(400, 401, 408, 413, 415, 422),
         ),
         runs.train,
     ),
@@ -194,7 +194,7 @@ ROUTES: tuple[tuple[Operation, Handler], ...] = (
             "the run's log as server-sent events",
             (Reply(200, "SSE: data = a log line; event 'end' at the end", media=_SSE),),
             params=(_TAIL, _FOLLOW, _LAST_ID),
-            errors=(401, 404, 422),
+            errors=(401, 404, 422, 503),
         ),
         streams.stream_logs,
     ),
@@ -205,7 +205,7 @@ ROUTES: tuple[tuple[Operation, Handler], ...] = (
             "the run's events as server-sent events",
             (Reply(200, "SSE: event = kind, data = the event JSON, id = entry id", media=_SSE),),
             params=(_FOLLOW, _LAST_ID),
-            errors=(401, 404, 422),
+            errors=(401, 404, 422, 503),
         ),
         streams.stream_events,
     ),
@@ -368,7 +368,7 @@ ROUTES: tuple[tuple[Operation, Handler], ...] = (
             (Reply(202, "queued", RunCreated),),
             body=TokenizerTrainRequest,
             flat_body=True,
-            errors=(400, 401, 413, 422),
+            errors=(400, 401, 408, 413, 415, 422),
         ),
         runs.train_tokenizer,
     ),
