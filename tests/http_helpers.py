@@ -10,7 +10,7 @@ import aiohttp
 from aiohttp import web
 
 from actors.runtime.config import Settings
-from actors.web.app import bound_url, create_app
+from actors.web.app import bound_url, make_runner
 
 
 class Served(NamedTuple):
@@ -20,8 +20,9 @@ class Served(NamedTuple):
 
 @contextlib.asynccontextmanager
 async def start_app(settings: Settings, redis_url: str) -> AsyncIterator[Served]:
-    """The app behind a real TCP server on 127.0.0.1:<free port>, and a client session."""
-    runner = web.AppRunner(create_app(settings, redis_url), shutdown_timeout=5.0)
+    """The app behind a real TCP server on 127.0.0.1:<free port> (the runner `serve` uses),
+    and a client session."""
+    runner = make_runner(settings, redis_url)
     await runner.setup()
     try:
         await web.TCPSite(runner, "127.0.0.1", 0).start()

@@ -255,7 +255,8 @@ async def test_symlinks_that_stay_inside_the_root_are_fine(
 
 
 async def test_bad_bodies_get_400_and_422_naming_the_field(http: Served) -> None:
-    async with http.session.post("/runs/train", data=b'{"corpus_path": ') as resp:
+    headers = {"Content-Type": "application/json"}
+    async with http.session.post("/runs/train", data=b'{"corpus_path": ', headers=headers) as resp:
         await error_of(resp, 400, "INVALID_JSON")
     cases: list[tuple[str, object, str]] = [
         ("/runs/train", {"corpus_path": "tiny.txt", "num_epochs": 0}, "num_epochs"),
@@ -287,7 +288,8 @@ async def test_missing_required_field_and_nested_errors(
 
 async def test_an_oversized_body_is_413(http: Served) -> None:
     body = json.dumps({"corpus_path": "tiny.txt", "pad": "x" * (2 * 1024 * 1024)}).encode()
-    async with http.session.post("/runs/train", data=body) as resp:
+    headers = {"Content-Type": "application/json"}
+    async with http.session.post("/runs/train", data=body, headers=headers) as resp:
         await error_of(resp, 413, "PAYLOAD_TOO_LARGE")
 
 

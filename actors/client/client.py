@@ -170,21 +170,35 @@ class ServiceClient:
         blocking: Redis | None = None,
         *,
         block_ms: int = BLOCK_MS,
+        url: str | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.blocking = blocking  # only `follow` needs it; its timeout must exceed block_ms
         self.block_ms = block_ms
+        self.url = url  # where `dedicated` connects
         self._cancel = redis.register_script(_CANCEL)
 
     @classmethod
     def connect(cls, url: str, keys: Keys, *, block_ms: int = BLOCK_MS) -> ServiceClient:
         """A client with connections of its own (closed by `aclose`)."""
         blocking = connect(url, blocking=True, block_ms=block_ms)
-        return cls(connect(url), keys, blocking, block_ms=block_ms)
+        return cls(connect(url), keys, blocking, block_ms=block_ms, url=url)
+
+    def dedicated(self) -> ServiceClient:
+        """A client of the same service on one connection of its own, opened on first use and
+        used for reads and blocking reads alike (one at a time), closed by `aclose`.
+
+        For a long-lived reader such as an SSE stream: it holds exactly one connection while
+        it lives and none once closed, where a shared pool would keep every connection its
+        busiest moment opened."""
+        if self.url is None:
+            raise RuntimeError("a dedicated client needs a client made by connect()")
+        own = connect(self.url, blocking=True, block_ms=self.block_ms)
+        return ServiceClient(own, self.keys, own, block_ms=self.block_ms, url=self.url)
 
     async def aclose(self) -> None:
-        if self.blocking is not None:
+        if self.blocking is not None and self.blocking is not self.redis:
             await self.blocking.aclose()
         await self.redis.aclose()
 

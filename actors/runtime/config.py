@@ -24,6 +24,8 @@ class Settings:
     events_channel: str = "trainer:events"
     consumer: str | None = None  # base consumer name; default host-actor-index
     lease_s: float = 30.0  # a pending command idle this long is taken over by another consumer
+    max_streams: int = 100  # live SSE streams of the control endpoint (each holds a connection)
+    http_timeout_s: float = 15.0  # to send a request's headers, then its body; idle keep-alive
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -44,6 +46,8 @@ class Settings:
             events_channel=e.get("MT_EVENTS_CHANNEL") or "trainer:events",
             consumer=e.get("MT_CONSUMER") or None,
             lease_s=float(e.get("MT_LEASE_S") or 30.0),
+            max_streams=int(e.get("MT_MAX_STREAMS") or 100),
+            http_timeout_s=float(e.get("MT_HTTP_TIMEOUT_S") or 15.0),
         )
 
     def consumer_name(self, actor: str, index: int = 0) -> str:

@@ -31,7 +31,16 @@ from actors.client.client import BLOCK_MS, ServiceClient
 from actors.runtime import log
 from actors.runtime.config import Settings
 from actors.web import curves, requests, runs, streams
-from actors.web.context import CLIENT, MAX_BODY, OPENAPI, SETTINGS, STOPPING, Handler
+from actors.web.context import (
+    CLIENT,
+    MAX_BODY,
+    OPENAPI,
+    SETTINGS,
+    STOPPING,
+    STREAMS,
+    Handler,
+    Slots,
+)
 from actors.web.dashboard import add_routes as add_dashboard
 from actors.web.errors import ApiError, ErrorBody, error_middleware, stamp_request_id
 from actors.web.http import json_response
@@ -104,7 +113,7 @@ _TAIL = Param(
 )
 _FOLLOW = Param("follow", {"type": "boolean", "default": True}, "keep streaming until the run ends")
 _LAST_ID = Param("Last-Event-ID", {"type": "string"}, "resume after this SSE id", where="header")
-_QUEUED = (400, 401, 404, 409, 413, 422)
+_QUEUED = (400, 401, 404, 408, 409, 413, 415, 422)
 _PENDING = Reply(202, "still pending", requests.Pending)
 _DONE = Reply(200, "the stored result with request_id and status 'completed'")
 _SSE = "text/event-stream"
@@ -146,7 +155,7 @@ ROUTES: tuple[tuple[Operation, Handler], ...] = (
             (Reply(202, "queued", RunCreated),),
             body=TrainRequest,
             flat_body=True,
-            errors=(400, 401, 413, 422),
+            errors=(400, 401, 408, 413, 415, 422),
         ),
         runs.train,
     ),
@@ -185,7 +194,7 @@ ROUTES: tuple[tuple[Operation, Handler], ...] = (
             "the run's log as server-sent events",
             (Reply(200, "SSE: data = a log line; event 'end' at the end", media=_SSE),),
             params=(_TAIL, _FOLLOW, _LAST_ID),
-            errors=(401, 404, 422),
+            errors=(401, 404, 422, 503),
         ),
         streams.stream_logs,
     ),
@@ -196,7 +205,7 @@ ROUTES: tuple[tuple[Operation, Handler], ...] = (
             "the run's events as server-sent events",
             (Reply(200, "SSE: event = kind, data = the event JSON, id = entry id", media=_SSE),),
             params=(_FOLLOW, _LAST_ID),
-            errors=(401, 404, 422),
+            errors=(401, 404, 422, 503),
         ),
         streams.stream_events,
     ),
@@ -359,7 +368,7 @@ ROUTES: tuple[tuple[Operation, Handler], ...] = (
             (Reply(202, "queued", RunCreated),),
             body=TokenizerTrainRequest,
             flat_body=True,
-            errors=(400, 401, 413, 422),
+            errors=(400, 401, 408, 413, 415, 422),
         ),
         runs.train_tokenizer,
     ),
@@ -399,9 +408,10 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     app[SETTINGS] = settings
     app[STOPPING] = asyncio.Event()
     app[OPENAPI] = msgspec.json.encode(openapi_document(settings))
+    app[STREAMS] = Slots(settings.max_streams)
 
     async def client_ctx(app: web.Application) -> AsyncIterator[None]:
-        # Its blocking connection is shared by the live event streams (XREAD BLOCK_MS).
+        # Live streams each read through a connection of their own (ServiceClient.dedicated).
         app[CLIENT] = ServiceClient.connect(redis_url, Keys(settings.prefix), block_ms=BLOCK_MS)
         try:
             yield
@@ -415,6 +425,20 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
         app.router.add_route(op.method, op.path, handler)
     add_dashboard(app)
     return app
+
+
+def make_runner(settings: Settings, redis_url: str) -> web.AppRunner:
+    """The app's runner. A connection has `http_timeout_s` to send a whole request head, and
+    an idle keep-alive one is closed after as long: aiohttp's keep-alive timer also runs from
+    the moment a connection opens until its first request is complete, so a client that
+    sends its headers slowly (slowloris) is cut off. No access log: ?api_key= must not end
+    up in a log file."""
+    return web.AppRunner(
+        create_app(settings, redis_url),
+        shutdown_timeout=5.0,
+        access_log=None,
+        keepalive_timeout=settings.http_timeout_s,
+    )
 
 
 def bound_url(runner: web.AppRunner) -> str:
@@ -432,8 +456,7 @@ async def serve(
     on_ready: Callable[[str], Awaitable[None]] | None = None,
 ) -> None:
     """Run the endpoint until cancelled; the bound URL goes to `on_ready` and the log."""
-    # No access log: ?api_key= must not end up in a log file.
-    runner = web.AppRunner(create_app(settings, redis_url), shutdown_timeout=5.0, access_log=None)
+    runner = make_runner(settings, redis_url)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

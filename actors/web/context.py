@@ -13,9 +13,29 @@ from actors.runtime.config import Settings
 MAX_BODY = 1024 * 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+
+class Slots:
+    """A count of live SSE streams, at most `limit` at once: each holds a Redis connection
+    and a task until its client leaves or its run ends."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.live = 0
+
+    def take(self) -> bool:
+        if self.live >= self.limit:
+            return False
+        self.live += 1
+        return True
+
+    def give_back(self) -> None:
+        self.live -= 1
+
+
 SETTINGS = web.AppKey("settings", Settings)
 CLIENT = web.AppKey("client", ServiceClient)
 STOPPING = web.AppKey("stopping", asyncio.Event)
 OPENAPI = web.AppKey("openapi", bytes)
+STREAMS = web.AppKey("streams", Slots)
 REQUEST_ID = web.RequestKey("request_id", str)
 STREAM = web.RequestKey("stream", web.StreamResponse)  # an SSE response already under way

@@ -1,5 +1,6 @@
 """Errors in one format: `{"code", "message", "request_id"}` (+ `"field"`), from one
-middleware that also sets the request id and checks the API key."""
+middleware that also sets the request id and refuses, before any handler, requests from
+other origins, without the API key, or with a body that is not JSON."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import uuid
 from collections.abc import Mapping
 
 import msgspec
-from aiohttp import web
+from aiohttp import hdrs, web
 from redis.exceptions import RedisError
+from yarl import URL
 
 from actors.runtime import log
 from actors.web.context import REQUEST_ID, SETTINGS, STREAM, Handler
@@ -62,6 +64,7 @@ def invalid(field: str, message: str) -> ApiError:
 _HTTP_CODES: dict[int, str] = {
     400: "BAD_REQUEST",
     401: "UNAUTHORIZED",
+    403: "FORBIDDEN",
     404: "NOT_FOUND",
     405: "METHOD_NOT_ALLOWED",
     409: "CONFLICT",
@@ -123,13 +126,57 @@ def _authorized(request: web.Request, api_key: str | None) -> bool:
     )
 
 
+def _same_origin(request: web.Request, origin: str) -> bool:
+    """Whether a browser's `Origin` names this endpoint: its host and port are those of the
+    Host the request was sent to, or of X-Forwarded-Host behind a proxy (a header no page can
+    add without a CORS preflight, which this endpoint never grants). The scheme is not
+    compared, since a TLS proxy in front changes it."""
+    try:
+        url = URL(origin)
+        if url.scheme not in ("http", "https") or not url.host or url.raw_path not in ("", "/"):
+            return False
+        hosts = [request.host, request.headers.get("X-Forwarded-Host", "")]
+        ours = [URL.build(scheme=url.scheme, authority=host) for host in hosts if host]
+    except ValueError:
+        return False
+    return any((u.host, u.port) == (url.host, url.port) for u in ours)
+
+
+_BODY_METHODS = ("POST", "PUT", "PATCH")
+_JSON = "application/json"
+
+
+def _refusal(request: web.Request) -> ApiError | None:
+    """What a request is refused for before any handler runs: a page of another origin (a
+    browser says so in `Origin`), a missing or wrong API key, or a body that is not JSON.
+
+    Without an API key (the default) these are what keeps any web page the user visits from
+    submitting or cancelling runs on their local endpoint: a cross-origin page can send a
+    text/plain or form POST without a preflight, but never an application/json one, and a
+    browser names the page's origin on every POST."""
+    origin = request.headers.get(hdrs.ORIGIN)
+    if origin is not None and not _same_origin(request, origin):
+        return ApiError(403, "FORBIDDEN", "requests from other origins are not allowed")
+    if not _authorized(request, request.app[SETTINGS].api_key):
+        return ApiError(401, "UNAUTHORIZED", "missing or invalid X-Api-Key")
+    # A bodiless POST (a cancel) may say anything: clients such as aiohttp's send
+    # application/octet-stream with it, and a browser sends Origin, refused above.
+    if request.method in _BODY_METHODS and request.body_exists and request.content_type != _JSON:
+        return ApiError(
+            415,
+            "UNSUPPORTED_MEDIA_TYPE",
+            "a request body must be JSON, sent with Content-Type: application/json",
+        )
+    return None
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id, API key, and every error in the one JSON format."""
+    """Request id, origin, API key, body type, and every error in the one JSON format."""
     request[REQUEST_ID] = _request_id(request.headers.get("X-Request-ID"))
     try:
-        if not _authorized(request, request.app[SETTINGS].api_key):
-            raise ApiError(401, "UNAUTHORIZED", "missing or invalid X-Api-Key")
+        if refused := _refusal(request):
+            raise refused
         return await handler(request)
     except ApiError as e:
         return await _answer(request, e)

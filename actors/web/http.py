@@ -3,6 +3,7 @@ the run a path names, corpus paths confined to the corpus root."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Mapping
 from typing import TypeVar
@@ -10,8 +11,9 @@ from typing import TypeVar
 import msgspec
 from aiohttp import web
 
+from actors.client.client import ServiceClient
 from actors.runtime.config import Settings
-from actors.web.context import CLIENT
+from actors.web.context import CLIENT, SETTINGS
 from actors.web.errors import ApiError, invalid, not_found
 from protocol.requests import decode_body, decode_flat
 from protocol.settings import Id
@@ -48,7 +50,12 @@ def field_of(message: str) -> str:
 async def read_body(request: web.Request, typ: type[T], *, flat: bool = False) -> T:
     """Decode and validate a JSON body (an empty body is `{}`; upstream's aliases and nulls
     accepted, protocol.requests.decode_body); `flat`: a grouped request (decode_flat)."""
-    raw = await request.read()
+    try:
+        # A client that sends its body slowly must not hold the handler without end.
+        async with asyncio.timeout(request.app[SETTINGS].http_timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise ApiError(408, "REQUEST_TIMEOUT", "the request body did not arrive in time") from None
     if not raw.strip():
         raw = b"{}"
     try:
@@ -107,9 +114,11 @@ def text(raw: bytes | str) -> str:
     return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
 
 
-async def run_of(request: web.Request) -> RunState:
+async def run_of(request: web.Request, client: ServiceClient | None = None) -> RunState:
+    """The run the path names (404 when unknown), read through `client` if given (a stream's
+    own connection) or the app's."""
     run_id = path_id(request, "id", "run")
-    state = await request.app[CLIENT].find_run(run_id)
+    state = await (client or request.app[CLIENT]).find_run(run_id)
     if state is None:
         raise not_found(f"unknown run {run_id!r}")
     return state

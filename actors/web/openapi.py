@@ -24,14 +24,17 @@ _PATH_PARAM = re.compile(r"\{(\w+)\}")
 ERROR_STATUSES: dict[int, str] = {
     400: "the body is not valid JSON",
     401: "missing or wrong X-Api-Key",
+    403: "sent by a browser from a page of another origin",
     404: "no such run, request, session, tokenizer or file",
     405: "method not allowed",
     409: "the run is in the wrong state for this request",
+    408: "the request body did not arrive in time",
     413: "request body too large",
+    415: "the request body is not sent as application/json",
     422: "a field is missing, unknown or out of range (the error names it)",
     500: "unexpected server error (details are in the server log)",
     502: "the request failed inside the service (system error)",
-    503: "Redis unreachable or an actor kind has no live consumer",
+    503: "Redis unreachable, an actor kind has no live consumer, or every stream slot is taken",
 }
 
 

@@ -6,20 +6,22 @@ import asyncio
 import contextlib
 import re
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
 from aiohttp import web
 
-from actors.client.client import Entry, start_after
-from actors.web.context import CLIENT, MAX_BODY, SETTINGS, STOPPING
-from actors.web.errors import not_found
+from actors.client.client import Entry, ServiceClient, start_after
+from actors.web.context import CLIENT, MAX_BODY, SETTINGS, STOPPING, STREAMS
+from actors.web.errors import ApiError, not_found
 from actors.web.http import bool_query, int_query, run_of, text
 from actors.web.sse import PING_S, gone, open_stream, sse
 from protocol.events import TERMINAL_STATUSES
 
 LOG_POLL_S = 0.25
+RETRY_AFTER_S = 5  # what a stream refused for want of a slot is told to wait
 _ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 
 
@@ -109,11 +111,52 @@ async def get_logs(request: web.Request) -> web.StreamResponse:
     return web.Response(text=text, content_type="text/plain")
 
 
+@contextlib.asynccontextmanager
+async def live_stream(request: web.Request) -> AsyncIterator[ServiceClient]:
+    """A slot among the endpoint's live streams and a Redis connection of the stream's own,
+    both given back when the stream ends for any reason (its client left, its run ended, the
+    server stops). Over `max_streams` (MT_MAX_STREAMS): 503 with Retry-After."""
+    slots = request.app[STREAMS]
+    if not slots.take():
+        raise ApiError(
+            503,
+            "TOO_MANY_STREAMS",
+            f"this endpoint serves at most {slots.limit} live streams at once; "
+            f"retry in {RETRY_AFTER_S} s",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    try:
+        client = request.app[CLIENT].dedicated()
+        try:
+            yield client
+        finally:
+            await client.aclose()
+    finally:
+        slots.give_back()
+
+
+async def write(request: web.Request, resp: web.StreamResponse, data: bytes) -> None:
+    """Send data on a stream; a client that takes none of it for the HTTP timeout is cut off
+    (ConnectionResetError), or a reader that stopped reading would hold its slot forever."""
+    try:
+        async with asyncio.timeout(request.app[SETTINGS].http_timeout_s):
+            await resp.write(data)
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+        raise ConnectionResetError("the client stopped reading") from None
+
+
 async def stream_logs(request: web.Request) -> web.StreamResponse:
     """SSE of the run's logs.jsonl: the tail, then (follow) appended lines until the run ends.
 
     Each batch's last message has `id: <byte offset>`; a Last-Event-ID resumes from there."""
-    state = await run_of(request)
+    async with live_stream(request) as client:
+        return await _stream_logs(request, client)
+
+
+async def _stream_logs(request: web.Request, client: ServiceClient) -> web.StreamResponse:
+    state = await run_of(request, client)
     tail = int_query(request, "tail", 200, 0, 10_000)
     follow = bool_query(request, "follow", True)
     app = request.app
@@ -125,7 +168,7 @@ async def stream_logs(request: web.Request) -> web.StreamResponse:
         lines = [line for line in lines if line.strip()]
         for i, line in enumerate(lines):
             eid = str(offset) if i == len(lines) - 1 else ""
-            await resp.write(sse(render_log_line(line), eid=eid))
+            await write(request, resp, sse(render_log_line(line), eid=eid))
 
     async def catch_up(offset: int) -> int:
         while True:
@@ -147,19 +190,19 @@ async def stream_logs(request: web.Request) -> web.StreamResponse:
         pinged = time.monotonic()
         while follow and not app[STOPPING].is_set() and not gone(request):
             # Status first, then the file: lines written before the run ended are all sent.
-            current = await app[CLIENT].find_run(state.run_id)
+            current = await client.find_run(state.run_id)
             status = current.status if current else status
             offset = await catch_up(offset)
             if status in TERMINAL_STATUSES:
                 break
             if time.monotonic() - pinged > PING_S:
-                await resp.write(b": ping\n\n")
+                await write(request, resp, b": ping\n\n")
                 pinged = time.monotonic()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(app[STOPPING].wait(), LOG_POLL_S)
         if not gone(request):
             end = msgspec.json.encode({"status": status}).decode()
-            await resp.write(sse(end, event="end"))
+            await write(request, resp, sse(end, event="end"))
     except ConnectionError:
         pass  # the client went away
     return resp
@@ -170,10 +213,14 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     until a terminal event; follow=false ends at the history's end.
 
     `id:` is the stream entry id, so Last-Event-ID resumes exactly."""
-    state = await run_of(request)
+    async with live_stream(request) as client:
+        return await _stream_events(request, client)
+
+
+async def _stream_events(request: web.Request, client: ServiceClient) -> web.StreamResponse:
+    state = await run_of(request, client)
     follow = bool_query(request, "follow", True) and state.status not in TERMINAL_STATUSES
     app = request.app
-    client = app[CLIENT]
     last = request.headers.get("Last-Event-ID", "")
     if not _ENTRY_ID.fullmatch(last):
         last = start_after(state)
@@ -182,7 +229,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     async def send(entries: list[Entry]) -> bool:
         """Send these events; True once the run's terminal event went out."""
         for entry in entries:
-            await resp.write(sse(text(entry.raw), event=entry.kind, eid=entry.id))
+            await write(request, resp, sse(text(entry.raw), event=entry.kind, eid=entry.id))
             if entry.terminal:
                 return True
         return False
@@ -202,7 +249,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
                 if await send(batch) or app[STOPPING].is_set() or gone(request):
                     break
                 if time.monotonic() - pinged > PING_S:
-                    await resp.write(b": ping\n\n")
+                    await write(request, resp, b": ping\n\n")
                     pinged = time.monotonic()
     except ConnectionError:
         pass  # the client went away
