@@ -33,12 +33,20 @@ ACTORS: dict[ActorName, Callable[[Settings], Actor]] = {
 
 @contextlib.contextmanager
 def redis_for(settings: Settings) -> Iterator[str]:
-    """REDIS_URL when set; otherwise an embedded server for the duration of the block."""
+    """REDIS_URL when set; otherwise the data dir's embedded server for the duration of the
+    block: started here, or adopted when a killed owner left it running. Raises DataDirTaken
+    while another live process owns it."""
     if settings.redis_url:
         yield settings.redis_url
         return
     server = EmbeddedRedis(settings.data_dir)
     server.start()
+    if server.adopted is not None:
+        log.get("service").info(
+            "adopted the embedded server its stopped owner left running",
+            url=server.url,
+            pid=server.adopted,
+        )
     try:
         yield server.url
     finally:

@@ -10,7 +10,7 @@ import signal
 from actors import service
 from actors.cli.common import CliError, require_url, running_url, safe_url
 from actors.cli.demo import run_demo
-from actors.cli.service_ctx import serve_control
+from actors.cli.service_ctx import serve_control, service_redis
 from actors.runtime import retention
 from actors.runtime.config import Settings
 from actors.runtime.connection import connect
@@ -27,15 +27,11 @@ def _http(args: argparse.Namespace, settings: Settings) -> Settings:
 
 async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     settings = _http(args, settings)
-    if not settings.redis_url and (live := await running_url(settings)) is not None:
-        raise CliError(
-            f"a service already runs on {settings.data_dir} (its Redis: {safe_url(live)}); "
-            "stop it first, or point this one at a shared REDIS_URL",
-            2,
-        )
     names = list(ACTOR_NAMES)
     days = retention.retention_days()
-    with service.redis_for(settings) as url:
+    # Refused while another live process owns the data dir's server; adopted when a killed
+    # `up` left it running.
+    with service_redis(settings) as url:
         keys = Keys(settings.prefix)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -8,14 +8,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import structlog
 
 from actors import service
-from actors.cli.common import CliError
+from actors.cli.common import CliError, safe_url
 from actors.runtime.config import Settings
+from actors.runtime.embedded import DataDirTaken
 from actors.runtime.streams import RuntimeConfig
 from protocol.keys import ACTOR_NAMES, ActorName
 
@@ -37,7 +38,7 @@ async def with_service(
     in order (running handlers get their grace period), then the server."""
     if not any(n in service.ACTORS for n in names):
         raise CliError("no actors in this build to run the job", 2)
-    with service.redis_for(settings) as url:
+    with service_redis(settings) as url:
         stop = asyncio.Event()
         ready = asyncio.Event()
 
@@ -74,6 +75,21 @@ async def with_service(
         finally:
             stop.set()
             await actors
+
+
+@contextlib.contextmanager
+def service_redis(settings: Settings) -> Iterator[str]:
+    """service.redis_for, where a data dir that another live process serves is a clean
+    error instead of a traceback."""
+    stack = contextlib.ExitStack()
+    try:
+        url = stack.enter_context(service.redis_for(settings))
+    except DataDirTaken as e:
+        raise CliError(
+            f"{safe_url(str(e))}; stop it first, or point this one at a shared REDIS_URL", 2
+        ) from e
+    with stack:
+        yield url
 
 
 async def serve_control(settings: Settings, url: str) -> None:

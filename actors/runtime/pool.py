@@ -4,13 +4,22 @@ A ProcessPoolExecutor whose child died is broken for good: `Pool.run` rebuilds i
 raises `WorkerDied` (a transient error, so the runtime retries the command). Cancelling the
 awaiting task does not stop a child, so cancellation is a flag file the child checks
 between steps: cheap (one stat), visible across processes, and it survives the parent.
+
+Children leave signals to their parent: each starts a session of its own and ignores SIGINT,
+so a Ctrl-C in the terminal (SIGINT to the whole foreground group) reaches only the service,
+which stops in order; and each exits when its parent dies, instead of living on unowned.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
-from collections.abc import Callable
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -27,6 +36,46 @@ R = TypeVar("R")
 
 class WorkerDied(RuntimeError):
     """The pool child running the job died (killed, out of memory); the job may be retried."""
+
+
+_HELD = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Start children inside this: SIGINT/SIGTERM are blocked in this thread meanwhile, and a
+    child inherits the mask, so a Ctrl-C that lands before the child has detached stays
+    pending in it (and is discarded by `detach`) instead of interrupting its start-up. The
+    parent gets its own copy once unblocked."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def detach() -> None:
+    """First thing in a child process: a session of its own, SIGINT ignored (the parent stops
+    it through its flag files, or kills it), signals unblocked (see signals_held), and an
+    exit as soon as its parent is gone."""
+    with contextlib.suppress(OSError):  # already a group leader: keep its group
+        os.setsid()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
+    exit_with_parent()
+
+
+def exit_with_parent() -> None:
+    """A child whose parent died (SIGKILL) has no one to report to, and a training child must
+    not go on writing the run dir that the next trainer resumes from: it exits at once."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 @dataclass(frozen=True)
@@ -53,14 +102,18 @@ class Pool:
         if self._executor is None:
             # spawn: a forked child would inherit the event loop, sockets and torch threads.
             ctx = multiprocessing.get_context("spawn")
-            self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
+            self._executor = ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=ctx, initializer=detach
+            )
         return self._executor
 
     async def run(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         loop = asyncio.get_running_loop()
         executor = self._get()
         try:
-            return await loop.run_in_executor(executor, partial(fn, *args, **kwargs))
+            with signals_held():  # submit starts the children it needs, in this thread
+                future = loop.run_in_executor(executor, partial(fn, *args, **kwargs))
+            return await future
         except BrokenProcessPool as e:
             if self._executor is executor:
                 executor.shutdown(wait=False, cancel_futures=True)

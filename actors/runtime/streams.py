@@ -15,8 +15,9 @@ and an async `handle`. The runtime gives it, per command:
   anything else → retried with backoff, dead-lettered after `max_tries` (or after
   `max_deliveries` deliveries, when the consumers handling it keep dying);
 - events and the run-state hash written in one MULTI/EXEC;
-- an orderly stop: stop reading, let running handlers finish within the grace period,
-  cancel the rest (their entries stay pending for another consumer).
+- an orderly stop: stop reading, begin and retry nothing more, let running handlers finish
+  within the grace period, cancel the rest (their entries stay pending for another consumer
+  or the next start); work interrupted by the stop is never a failure and uses no retry.
 
 Why one module of ~650 lines: these are the states of one delivery (read, claim, begin,
 renew, commit or fail, ack) and they guard each other's invariants; split, the fencing rule
@@ -107,6 +108,12 @@ class Fenced(Exception):
     """Another consumer took the command over; this one must not write anything more."""
 
 
+class Interrupted(Exception):
+    """The handler's work was stopped before its end, not failed (the service is stopping,
+    its process was stopped by a signal): the entry stays pending, no retry is used, and the
+    next delivery resumes it."""
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     lease_s: float = 30.0
@@ -158,6 +165,11 @@ class Context:
     @property
     def redis(self) -> Redis:
         return self.runtime.redis
+
+    async def until_stopping(self) -> None:
+        """Returns once the service is stopping: a long handler then saves its progress and
+        raises Interrupted, rather than run on through the grace period."""
+        await self.runtime._stopping.wait()
 
     @property
     def keys(self) -> Keys:
@@ -346,6 +358,10 @@ class Runtime:
         """Stop reading; `run` then drains running handlers within the grace period."""
         self._stopping.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
     async def _drain(self) -> None:
         if not self._tasks:
             return
@@ -391,6 +407,8 @@ class Runtime:
             self.log.exception("runtime error while processing entry", entry_id=entry_id)
 
     async def _process_command(self, entry_id: str, raw: bytes, cmd: Base) -> None:
+        if self.stopping:  # read just before the stop: it stays pending for the next start
+            return
         done, deliveries, attempt, cancelled = await self._begin(entry_id, cmd)
         if done:
             ctx = Context(self, cmd, entry_id, attempt=0)
@@ -456,6 +474,9 @@ class Runtime:
                 outcome = await self.actor.handle(cmd, ctx) or Outcome()
             except (Fenced, asyncio.CancelledError):
                 raise
+            except Interrupted as e:
+                ctx.log.info("interrupted; the command stays pending", reason=str(e))
+                return
             except Cancelled as e:
                 await self.commit(
                     ctx,
@@ -469,6 +490,10 @@ class Runtime:
                 await self._fail(ctx, "user", str(e))
                 return
             except Exception as e:
+                if self.stopping:
+                    # Its process stopped with the service (Ctrl-C): not the command's fault.
+                    ctx.log.info("interrupted by the stop; the command stays pending", error=str(e))
+                    return
                 tries = int(await self.redis.incr(self.keys.tries(cmd.command_id)))
                 await self.redis.expire(self.keys.tries(cmd.command_id), self.config.done_ttl_s)
                 message = f"{type(e).__name__}: {e}"
@@ -482,7 +507,10 @@ class Runtime:
                 ctx.log.warning(
                     "transient failure, retrying", tries=tries, delay_s=delay, error=message
                 )
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                if self.stopping:
+                    return  # retried at the next start
                 continue
             events = list(outcome.events)
             send = list(outcome.send)

@@ -5,6 +5,10 @@ runtime renews the lease while the child lives. Cancellation reaches the child t
 flag file it checks between steps (it saves a checkpoint and returns). A redelivered or
 taken-over command starts a new child on the same run dir, and trainer.train resumes from
 the last checkpoint instead of starting over.
+
+The child leaves signals to the service (actors.runtime.pool.detach): on Ctrl-C or SIGTERM
+the service tells it to save a checkpoint and return, and the command stays pending for the
+next start, which resumes it; no retry is used and the run does not fail.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ import math
 import multiprocessing
 import os
 import queue as queue_mod
+import signal
 import sys
-import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -27,8 +31,8 @@ import msgspec
 
 from actors.runtime.config import Settings
 from actors.runtime.outcome import Cancelled, Outcome
-from actors.runtime.pool import CancelFlag, WorkerDied
-from actors.runtime.streams import Actor, Context
+from actors.runtime.pool import CancelFlag, WorkerDied, detach, signals_held
+from actors.runtime.streams import Actor, Context, Interrupted
 from protocol.commands import Base, ModelTrain, check_command
 from protocol.events import TrainCompleted, TrainProgress, TrainStarted
 from trainer.config import TrainConfig
@@ -88,22 +92,15 @@ class TrainJob:
     inductor_cache: str
 
 
-def _exit_with_parent() -> None:
-    """A training child whose actor died (SIGKILL) must not go on writing the run dir that
-    the next trainer resumes from: it exits at once, without a checkpoint."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.2)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+# A child ended by one of these was stopped, not broken: its command is resumed, not retried.
+_STOP_SIGNALS = {-signal.SIGINT, -signal.SIGTERM, -signal.SIGHUP}
 
 
 def train_child(job: TrainJob, out: Queue[bytes]) -> None:
     """Entry point of the child process."""
-    _exit_with_parent()
+    # Signals are the service's; and a child whose trainer died (SIGKILL) must not go on
+    # writing the run dir that the next trainer resumes from: it exits at once.
+    detach()
 
     from trainer.train import train
 
@@ -223,14 +220,20 @@ class TrainerActor(Actor):
         mp = multiprocessing.get_context("spawn")
         out: Queue[bytes] = mp.Queue()
         child = mp.Process(target=train_child, args=(job, out), name=f"train-{cmd.run_id}")
-        child.start()
+        with signals_held():
+            child.start()
         ctx.log.info("training child started", pid=child.pid)
+        on_stop = asyncio.create_task(_checkpoint_on_stop(ctx, stop))
         try:
             result = await self.follow(cmd, ctx, child, out, cancel)
         finally:
+            on_stop.cancel()
+            stopped = stop.is_set()  # by the service's stop, before _stop_child sets it
             await _stop_child(child, stop)
             stop.clear()
         if result.status == "cancelled":
+            if stopped and not cancel.is_set():
+                raise Interrupted(f"stopped at step {result.steps}; checkpoint kept")
             raise Cancelled(f"cancelled at step {result.steps}; checkpoint kept")
         cancel.clear()
         return Outcome(events=[completed_event(result)])
@@ -260,6 +263,8 @@ class TrainerActor(Actor):
                     last_emit, pending = time.monotonic(), None
                 if not child.is_alive():
                     msg = _get(out, 0.1)
+                    if msg is None and child.exitcode in _STOP_SIGNALS:
+                        raise Interrupted(f"training process stopped by signal {-child.exitcode}")
                     if msg is None:
                         raise WorkerDied(f"training process exited with code {child.exitcode}")
                 else:
@@ -334,6 +339,14 @@ def completed_event(result: TrainResult) -> TrainCompleted:
         early_stopped=result.status == "early_stopped",
         tokens_per_s=_finite(result.tokens_per_s),
     )
+
+
+async def _checkpoint_on_stop(ctx: Context, stop: CancelFlag) -> None:
+    """The service is stopping: the child saves a checkpoint and returns at its next step, so
+    the run resumes from there at the next start, and the stop is quick."""
+    await ctx.until_stopping()
+    ctx.log.info("stopping: the training child saves a checkpoint and returns")
+    stop.set()
 
 
 async def _stop_child(child: multiprocessing.process.BaseProcess, stop: CancelFlag) -> None:
