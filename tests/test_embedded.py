@@ -3,6 +3,8 @@ data dir, and its url file exists exactly while it runs."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import redis
@@ -47,3 +49,42 @@ def test_a_restarted_server_has_the_data_back(tmp_path: Path) -> None:
             assert client.get("k") == b"v"
         finally:
             client.close()
+
+
+async def test_a_server_without_a_live_owner_is_not_a_running_service(tmp_path: Path) -> None:
+    """A server answers PING after its `up` was killed: the CLI must not send runs to it
+    (no actors serve it) but start its own service, which adopts the server."""
+    from actors.cli.common import running_url
+    from actors.runtime.config import Settings
+    from actors.runtime.embedded import has_owner
+
+    settings = Settings(data_dir=tmp_path, corpus_root=tmp_path / "corpus")
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _OWNER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    assert owner.stdout is not None
+    url = owner.stdout.readline().strip()
+    assert has_owner(tmp_path)
+    assert await running_url(settings) == url
+    owner.kill()  # kill -9 of the owner: its server lives on
+    owner.wait()
+    assert not has_owner(tmp_path)
+    assert await running_url(settings) is None
+    adopter = EmbeddedRedis(tmp_path)
+    adopter.start()
+    try:
+        assert adopter.adopted is not None and adopter.url == url
+        assert await running_url(settings) == url
+    finally:
+        adopter.stop()
+
+
+_OWNER = """
+import sys, time
+from pathlib import Path
+from actors.runtime.embedded import EmbeddedRedis
+server = EmbeddedRedis(Path(sys.argv[1]))
+server.start()
+print(server.url, flush=True)
+time.sleep(600)
+"""

@@ -21,6 +21,7 @@ from rich.table import Table
 from actors.client import watch
 from actors.client.client import ServiceClient, UnknownRun
 from actors.runtime.config import Settings
+from actors.runtime.embedded import has_owner
 from protocol.events import ArtifactPointer
 from protocol.keys import Keys
 from protocol.state import RunState
@@ -62,14 +63,18 @@ async def answers(url: str, timeout_s: float = 1.0) -> bool:
 
 
 async def running_url(settings: Settings) -> str | None:
-    """REDIS_URL; else the URL of a live embedded server of a running `up` (it answers PING)."""
+    """REDIS_URL; else the URL of a live embedded server of a running `up` (it answers PING
+    and a live process owns it: a server a killed `up` left behind has no actors, and the
+    next in-process service adopts it)."""
     if settings.redis_url:
         return settings.redis_url
     try:
         url = url_file(settings).read_text().strip()
     except OSError:
         return None
-    return url if url and await answers(url) else None
+    if not url or not has_owner(settings.data_dir):
+        return None
+    return url if await answers(url) else None
 
 
 async def require_url(settings: Settings) -> str:

@@ -62,6 +62,21 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in {"Z", "X"}
 
 
+def has_owner(data_dir: Path) -> bool:
+    """Whether a live process owns the data dir's embedded server (holds its owner lock)."""
+    try:
+        owner = (data_dir / "redis" / "owner").open("a+")
+    except OSError:
+        return False
+    with owner:
+        try:
+            fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(owner, fcntl.LOCK_UN)
+        return False
+
+
 class EmbeddedRedis:
     def __init__(self, data_dir: Path, port: int = 0) -> None:
         self.dir = data_dir / "redis"
