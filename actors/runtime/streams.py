@@ -26,7 +26,7 @@ and an async `handle`. The runtime gives it, per command:
 - an orderly stop: stop reading, let running handlers finish within the grace period,
   cancel the rest (their entries stay pending for another consumer).
 
-Why one module of ~650 lines: these are the states of one delivery (read, claim, begin,
+Why one module of ~720 lines: these are the states of one delivery (read, claim, begin,
 renew, commit or fail, ack) and they guard each other's invariants; split, the fencing rule
 would be spread over files. What a handler returns and how it becomes writes is
 actors.runtime.outcome; connections and stream reading are actors.runtime.connection.
