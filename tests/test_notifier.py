@@ -389,9 +389,9 @@ async def test_a_second_notifier_takes_over_a_dead_ones_pending_events(
     await live.ensure_group()
     await add(redis, keys, failed_runs())
     # Another notifier read them and died (SIGKILL, a lost machine) before acknowledging.
+    t0 = time.monotonic()
     await redis.xreadgroup(GROUP, "n-dead", {keys.events: ">"})
     assert (await redis.xpending(keys.events, GROUP))["pending"] == 6
-    t0 = time.monotonic()
     task = asyncio.create_task(live.run())
     try:
         messages = await received(pubsub)
