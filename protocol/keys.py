@@ -52,6 +52,10 @@ class Keys:
         """Failed attempts so far, for the transient-error retry budget."""
         return f"{self.prefix}:tries:{command_id}"
 
+    def progress(self, command_id: str) -> str:
+        """Hash: the delivery (XPENDING's count) in which the command last made progress."""
+        return f"{self.prefix}:progress:{command_id}"
+
     def tokenizer(self, tokenizer_id: str) -> str:
         return f"{self.prefix}:tokenizer:{tokenizer_id}"
 

@@ -3,7 +3,9 @@
 It handles `corpus.ingest` on the ingest stream; the command's `path` is a tiny script:
 `sleep:S` (hold the command S seconds), `fail:N` (raise a transient error on the first N
 tries), `user` (a user error), `pool-sleep:S` (sleep S seconds inside a pool child),
-`ok` (finish at once). Every finished command leaves one `corpus.ready` event, so tests
+`progress:P:F` (report progress in deliveries up to P, finish in delivery F and later,
+hang in the others: a consumer dying with the command, again and again), `ok` (finish at
+once). Every finished command leaves one `corpus.ready` event, so tests
 count effects by counting those events.
 """
 
@@ -60,6 +62,12 @@ class ScriptedActor(Actor):
                         raise RuntimeError(f"transient failure number {tries}")
                 elif verb == "user":
                     raise UserError("the corpus is empty")
+                elif verb == "progress":
+                    up_to, _, finish_at = arg.partition(":")
+                    if ctx.deliveries <= int(up_to):
+                        await ctx.progressed()
+                    if ctx.deliveries < int(finish_at):
+                        await asyncio.sleep(3600)
                 elif verb == "pool-sleep":
                     pid_file = str(self.work_dir / f"{cmd.command_id}.pid")
                     await self.pool.run(sleep_in_child, float(arg), pid_file)

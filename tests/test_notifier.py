@@ -10,6 +10,7 @@ import math
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -18,6 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from actors.runtime.config import Settings
+from actors.runtime.outcome import DEAD_LETTER_KEEP_BYTES
 from actors.workers.bot_events import JobProgress, MetricsProgress, NotifierConfig, Translator
 from actors.workers.discord import Discord
 from actors.workers.notifier import GROUP, Notifier, run_notifier
@@ -449,6 +451,77 @@ async def test_completed_reads_the_pointer_from_run_state_and_pending_comes_firs
     )
     await notifier.run(until_idle=True)
     assert [m["job_id"] for m in await received(pubsub)] == ["r10"]
+
+
+async def test_a_second_notifier_takes_over_a_dead_ones_pending_events(
+    redis: aioredis.Redis, keys: Keys, settings: Settings, pubsub: aioredis.client.PubSub
+) -> None:
+    s = replace(settings, lease_s=0.5)
+    live = Notifier(redis, s, consumer="n-live", keys=keys, config=NotifierConfig(block_ms=100))
+    await live.ensure_group()
+    await add(redis, keys, failed_runs())
+    # Another notifier read them and died (SIGKILL, a lost machine) before acknowledging.
+    t0 = time.monotonic()
+    await redis.xreadgroup(GROUP, "n-dead", {keys.events: ">"})
+    assert (await redis.xpending(keys.events, GROUP))["pending"] == 6
+    task = asyncio.create_task(live.run())
+    try:
+        messages = await received(pubsub)
+        while not messages and time.monotonic() - t0 < 5:
+            messages = await received(pubsub)
+    finally:
+        live.stop()
+        await task
+    assert time.monotonic() - t0 >= s.lease_s  # taken once idle past the lease, not before
+    assert [(m["job_id"], m["type"]) for m in messages] == [
+        ("r2", "trainer.job.started.v1"),
+        ("r2", "trainer.job.failed.v1"),
+        ("r3", "trainer.job.started.v1"),
+        ("r3", "trainer.job.failed.v1"),
+    ]
+    assert (await redis.xpending(keys.events, GROUP))["pending"] == 0
+
+
+async def test_an_undecodable_event_is_dead_lettered_and_the_rest_published(
+    redis: aioredis.Redis, keys: Keys, settings: Settings, pubsub: aioredis.client.PubSub
+) -> None:
+    notifier = Notifier(redis, settings, consumer="n-3", keys=keys)
+    await notifier.ensure_group()
+    r2 = failed_runs()[:3]  # queued, started, failed
+    await add(redis, keys, r2[:1])
+    garbage = {
+        "not json": b"not an event",
+        "deep": encode(r2[0])[:-1] + b',"x":' + b"[" * 3000 + b"]" * 3000 + b"}",
+        "big": b" " * (9 * 1024 * 1024),
+    }
+    ids: dict[str, bytes] = {}
+    for name, raw in garbage.items():
+        entry_id = await redis.xadd(keys.events, {FIELD: raw})
+        ids[name] = entry_id if isinstance(entry_id, bytes) else entry_id.encode()
+    await add(redis, keys, r2[1:])
+    await notifier.run(until_idle=True)
+
+    messages = await received(pubsub)
+    assert [(m["job_id"], m["type"]) for m in messages] == [
+        ("r2", "trainer.job.started.v1"),
+        ("r2", "trainer.job.failed.v1"),
+    ]
+    letters: dict[bytes, dict[bytes, bytes]] = {}
+    for _, fields in await redis.xrange(keys.dead) or []:
+        assert fields is not None
+        letter = {k: v for k, v in fields.items() if isinstance(k, bytes) and isinstance(v, bytes)}
+        letters[letter[b"entry_id"]] = letter
+    assert set(letters) == set(ids.values())
+    for name, raw in garbage.items():
+        letter = letters[ids[name]]
+        assert letter[b"error"].startswith(b"undecodable event: ")
+        assert letter[b"stream"] == keys.events.encode()
+        assert (letter[b"actor"], letter[b"consumer"]) == (b"notifier", b"n-3")
+        assert letter[b"data"] == raw[:DEAD_LETTER_KEEP_BYTES]
+        assert letter[b"size"] == str(len(raw)).encode()
+    assert b"levels deep" in letters[ids["deep"]][b"error"]
+    assert b"over the limit" in letters[ids["big"]][b"error"]
+    assert (await redis.xpending(keys.events, GROUP))["pending"] == 0
 
 
 def test_non_finite_floats_never_reach_the_bot(settings: Settings) -> None:

@@ -24,9 +24,9 @@ import structlog
 
 from actors.runtime.connection import connect, keep_alive
 from actors.runtime.embedded import EmbeddedRedis
-from actors.runtime.outcome import Outcome
+from actors.runtime.outcome import DEAD_LETTER_KEEP_BYTES, Outcome
 from actors.runtime.streams import Actor, Context, Fenced, Runtime, RuntimeConfig
-from protocol.codec import FIELD, decode_event, encode
+from protocol.codec import FIELD, MAX_PAYLOAD_BYTES, MAX_PAYLOAD_DEPTH, decode_event, encode
 from protocol.commands import Base, CorpusIngest, RunCancel, TokenizerTrain
 from protocol.events import (
     AnyEvent,
@@ -441,6 +441,170 @@ async def test_a_command_whose_consumers_keep_dying_is_dead_lettered(
         (run_id, "system", "ingest", reason)
     ]
     assert (state.status, state.message) == ("failed", f"ingest failed: {reason}")
+
+
+def nested_ingest(command_id: str, levels: int) -> bytes:
+    """A corpus.ingest whose `rest` nests `levels` commands deep (the decoder recurses)."""
+    head = encode(ingest(command_id, "ok"))[:-1] + b',"rest":['
+    return head * levels + encode(ingest(command_id, "ok")) + b"]}" * levels
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def stream_reads(redis: aioredis.Redis) -> int:
+    """XREADGROUP and XAUTOCLAIM calls the server has answered so far."""
+    stats = await redis.info("commandstats")
+    return sum(
+        int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("xreadgroup", "xautoclaim")
+    )
+
+
+async def test_deep_and_oversized_entries_pending_across_a_restart_are_dead_lettered_at_once(
+    redis: aioredis.Redis, keys: Keys, procs: ActorProcs, work: Path
+) -> None:
+    stream = keys.cmd("ingest")
+    deep = nested_ingest("c-deep", 3000)  # ~280 KB: RecursionError in the decoder
+    # A valid command, just too big: a chain of 5,000 steps.
+    step = msgspec.json.decode(encode(ingest("c-big", "ok")))
+    big = msgspec.json.encode({**step, "rest": [step] * 5_000})
+    assert len(big) > MAX_PAYLOAD_BYTES
+    deep_id = _text(await redis.xadd(stream, {FIELD: deep}))
+    big_id = _text(await redis.xadd(stream, {FIELD: big}))
+    await send(redis, keys, ingest("c-good", "ok"))
+    # A previous life of consumer "a" read both and died before acknowledging them.
+    await redis.xgroup_create(stream, "ingest", id="0")
+    await redis.xreadgroup("ingest", "a", {stream: ">"}, count=2)
+    assert [(i, c) for i, c, _ in await pending(redis, keys)] == [(deep_id, "a"), (big_id, "a")]
+
+    a = procs.start("a")
+    await eventually(lambda: is_done(redis, keys, "c-good"), "c-good to complete behind them")
+    dead = await dead_letters(redis, keys)
+    assert set(dead) == {deep_id, big_id}
+    assert dead[deep_id]["error"] == (
+        f"undecodable payload: payload nested more than {MAX_PAYLOAD_DEPTH} levels deep".encode()
+    )
+    assert (
+        dead[big_id]["error"]
+        == (
+            f"undecodable payload: payload of {len(big)} bytes is over the limit of "
+            f"{MAX_PAYLOAD_BYTES} bytes"
+        ).encode()
+    )
+    for entry_id, raw in ((deep_id, deep), (big_id, big)):
+        assert dead[entry_id]["data"] == raw[:DEAD_LETTER_KEEP_BYTES]
+        assert dead[entry_id]["size"] == str(len(raw)).encode()
+        assert dead[entry_id]["deliveries"] == b"1"
+    assert await pending(redis, keys) == []
+    assert started(work, "c-deep") == started(work, "c-big") == []
+
+    # Idle again: no entry read over and over, no CPU burnt (a busy loop reads thousands).
+    reads, cpu, t0 = await stream_reads(redis), cpu_seconds(a.pid), time.monotonic()
+    await asyncio.sleep(1.0)
+    window = time.monotonic() - t0
+    assert await stream_reads(redis) - reads < 20 * window  # BLOCK 200 ms reads + claims
+    assert cpu_seconds(a.pid) - cpu < 0.25 * window
+    assert a.poll() is None
+
+
+async def test_dead_letters_keep_a_bounded_prefix_and_the_size(
+    redis: aioredis.Redis, keys: Keys, work: Path
+) -> None:
+    garbage = [bytes([n]) * (8 * 1024 * 1024) for n in range(3)]  # 3 x 8 MB of garbage
+    ids = [_text(await redis.xadd(keys.cmd("ingest"), {FIELD: g})) for g in garbage]
+    await runtime(redis, keys, ScriptedActor(work)).run(until_idle=True)
+    dead = await dead_letters(redis, keys)
+    for entry_id, raw in zip(ids, garbage, strict=True):
+        assert dead[entry_id]["data"] == raw[:DEAD_LETTER_KEEP_BYTES]
+        assert dead[entry_id]["size"] == str(8 * 1024 * 1024).encode()
+    kept = await redis.memory_usage(keys.dead)
+    assert kept is not None and kept < 4 * DEAD_LETTER_KEEP_BYTES
+
+
+async def deliver_until_pending_again(
+    redis: aioredis.Redis, keys: Keys, work: Path, command_id: str, deliveries: int, up_to: int
+) -> None:
+    """Deliver a pending command `deliveries` times more to a consumer that dies with it:
+    each life reads it again (its own backlog), starts it, reports progress in deliveries up
+    to `up_to`, and is stopped with the handler cut off, leaving the entry pending."""
+    config = replace(CONFIG, grace_s=0.0)
+    for _ in range(deliveries):
+        n = len(started(work, command_id)) + 1
+        rt = runtime(redis, keys, ScriptedActor(work), consumer="dies", config=config)
+        task = asyncio.create_task(rt.run())
+        try:
+            await eventually(partial(started_times, work, command_id, n), f"delivery {n}")
+            if n <= up_to:
+                check = partial(progress_in, redis, keys, command_id, n)
+                await eventually(check, f"progress in delivery {n}")
+        finally:
+            rt.stop()
+            await asyncio.wait_for(task, 5)
+
+
+def started_times(work: Path, command_id: str, n: int) -> bool:
+    return len(started(work, command_id)) == n
+
+
+async def progress_in(redis: aioredis.Redis, keys: Keys, command_id: str, n: int) -> bool:
+    """Whether the progress record names delivery `n`."""
+    return await redis.hget(keys.progress(command_id), "delivered") == str(n).encode()
+
+
+@pytest.mark.parametrize(
+    ("up_to", "dead_at"),
+    [(10, 0), (0, CONFIG.max_deliveries + 1), (3, 3 + CONFIG.max_deliveries + 1)],
+    ids=["progress-each-time", "never-progressing", "stops-progressing"],
+)
+async def test_only_deliveries_without_progress_count_toward_the_poison_limit(
+    up_to: int, dead_at: int, redis: aioredis.Redis, keys: Keys, work: Path
+) -> None:
+    # Progress in the first `up_to` deliveries, finish in the 11th, hang in the others.
+    cmd = ingest("c-resumed", f"progress:{up_to}:11", run_id="r-resumed")
+    [entry_id] = await send(redis, keys, cmd)
+    lives = dead_at - 1 if dead_at else 10
+    await deliver_until_pending_again(redis, keys, work, "c-resumed", lives, up_to)
+    assert await pending(redis, keys) == [(entry_id, "dies", lives)]
+
+    await runtime(redis, keys, ScriptedActor(work), consumer="dies").run(until_idle=True)
+
+    assert await pending(redis, keys) == []
+    state = RunState.from_hash("r-resumed", await _hash(redis, keys, "r-resumed"))
+    if not dead_at:  # ten deliveries that each made progress: resumed, completed
+        assert len(started(work, "c-resumed")) == 11
+        assert await ready_count(redis, keys, "c-resumed") == 1
+        assert await redis.xlen(keys.dead) == 0
+        assert state.status == "completed"
+        assert not await redis.exists(keys.progress("c-resumed"))
+        return
+    assert len(started(work, "c-resumed")) == dead_at - 1  # never handled again
+    reason = f"delivered {dead_at} times; its consumers kept dying"
+    if up_to:
+        reason = (
+            f"delivered {dead_at - up_to} times without progress ({dead_at} in all); "
+            "its consumers kept dying"
+        )
+    letter = (await dead_letters(redis, keys))[entry_id]
+    assert (letter["error"].decode(), letter["deliveries"]) == (reason, str(dead_at).encode())
+    assert (state.status, state.message) == ("failed", f"ingest failed: {reason}")
+
+
+async def test_a_redelivery_without_progress_backs_off(
+    redis: aioredis.Redis, keys: Keys, work: Path
+) -> None:
+    await send(redis, keys, ingest("c-crashy", "progress:0:4", run_id="r-crashy"))
+    await deliver_until_pending_again(redis, keys, work, "c-crashy", 3, 0)
+    config = replace(CONFIG, backoff_s=0.2)
+    t0 = time.monotonic()
+    await runtime(redis, keys, ScriptedActor(work), consumer="dies", config=config).run(
+        until_idle=True
+    )
+    # The 4th delivery, 3 deliveries since progress: 0.2 x 2^2 s before it starts.
+    assert time.monotonic() - t0 >= 0.8
+    assert await ready_count(redis, keys, "c-crashy") == 1
 
 
 async def test_a_user_error_fails_at_once_and_is_not_retried(

@@ -123,6 +123,38 @@ def answer(keys: Keys, cmd: Base, body: dict[str, object]) -> Outcome:
     )
 
 
+# A dead letter keeps this much of its payload (and the payload's size): enough to see
+# what any real command was, while a flood of multi-megabyte garbage costs little to keep.
+DEAD_LETTER_KEEP_BYTES = 64 * 1024
+
+
+def dead_letter(
+    raw: bytes,
+    *,
+    error: str,
+    stream: str,
+    entry_id: str,
+    deliveries: int,
+    consumer: str,
+    actor: str = "",
+    tb: str = "",
+) -> dict[str, bytes | str]:
+    """The fields of a dead letter on `<prefix>:dead`: the payload (a bounded prefix) and
+    its size, the reason, where it came from and how often it was delivered."""
+    return {
+        "data": raw[:DEAD_LETTER_KEEP_BYTES],
+        "size": str(len(raw)),
+        "error": error,
+        "stream": stream,
+        "entry_id": entry_id,
+        "deliveries": str(deliveries),
+        "actor": actor,
+        "consumer": consumer,
+        "traceback": tb[-4000:],
+        "at": str(time.time()),
+    }
+
+
 def add_event(pipe: Redis, keys: Keys, event: AnyEvent) -> None:
     """Queue an event and the run-state change it implies on a MULTI pipeline (the same
     writes as `event_writes`, for callers outside the runtime)."""

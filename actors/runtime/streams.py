@@ -11,15 +11,23 @@ and an async `handle`. The runtime gives it, per command:
   it still owns the entry and the attempt), so a live job is never stolen;
 - idempotency by command_id: a finished command that comes back is acknowledged and
   reported as a duplicate;
-- the error policy: undecodable payload → dead letter at once; UserError → failed at once;
-  anything else → retried with backoff, dead-lettered after `max_tries` (or after
-  `max_deliveries` deliveries, when the consumers handling it keep dying);
+- the error policy: a payload that fails to decode in any way (protocol.codec bounds its
+  size and depth first) → dead letter at once; UserError → failed at once; anything else →
+  retried with backoff, dead-lettered after `max_tries`;
+- the poison limit: a command delivered `max_deliveries` times without progress (its
+  consumers keep dying with it) is dead-lettered; a handler that reports progress
+  (`ctx.progressed()`, e.g. a new checkpoint) starts the count again, so a job that moves
+  on is resumed however often its machine dies; each redelivery without progress waits a
+  growing backoff first;
+- a restart reads its own pending entries once each (a cursor through them, not id 0 over
+  and over): an entry whose handling ended without an ack comes back only by XAUTOCLAIM,
+  a lease later;
 - events and the run-state hash written in one MULTI/EXEC;
 - an orderly stop: stop reading, begin and retry nothing more, let running handlers finish
   within the grace period, cancel the rest (their entries stay pending for another consumer
   or the next start); work interrupted by the stop is never a failure and uses no retry.
 
-Why one module of ~650 lines: these are the states of one delivery (read, claim, begin,
+Why one module of ~800 lines: these are the states of one delivery (read, claim, begin,
 renew, commit or fail, ack) and they guard each other's invariants; split, the fencing rule
 would be spread over files. What a handler returns and how it becomes writes is
 actors.runtime.outcome; connections and stream reading are actors.runtime.connection.
@@ -52,6 +60,7 @@ from actors.runtime.outcome import (
     add_event,
     answer,
     command_writes,
+    dead_letter,
     event_writes,
     is_chain_step,
     next_in_chain,
@@ -115,11 +124,22 @@ class Interrupted(Exception):
 
 
 @dataclass(frozen=True)
+class Delivery:
+    """What `_begin` learns about one delivery of a command."""
+
+    done: bool  # finished before: acknowledge as a duplicate
+    deliveries: int  # XPENDING's count: every read, restart, reconnect and XAUTOCLAIM
+    since_progress: int  # of those, the ones since the handler last reported progress
+    attempt: int  # the fencing token of this delivery
+    cancelled: bool  # the run's cancel flag is set
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     lease_s: float = 30.0
     block_ms: int = 1000
     max_tries: int = 3  # handler failures (transient) before the dead letter
-    max_deliveries: int = 5  # deliveries (consumers died) before the dead letter
+    max_deliveries: int = 5  # deliveries without progress (consumers died) before the dead letter
     backoff_s: float = 0.5
     backoff_max_s: float = 30.0
     grace_s: float = 30.0
@@ -152,11 +172,14 @@ class Actor:
 class Context:
     """What a handler sees of the runtime while it handles one command."""
 
-    def __init__(self, runtime: Runtime, cmd: Base, entry_id: str, attempt: int) -> None:
+    def __init__(
+        self, runtime: Runtime, cmd: Base, entry_id: str, attempt: int, deliveries: int = 1
+    ) -> None:
         self.runtime = runtime
         self.cmd = cmd
         self.entry_id = entry_id
         self.attempt = attempt
+        self.deliveries = deliveries
         self.run_id = run_id_of(cmd)
         self.log = runtime.log.bind(command_id=cmd.command_id, attempt=attempt)
         if self.run_id:
@@ -178,6 +201,17 @@ class Context:
     async def emit(self, *events: AnyEvent, send: Sequence[Base] = ()) -> None:
         """Write events (and their run-state change) now, fenced by the attempt number."""
         await self.runtime.commit(self, list(events), list(send), finish=False)
+
+    async def progressed(self) -> None:
+        """Record that this delivery moved the command on (say, a new checkpoint is on
+        disk): the deliveries before it no longer count toward the poison limit. Fenced."""
+        key = self.keys.progress(self.cmd.command_id)
+        ttl = str(self.runtime.config.done_ttl_s)
+        writes: list[Write] = [
+            ("HSET", key, "delivered", str(self.deliveries)),
+            ("EXPIRE", key, ttl),
+        ]
+        await self.runtime.commit(self, [], [], finish=False, writes=writes)
 
     async def cancel_requested(self) -> bool:
         if not self.run_id:
@@ -292,8 +326,11 @@ class Runtime:
             await self.actor.stop()
 
     async def _loop(self, until_idle: bool) -> None:
-        # Our own pending entries first (a restart with the same consumer name).
-        backlog = True
+        # Our own pending entries first (a restart with the same consumer name), once each:
+        # the cursor moves past every entry read, so one that stays pending (its handling
+        # ended without an ack) is not read again at once, in a loop; XAUTOCLAIM brings it
+        # back a lease later.
+        backlog, cursor = True, "0"
         outages = 0
         while not self._stopping.is_set():
             try:
@@ -301,10 +338,12 @@ class Runtime:
                     await self._wait_for_slot()
                     continue
                 if backlog:
-                    entries = await self._read("0", self._free(), None)
+                    entries = await self._read(cursor, self._free(), None)
+                    backlog = bool(entries)
+                    if entries:
+                        cursor = entries[-1][0]
                     # Entries we are already handling come back in our PEL: skip those.
                     entries = [(i, f) for i, f in entries if i not in self._tasks]
-                    backlog = bool(entries)
                 elif time.monotonic() - self._last_claim > self.config.lease_s / 3:
                     entries = await self._claim()
                 else:
@@ -328,7 +367,7 @@ class Runtime:
                 outages += 1
                 delay = min(5.0, 0.05 * 2**outages)
                 self.log.warning("redis unavailable, retrying", error=str(e), delay_s=delay)
-                backlog = True
+                backlog, cursor = True, "0"
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)
 
@@ -383,24 +422,26 @@ class Runtime:
     async def _process(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
         raw = fields.get(FIELD.encode(), b"")
         try:
-            cmd = decode_command(self.actor.name, raw)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            await self._dead_letter_raw(entry_id, raw, f"undecodable payload: {e}", 1)
-            return
-        if self.actor.request_slots and request_id_of(cmd):
-            self._requests.add(entry_id)
-            self._lanes_changed.set()
-        structlog.contextvars.bind_contextvars(command_id=cmd.command_id)
-        if self.runs_dir is not None:
-            structlog.contextvars.bind_contextvars(runs_dir=str(self.runs_dir))
-        if rid := run_id_of(cmd):
-            structlog.contextvars.bind_contextvars(run_id=rid)
-        try:
+            try:
+                cmd = decode_command(self.actor.name, raw)
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                await self._dead_letter_raw(entry_id, raw, f"undecodable payload: {e}")
+                return
+            except Exception as e:  # any failure to decode (RecursionError, MemoryError…)
+                reason = f"undecodable payload: {type(e).__name__}: {e}"
+                await self._dead_letter_raw(entry_id, raw, reason)
+                return
+            if self.actor.request_slots and request_id_of(cmd):
+                self._requests.add(entry_id)
+                self._lanes_changed.set()
+            structlog.contextvars.bind_contextvars(command_id=cmd.command_id)
+            if self.runs_dir is not None:
+                structlog.contextvars.bind_contextvars(runs_dir=str(self.runs_dir))
+            if rid := run_id_of(cmd):
+                structlog.contextvars.bind_contextvars(run_id=rid)
             await self._process_command(entry_id, raw, cmd)
-        except Fenced:
-            self.log.warning(
-                "fenced out: another consumer owns the command", command_id=cmd.command_id
-            )
+        except Fenced as e:
+            self.log.warning("fenced out: another consumer owns the command", command_id=str(e))
         except asyncio.CancelledError:
             raise
         except Exception:  # the runtime itself must never die of one entry
@@ -409,18 +450,24 @@ class Runtime:
     async def _process_command(self, entry_id: str, raw: bytes, cmd: Base) -> None:
         if self.stopping:  # read just before the stop: it stays pending for the next start
             return
-        done, deliveries, attempt, cancelled = await self._begin(entry_id, cmd)
-        if done:
+        d = await self._begin(entry_id, cmd)
+        if d.done:
             ctx = Context(self, cmd, entry_id, attempt=0)
             ctx.log.info("duplicate command acknowledged")
             dup = ctx.fill(CommandDuplicate(step=self.actor.name, command_id=cmd.command_id))
             await self._finish_unfenced(entry_id, [dup])
             return
-        if deliveries > self.config.max_deliveries:
-            reason = f"delivered {deliveries} times; its consumers kept dying"
-            await self._dead_letter(Context(self, cmd, entry_id, 0), raw, reason, deliveries)
+        if d.since_progress > self.config.max_deliveries:
+            reason = f"delivered {d.deliveries} times; its consumers kept dying"
+            if d.since_progress < d.deliveries:
+                reason = (
+                    f"delivered {d.since_progress} times without progress "
+                    f"({d.deliveries} in all); its consumers kept dying"
+                )
+            ctx = Context(self, cmd, entry_id, 0, d.deliveries)
+            await self._dead_letter(ctx, raw, reason, d.deliveries)
             return
-        ctx = Context(self, cmd, entry_id, attempt)
+        ctx = Context(self, cmd, entry_id, d.attempt, d.deliveries)
 
         if isinstance(cmd, RunCancel):
             flag: Write = (
@@ -432,7 +479,7 @@ class Runtime:
             )
             await self.commit(ctx, [CancelRequested()], [], finish=True, writes=[flag])
             return
-        if is_chain_step(cmd) and cancelled:
+        if is_chain_step(cmd) and d.cancelled:
             await self.commit(
                 ctx,
                 [RunCancelled(step=self.actor.name, message="cancelled before it started")],
@@ -448,8 +495,22 @@ class Runtime:
             else contextlib.nullcontext()
         )
         try:
+            if d.since_progress > 1:
+                # Its last delivery died without progress: back off before trying again,
+                # so a command that kills its consumer is not retried in a tight loop.
+                delay = min(
+                    self.config.backoff_max_s,
+                    self.config.backoff_s * 2 ** (d.since_progress - 2),
+                )
+                ctx.log.info(
+                    "redelivered without progress; backing off",
+                    deliveries=d.deliveries,
+                    since_progress=d.since_progress,
+                    delay_s=delay,
+                )
+                await asyncio.sleep(delay)
             async with lane:  # a request waits here, leased, for a request slot
-                await self._handle_with_retries(ctx, raw, deliveries)
+                await self._handle_with_retries(ctx, raw, d.deliveries)
         finally:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -545,22 +606,26 @@ class Runtime:
         failure = self._failure(ctx, kind, message)
         await self.commit(ctx, failure.events, [], finish=True, writes=failure.writes)
 
-    async def _begin(self, entry_id: str, cmd: Base) -> tuple[bool, int, int, bool]:
-        """Done record, delivery count, a new attempt number and the run's cancel flag, in
-        one round trip. The attempt is taken even for a command that turns out to be done,
-        dead or cancelled: fencing out a late worker of such a command is what we want."""
+    async def _begin(self, entry_id: str, cmd: Base) -> Delivery:
+        """Done record, delivery count, the delivery that last made progress, a new attempt
+        number and the run's cancel flag, in one round trip. The attempt is taken even for a
+        command that turns out to be done, dead or cancelled: fencing out a late worker of
+        such a command is what we want."""
         attempt_key = self.keys.attempt(cmd.command_id)
         run_id = run_id_of(cmd)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.exists(self.keys.done(cmd.command_id))
             pipe.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1)
+            pipe.hget(self.keys.progress(cmd.command_id), "delivered")
             pipe.incr(attempt_key)
             pipe.expire(attempt_key, self.config.done_ttl_s)
             if run_id:
                 pipe.exists(self.keys.cancel(run_id))
-            done, pending, attempt, _, *cancelled = await pipe.execute()
+            done, pending, progressed, attempt, _, *cancelled = await pipe.execute()
         deliveries = int(pending[0]["times_delivered"]) if pending else 1
-        return bool(done), deliveries, int(attempt), any(cancelled)
+        # Progress in delivery n means deliveries up to n made it; only later ones count.
+        since = deliveries - int(progressed) if progressed else deliveries
+        return Delivery(bool(done), deliveries, max(1, since), int(attempt), any(cancelled))
 
     # --------------------------------------------------------------- writing
     async def commit(
@@ -582,7 +647,7 @@ class Runtime:
             cid = ctx.cmd.command_id
             writes += [
                 ("SET", self.keys.done(cid), "1", "EX", str(self.config.done_ttl_s)),
-                ("DEL", self.keys.tries(cid)),
+                ("DEL", self.keys.tries(cid), self.keys.progress(cid)),
                 ("XACK", self.stream, self.group, ctx.entry_id),
             ]
         args: list[str | bytes] = [str(ctx.attempt)]
@@ -606,16 +671,13 @@ class Runtime:
         """Dead letter, the failure (a failed run or request, system error) and the ack, in
         one commit."""
         letter = self._letter(ctx.entry_id, raw, reason, deliveries, tb)
-        fields = [v if isinstance(v, bytes) else str(v) for kv in letter.items() for v in kv]
-        dead: Write = ("XADD", self.keys.dead, "*", *fields)
+        dead: Write = ("XADD", self.keys.dead, "*", *(v for kv in letter.items() for v in kv))
         failure = self._failure(ctx, "system", reason)
         await self.commit(ctx, failure.events, [], finish=True, writes=[dead, *failure.writes])
         ctx.log.error("dead-lettered", reason=reason)
 
-    async def _dead_letter_raw(
-        self, entry_id: str, raw: bytes, reason: str, deliveries: int
-    ) -> None:
-        letter = self._letter(entry_id, raw, reason, deliveries, "")
+    async def _dead_letter_raw(self, entry_id: str, raw: bytes, reason: str) -> None:
+        letter = self._letter(entry_id, raw, reason, 1, "")
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(self.keys.dead, letter)  # type: ignore[arg-type]  # redis-py's field type is invariant
             pipe.xack(self.stream, self.group, entry_id)
@@ -624,18 +686,17 @@ class Runtime:
 
     def _letter(
         self, entry_id: str, raw: bytes, reason: str, deliveries: int, tb: str
-    ) -> dict[str, bytes | str | int]:
-        return {
-            "data": raw,
-            "error": reason,
-            "stream": self.stream,
-            "entry_id": entry_id,
-            "deliveries": deliveries,
-            "actor": self.actor.name,
-            "consumer": self.consumer,
-            "traceback": tb[-4000:],
-            "at": str(time.time()),
-        }
+    ) -> dict[str, bytes | str]:
+        return dead_letter(
+            raw,
+            error=reason,
+            stream=self.stream,
+            entry_id=entry_id,
+            deliveries=deliveries,
+            actor=self.actor.name,
+            consumer=self.consumer,
+            tb=tb,
+        )
 
     async def _renew_lease(self, ctx: Context, handler: asyncio.Task[None] | None) -> None:
         """Keep our entry's idle time low while the handler lives; lose it → stop the handler."""

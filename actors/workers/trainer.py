@@ -249,6 +249,7 @@ class TrainerActor(Actor):
         """Forward progress until the child reports its result; watch the cancel flag."""
         last_emit = last_cancel_check = 0.0
         pending: Progress | None = None
+        saved = 0  # the newest checkpoint this delivery is known to have written
         while True:
             msg = await asyncio.to_thread(_get, out, CANCEL_CHECK_S)
             # The flag is polled on a clock, not per message: progress arrives every step.
@@ -271,10 +272,16 @@ class TrainerActor(Actor):
                     continue
             match msg:
                 case ChildStarted(info=info):
+                    saved = info.resumed_from_step
                     await ctx.emit(started_event(cmd, info))
                     if info.resumed_from_step:
                         ctx.log.info("resumed from checkpoint", step=info.resumed_from_step)
                 case ChildProgress(progress=p):
+                    # A new checkpoint is progress a kill cannot undo: the runtime stops
+                    # counting earlier deliveries toward the poison limit.
+                    if (newest := checkpoint_on_disk(p.step, cmd.checkpoint_every)) > saved:
+                        saved = newest
+                        await ctx.progressed()
                     if p.val_loss is not None or time.monotonic() - last_emit >= PROGRESS_EVERY_S:
                         await ctx.emit(progress_event(p))
                         last_emit, pending = time.monotonic(), None
@@ -289,6 +296,12 @@ class TrainerActor(Actor):
                 case ChildError(message=message, traceback=tb):
                     ctx.log.error("training failed", error=message, traceback=tb[-2000:])
                     raise RuntimeError(message)
+
+
+def checkpoint_on_disk(step: int, every: int) -> int:
+    """The newest checkpoint written once step `step` is reported: the child saves step N's
+    checkpoint right after reporting step N, so step N+1's report means it is on disk."""
+    return (step - 1) // every * every
 
 
 def started_event(cmd: ModelTrain, info: StartInfo) -> TrainStarted:
