@@ -153,6 +153,10 @@ class TrainSettings(msgspec.Struct, kw_only=True):
             raise FieldError(
                 "pretrained_path", "give pretrained_run_id or pretrained_path, not both"
             )
+        if self.precision == "fp16" and self.device == "cpu":
+            raise FieldError(
+                "precision", "fp16 needs a CUDA GPU; on CPU use fp32 (or bf16 where supported)"
+            )
 
 
 class SamplingSettings(msgspec.Struct, kw_only=True):

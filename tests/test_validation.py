@@ -198,6 +198,18 @@ BAD_COMMANDS: dict[str, tuple[ActorName, dict[str, object], str, str]] = {
         "pretrained_path",
         "not both",
     ),
+    "fp16 on the cpu": (
+        "trainer",
+        {
+            "kind": "model.train",
+            "tokenizer_id": "tok",
+            "corpus_id": "corpus-ok",
+            "precision": "fp16",
+            "device": "cpu",
+        },
+        "precision",
+        "fp16 needs a CUDA GPU",
+    ),
 }
 
 
@@ -308,6 +320,11 @@ async def test_bad_http_bodies_are_refused_with_422_naming_the_field(
             "/runs/train",
             {"corpus_path": "tiny.txt", "pretrained_run_id": RUN, "pretrained_path": "x"},
             "pretrained_path",
+        ),
+        (
+            "/runs/train",
+            {"corpus_path": "tiny.txt", "precision": "fp16", "device": "cpu"},
+            "precision",
         ),
         (
             "/runs/train",
@@ -510,6 +527,7 @@ async def test_results_carry_upstreams_fields_beside_ours(
     assert isinstance(ev["result"], dict)
     assert ev["loss"] == ev["result"]["loss"] and ev["perplexity"] == ev["result"]["perplexity"]
     assert ev["split"] == "books/a.txt"
+    assert ev["result"]["source"] == "books/a.txt"  # as given, never the server's path
     sc = await result("score")
     assert (
         isinstance(sc["result"], dict)
@@ -518,7 +536,9 @@ async def test_results_carry_upstreams_fields_beside_ours(
     )
     assert sc["loss"] == sc["result"]["loss"] and isinstance(sc["perplexity"], float)
     assert sc["surprisal"] == sc["result"]["surprisal_bits"]
-    assert len(sc["tokens"]) == len(sc["topk"]) == len(sc["surprisal"])  # type: ignore[arg-type]
+    surprisal = sc["surprisal"]
+    assert isinstance(surprisal, list)
+    assert len(sc["tokens"]) == len(sc["topk"]) == len(surprisal)
     assert all(len(top) == 2 and isinstance(top[0][0], str) for top in sc["topk"])
     gen = await result("generate")
     assert isinstance(gen["result"], dict) and gen["outputs"] == gen["result"]["samples"]

@@ -138,6 +138,8 @@ class EvaluatorActor(PoolActor):
         metrics = await self.pool_for(cmd).run(
             evaluate_job, str(run_dir), cmd.split, path, out_name
         )
+        if cmd.path:  # the path as the user gave it: a result never shows a server path
+            metrics = {**metrics, "source": cmd.path}
         scores = msgspec.convert(metrics, _Scores)
         # The event keeps the numeric metrics; the rest (source, samples) is in the result.
         numbers = {k: v for k, v in metrics.items() if type(v) in (int, float)}
