@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import re
 import time
@@ -157,7 +158,11 @@ async def test_without_redis_url_the_url_file_of_a_running_server_is_used(
     assert "no service to hand the run to" in capsys.readouterr().err
     (env / "redis" / "url").write_text(redis_url)
     await make_run(redis, keys, "r1")
-    assert await cli.run(["status", "r1"]) == 0
+    # A server answering is not enough: a live `up` owns it (holds its owner lock).
+    assert await cli.run(["status", "r1"]) == 3
+    with (env / "redis" / "owner").open("a+") as owner:
+        fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert await cli.run(["status", "r1"]) == 0
     assert "queued" in capsys.readouterr().out
 
 

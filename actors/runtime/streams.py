@@ -384,6 +384,8 @@ class Runtime:
             lanes.cancel()
 
     def _start(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
+        if self.stopping:  # read just before the stop: it stays pending for the next start
+            return
         task = asyncio.create_task(self._process(entry_id, fields))
         self._tasks[entry_id] = task
 
@@ -448,8 +450,6 @@ class Runtime:
             self.log.exception("runtime error while processing entry", entry_id=entry_id)
 
     async def _process_command(self, entry_id: str, raw: bytes, cmd: Base) -> None:
-        if self.stopping:  # read just before the stop: it stays pending for the next start
-            return
         d = await self._begin(entry_id, cmd)
         if d.done:
             ctx = Context(self, cmd, entry_id, attempt=0)
