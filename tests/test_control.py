@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -47,6 +48,7 @@ from protocol.events import (
     TrainProgress,
 )
 from protocol.keys import ACTOR_NAMES, ActorName, Keys
+from protocol.settings import GenerateSettings, SamplingSettings
 from tests.http_helpers import Served, read_sse, sse_messages, start_app
 
 DISCORD_BODY: dict[str, object] = {
@@ -866,3 +868,34 @@ async def test_serve_reports_its_url_and_stops_when_cancelled(
     with pytest.raises(aiohttp.ClientConnectionError):
         async with aiohttp.ClientSession() as session, session.get(f"{url}/healthz"):
             pass
+
+
+async def test_every_sampling_setting_of_the_body_reaches_the_command(
+    http: Served, redis: aioredis.Redis, keys: Keys
+) -> None:
+    """The body's settings travel as they are: each field of GenerateSettings (and of
+    SamplingSettings for chat), set to a value other than its default, is in the command."""
+    await make_run(redis, keys, "run-s", completed=True)
+    given: dict[str, object] = {
+        "max_new_tokens": 7,
+        "temperature": 0.5,
+        "top_k": 3,
+        "top_p": 0.9,
+        "seed": 11,
+        "stop": ["x"],
+        "num_return_sequences": 2,
+        "stop_on_eos": False,
+    }
+    assert set(given) == {f.name for f in msgspec.structs.fields(GenerateSettings)}
+    sampling = {f.name for f in msgspec.structs.fields(SamplingSettings)}
+    async with http.session.post("/runs/run-s/generate", json=given) as resp:
+        assert resp.status == 202
+    chat = {k: v for k, v in given.items() if k in sampling}
+    async with http.session.post("/runs/run-s/chat", json={"message": "hi", **chat}) as resp:
+        assert resp.status == 202
+    gen, chatted = await commands(redis, keys, "evaluator")
+    assert isinstance(gen, ModelGenerate) and isinstance(chatted, ModelChat)
+    for name, value in given.items():
+        assert getattr(gen, name) == value, name
+        if name in sampling:
+            assert getattr(chatted, name) == value, name

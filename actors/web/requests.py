@@ -34,6 +34,7 @@ from protocol.requests import (
     GenerateRequest,
     ScoreRequest,
 )
+from protocol.settings import GenerateSettings, SamplingSettings, with_fields
 
 
 class Accepted(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -134,21 +135,16 @@ async def generate(request: web.Request) -> web.StreamResponse:
     request_id = new_id("gen")
     return await _queue(
         request.app,
-        ModelGenerate(
+        # The body's generate settings travel as they are (no copy by hand).
+        with_fields(
+            ModelGenerate,
+            msgspec.convert(req, GenerateSettings, from_attributes=True),
             command_id=request_id,
             run_id=state.run_id,
             request_id=request_id,
             user_id=req.user_id,
             requested_at=time.time(),
             prompt=prompt,
-            stop=req.stop,
-            num_return_sequences=req.num_return_sequences,
-            max_new_tokens=req.max_new_tokens,
-            temperature=req.temperature,
-            top_k=req.top_k,
-            top_p=req.top_p,
-            seed=req.seed,
-            stop_on_eos=req.stop_on_eos,
         ),
     )
 
@@ -173,7 +169,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
     request_id = new_id("chatreq")
     return await _queue(
         request.app,
-        ModelChat(
+        with_fields(
+            ModelChat,
+            msgspec.convert(req, SamplingSettings, from_attributes=True),
             command_id=request_id,
             run_id=state.run_id,
             request_id=request_id,
@@ -181,11 +179,6 @@ async def chat(request: web.Request) -> web.StreamResponse:
             user_id=req.user_id,
             requested_at=time.time(),
             message=req.message,
-            max_new_tokens=req.max_new_tokens,
-            temperature=req.temperature,
-            top_k=req.top_k,
-            top_p=req.top_p,
-            seed=req.seed,
         ),
     )
 
