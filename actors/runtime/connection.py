@@ -5,10 +5,12 @@ consumer of a consumer group (GroupReader), liveness keys, and the parsing of st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
+import structlog
 from redis.exceptions import ResponseError
 
 from actors.runtime import log
@@ -78,6 +80,17 @@ class GroupReader:
     def ack(self, pipe: Redis, *entry_ids: str) -> None:
         """Queue the acknowledgement on a pipeline (with the writes it must go with)."""
         pipe.xack(self.stream, self.group, *entry_ids)
+
+
+async def sit_out_outage(
+    outages: int, error: Exception, stopping: asyncio.Event, logger: structlog.stdlib.BoundLogger
+) -> None:
+    """A reader's pause after Redis became unreachable (outages in a row: growing, capped at
+    5 s); a stop ends it early. Redis restarting must not end a reader."""
+    delay = min(5.0, 0.05 * 2**outages)
+    logger.warning("redis unavailable, retrying", error=str(error), delay_s=delay)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stopping.wait(), delay)
 
 
 def _text(value: object) -> str:

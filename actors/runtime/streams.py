@@ -52,7 +52,14 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors.runtime import log
-from actors.runtime.connection import GroupReader, Redis, connect, keep_alive, read_entries
+from actors.runtime.connection import (
+    GroupReader,
+    Redis,
+    connect,
+    keep_alive,
+    read_entries,
+    sit_out_outage,
+)
 from actors.runtime.outcome import (
     Cancelled,
     Outcome,
@@ -365,11 +372,8 @@ class Runtime:
                 # Redis restarting must not end the actor: wait, reconnect, and re-read our
                 # own pending entries (a read's reply, or a handler's commit, may be lost).
                 outages += 1
-                delay = min(5.0, 0.05 * 2**outages)
-                self.log.warning("redis unavailable, retrying", error=str(e), delay_s=delay)
                 backlog, cursor = True, "0"
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
+                await sit_out_outage(outages, e, self._stopping, self.log)
 
     async def _wait_for_slot(self) -> None:
         self._lanes_changed.clear()

@@ -29,7 +29,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors.runtime import log
 from actors.runtime.config import Settings
-from actors.runtime.connection import GroupReader, Redis, connect, keep_alive, read_entries
+from actors.runtime.connection import (
+    GroupReader,
+    Redis,
+    connect,
+    keep_alive,
+    read_entries,
+    sit_out_outage,
+)
 from actors.runtime.outcome import dead_letter
 from actors.workers.bot_events import NotifierConfig, Translator
 from actors.workers.discord import Discord, Mailer
@@ -135,11 +142,8 @@ class Notifier:
                 outages = 0
             except (RedisConnectionError, RedisTimeoutError) as e:
                 outages += 1
-                delay = min(5.0, 0.05 * 2**outages)
-                self.log.warning("redis unavailable, retrying", error=str(e), delay_s=delay)
                 backlog, cursor = True, "0"
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
+                await sit_out_outage(outages, e, self._stopping, self.log)
 
     async def _read(self, entry_id: str, block: int | None) -> list[tuple[str, bytes]]:
         entries = await self.reader.read(entry_id, self.config.batch, block)
