@@ -72,6 +72,10 @@ class TrainStarted(Event, kw_only=True, tag="train.started"):
     precision: str = ""
     parameters: int = 0
     resumed_from_step: int = 0
+    compile: bool = False
+    recipe: str = ""  # why this precision and compile, with the measured figures
+    flops_per_token: float = 0.0
+    peak_flops: float = 0.0  # measured FLOP/s of the device in the chosen precision
 
 
 class TrainProgress(Event, kw_only=True, tag="train.progress"):
@@ -86,6 +90,7 @@ class TrainProgress(Event, kw_only=True, tag="train.progress"):
     samples_per_s: float = 0.0
     val_loss: float | None = None
     val_ppl: float | None = None
+    mfu: float | None = None  # model FLOPs utilisation, 0..1
 
 
 class TrainCompleted(Event, kw_only=True, tag="train.completed"):
@@ -99,6 +104,7 @@ class TrainCompleted(Event, kw_only=True, tag="train.completed"):
     best_step: int = 0
     early_stopped: bool = False
     tokens_per_s: float = 0.0
+    mfu: float | None = None
 
 
 class EvalCompleted(Event, kw_only=True, tag="eval.completed"):

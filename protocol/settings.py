@@ -30,6 +30,7 @@ ModelSize = Literal["tiny", "small", "medium", "large"]
 Optimizer = Literal["adamw", "adam", "sgd"]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Compile = Literal["auto", "on", "off"]
 
 # Knobs that more than one group has (the flat HTTP body feeds one value to each).
 Seed = Annotated[int, Meta(ge=0, le=2**32 - 1, description="random seed")]
@@ -143,7 +144,12 @@ class TrainSettings(msgspec.Struct, kw_only=True):
     freeze_embed: Annotated[bool, Meta(description="keep the embeddings fixed")] = False
     finetune_lr_cap: Annotated[Rate, Meta(description="lr cap when fine-tuning")] | None = None
     device: Device = "auto"
-    precision: Precision = "auto"
+    precision: Annotated[
+        Precision, Meta(description="auto = the faster of fp32/bf16, measured on this machine")
+    ] = "auto"
+    compile: Annotated[
+        Compile, Meta(description="torch.compile; auto = when measured to pay back in this run")
+    ] = "auto"
     threads: Threads = 0
     seed: Seed = DEFAULT_SEED
 

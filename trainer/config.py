@@ -26,7 +26,6 @@ class TrainConfig(TrainSettings, kw_only=True, forbid_unknown_fields=True):
     min_lr_ratio: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.1  # cosine decays to lr * this
     eval_batches: Annotated[int, Meta(ge=1)] = 20  # validation/test batches per evaluation
     keep_checkpoints: Annotated[int, Meta(ge=1)] = 2
-    compile: bool = False  # torch.compile: pays off on longer runs only (first compile 20-50 s)
 
     def validate(self) -> None:
         """Bounds are checked when a config is decoded, not when it is built in code: check

@@ -21,6 +21,11 @@ class StartInfo(msgspec.Struct, kw_only=True):
     total_steps: int
     total_epochs: int
     resumed_from_step: int
+    compile: bool = False
+    recipe: str = ""  # why this precision and compile: the measured figures, in one line
+    threads: int = 0  # torch threads the run uses
+    flops_per_token: float = 0.0  # 6 x parameters + attention, forward and backward
+    peak_flops: float = 0.0  # FLOP/s of a GEMM probe in the chosen precision (MFU's base)
 
 
 class Progress(msgspec.Struct, kw_only=True):
@@ -36,6 +41,7 @@ class Progress(msgspec.Struct, kw_only=True):
     val_loss: float | None  # set on the steps that ran a validation
     val_ppl: float | None
     elapsed_s: float
+    mfu: float | None = None  # model FLOPs utilisation, 0..1, when the peak is known
 
 
 class TrainResult(msgspec.Struct, kw_only=True):
@@ -55,3 +61,4 @@ class TrainResult(msgspec.Struct, kw_only=True):
     elapsed_s: float
     losses: list[float]  # every step's train loss, including steps before a resume
     val_history: list[tuple[int, float]]
+    mfu: float | None = None  # over the whole run

@@ -327,7 +327,7 @@ def train(
         )
     model.train()
     fwd: nn.Module = model
-    if cfg.compile:
+    if cfg.compile == "on":
         compiled = torch.compile(model)
         assert isinstance(compiled, nn.Module)
         fwd = compiled
