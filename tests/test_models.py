@@ -24,7 +24,7 @@ from trainer.model import (
     model_dims,
     save_model,
 )
-from trainer.train import cpu_supports_bf16, resolve_device, resolve_precision
+from trainer.train import cpu_supports_bf16, precision_candidates, resolve_device
 
 torch.set_num_threads(1)
 VOCAB = 50
@@ -166,13 +166,13 @@ def test_bf16_detection() -> None:
 
 def test_precision_rules() -> None:
     cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == "fp32"  # conservative even where bf16 works
-    assert resolve_precision("fp32", cpu) == "fp32"
+    # auto is measured (trainer.recipe) between these, the safe default first.
+    assert precision_candidates("auto", cpu) == ["fp32", "bf16"]
+    assert precision_candidates("fp32", cpu) == ["fp32"]
+    # Asked for, bf16 is allowed whatever the CPU flags say: only a measurement tells.
+    assert precision_candidates("bf16", cpu) == ["bf16"]
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
-        resolve_precision("fp16", cpu)
-    with pytest.raises(UserError, match="no native bf16"):
-        resolve_precision("bf16", cpu, cpu_bf16=cpu_supports_bf16("AVX2", {"avx2"}))
-    assert resolve_precision("bf16", cpu, cpu_bf16=True) == "bf16"
+        precision_candidates("fp16", cpu)
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA GPU"):
             resolve_device("cuda")

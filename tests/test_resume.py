@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from protocol.settings import ModelFamily
 from tests.helpers_ml import char_tokenizer, small_corpus, tiny_config
 from trainer.checkpoint import LATEST, checkpoint_name
+from trainer.manifest import read_manifest
 from trainer.train import train
 
 torch.set_num_threads(1)
@@ -144,3 +145,86 @@ def test_resume_after_a_crash_redoes_the_lost_steps(
     assert resumed.losses == clean.losses and resumed.val_history == clean.val_history
     assert same_weights(crashed, tmp_path / "clean")
     assert train_curve(crashed) == train_curve(tmp_path / "clean")
+
+
+# A run's recipe is kept across a resume; bf16 and a compiled run resume exactly too.
+RECIPES: dict[str, dict[str, object]] = {
+    "bf16": {"precision": "bf16", "compile": "off"},
+    "compiled": {"precision": "fp32", "compile": "on"},
+}
+
+
+def test_resume_is_exact_in_bf16_and_compiled(data: tuple[Path, Path], tmp_path: Path) -> None:
+    corpus, tok_dir = data
+    cache = tmp_path / "cache"  # the inductor cache: the resumed process compiles from it
+    uninterrupted = {
+        name: train(
+            tiny_config("gpt2", **CHANGES, **r),
+            corpus,
+            tok_dir,
+            tmp_path / f"{name}-a",
+            cache_dir=cache,
+        )
+        for name, r in RECIPES.items()
+    }
+    for name, r in RECIPES.items():
+        calls = 0
+
+        def stop() -> bool:
+            nonlocal calls
+            calls += 1
+            return calls > 13
+
+        first = train(
+            tiny_config("gpt2", **CHANGES, **r),
+            corpus,
+            tok_dir,
+            tmp_path / f"{name}-b",
+            should_stop=stop,
+            cache_dir=cache,
+        )
+        assert first.status == "cancelled" and first.steps == 13
+    script = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from tests.helpers_ml import tiny_config\n"
+        "from trainer.train import train\n"
+        "corpus, tok, tmp, changes, recipes = sys.argv[1:6]\n"
+        "out = {}\n"
+        "for name, r in json.loads(recipes).items():\n"
+        "    cfg = tiny_config('gpt2', **json.loads(changes), **r)\n"
+        "    res = train(cfg, Path(corpus), Path(tok), Path(tmp) / f'{name}-b',\n"
+        "                cache_dir=Path(tmp) / 'cache')\n"
+        "    out[name] = [res.status, res.resumed_from_step, res.losses]\n"
+        "print(json.dumps(out))\n"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(corpus),
+            str(tok_dir),
+            str(tmp_path),
+            json.dumps(CHANGES),
+            json.dumps(RECIPES),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, a in uninterrupted.items():
+        status, from_step, losses = resumed[name]
+        assert (status, from_step) == ("completed", 13)
+        assert losses == a.losses
+        assert same_weights(tmp_path / f"{name}-a", tmp_path / f"{name}-b")
+        manifest = read_manifest(tmp_path / f"{name}-b")
+        assert manifest.recipe is not None
+        assert (manifest.precision, manifest.compile) == (
+            RECIPES[name]["precision"],
+            RECIPES[name]["compile"] == "on",
+        )

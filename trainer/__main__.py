@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -126,6 +127,8 @@ def _progress_printer(log_every: int) -> Callable[[Progress], None]:
             f"loss {p.loss:.4f}  lr {p.lr:.2e}  grad {p.grad_norm:.2f}  "
             f"{p.tokens_per_s:,.0f} tok/s"
         )
+        if p.mfu is not None:
+            line += f"  MFU {p.mfu:.1%}"
         if p.val_loss is not None:
             line += f"  val {p.val_loss:.4f} (ppl {p.val_ppl:.2f})"
         print(line, flush=True)
@@ -157,6 +160,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
             args.out,
             on_progress=_progress_printer(max(1, args.log_every)),
             should_stop=lambda: stop["asked"],
+            on_start=lambda info: print(
+                f"{info.device} {info.precision}{' compiled' if info.compile else ''}, "
+                f"{info.threads} threads: {info.recipe}",
+                flush=True,
+            ),
+            cache_dir=args.cache_dir,
         )
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -292,6 +301,13 @@ def _parser() -> argparse.ArgumentParser:
         help="model dimension override, e.g. n_layer=2 (repeatable)",
     )
     r.add_argument("--log-every", type=int, default=10, help="print every N steps")
+    r.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(os.environ.get("MT_DATA_DIR") or ".model-trainer") / "cache",
+        help="what is measured on this machine: the recipe probe, compiled code "
+        "(default: the service's, $MT_DATA_DIR/cache)",
+    )
     r.set_defaults(run=_cmd_train)
 
     e = sub.add_parser("evaluate", help="metrics and samples into RUN_DIR/eval/")

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from trainer.jsonfile import dumps, read_json
+from trainer.recipe import Recipe
 
 CHECKPOINT_VERSION = 1
 LATEST = "latest"
@@ -58,6 +59,9 @@ class CheckpointMeta(msgspec.Struct, kw_only=True):
     state: TrainState
     config: dict[str, object]  # the run's training config
     data_fingerprint: str  # TokenDataInfo.fingerprint: the corpus + tokenizer trained on
+    # The precision and compile the run chose at its start: a resumed run keeps them, since
+    # its maths must not change halfway (None: saved before recipes were recorded).
+    recipe: Recipe | None = None
 
 
 def rng_state() -> dict[str, object]:
@@ -162,11 +166,16 @@ class LoadedCheckpoint:
     states: dict[str, object]  # state.pt: optimizer/scheduler/scaler/"rng"
 
 
+def read_meta(path: Path) -> CheckpointMeta:
+    """A checkpoint's trainer.json alone (what the run decided, where its data stood)."""
+    return read_json(path / "trainer.json", CheckpointMeta, CHECKPOINT_VERSION)
+
+
 def load_checkpoint(path: Path, model: nn.Module) -> LoadedCheckpoint:
     """Load the weights into model (in place) and read the rest of the checkpoint."""
     from safetensors.torch import load_model
 
-    meta = read_json(path / "trainer.json", CheckpointMeta, CHECKPOINT_VERSION)
+    meta = read_meta(path)
     load_model(model, str(path / "model.safetensors"))
     states = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     if not isinstance(states, dict):

@@ -11,6 +11,7 @@ from pathlib import Path
 import msgspec
 
 from trainer.jsonfile import dumps, read_json
+from trainer.recipe import Recipe, cpu_model
 
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -25,30 +26,6 @@ def library_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
-
-
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    """CPU feature flags (x86 "flags", arm "Features"); empty where /proc is not there."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
-
-
-def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def system_info() -> dict[str, object]:
@@ -133,6 +110,12 @@ class RunManifest(msgspec.Struct, kw_only=True):
     best_val_loss: float | None = None
     early_stopped: bool = False
     resumed_from_step: int | None = None
+    compile: bool = False
+    recipe: Recipe | None = None  # the precision and compile chosen, why, and the figures
+    threads: int = 0
+    flops_per_token: float = 0.0
+    peak_flops: float = 0.0  # measured GEMM FLOP/s in the run's precision
+    mfu: float | None = None  # model FLOPs utilisation over the run
     libraries: dict[str, str | None] = msgspec.field(default_factory=library_versions)
     system: dict[str, object] = msgspec.field(default_factory=system_info)
     git_commit: str | None = msgspec.field(default_factory=git_commit)

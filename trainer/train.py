@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO
 
 import msgspec
 import numpy as np
@@ -41,13 +41,14 @@ from trainer.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    read_meta,
     save_checkpoint,
     set_rng_state,
 )
 from trainer.config import TrainConfig
 from trainer.data import IGNORE_INDEX, TokenDataInfo, TokenWindows, dir_sha256, encode_splits
 from trainer.errors import UserError
-from trainer.manifest import DataRef, RunManifest, TokenizerRef, cpu_flags, write_manifest
+from trainer.manifest import DataRef, RunManifest, TokenizerRef, write_manifest
 from trainer.model import (
     MODEL_FILES,
     ModelConfig,
@@ -58,10 +59,26 @@ from trainer.model import (
     read_model_config,
     save_model,
 )
+from trainer.recipe import (
+    PROBE_MIN_STEPS,
+    PROBE_STEPS,
+    PROBE_WARMUP,
+    Precision,
+    Trial,
+    cpu_flags,
+    decide,
+    flops_per_token,
+    machine_id,
+    median,
+    mfu,
+    peak_flops,
+    physical_cores,
+    read_trials,
+    write_trials,
+)
 from trainer.report import Progress, StartInfo, Status, TrainResult
 from trainer.tokenizer import load_tokenizer
 
-Precision = Literal["fp32", "bf16", "fp16"]
 # Config fields that may differ when a run is resumed: they do not change the maths.
 RESUMABLE_CHANGES = frozenset({"threads", "keep_checkpoints", "compile"})
 METRICS_NAME = "metrics.jsonl"
@@ -74,11 +91,9 @@ def perplexity(loss: float | None) -> float | None:
 
 
 def cpu_supports_bf16(capability: str | None = None, flags: set[str] | None = None) -> bool:
-    """Whether bf16 autocast is worth it (native bf16 matmuls) on this CPU.
-
-    Needs torch's AVX512 (or AMX) kernels and the CPU's avx512_bf16/amx_bf16 instructions;
-    elsewhere bf16 is emulated and slower than fp32, so we refuse it.
-    """
+    """Whether the CPU advertises native bf16 matmuls (AVX512/AMX kernels and the
+    avx512_bf16/amx_bf16 instructions). Informational only (benchmarks print it): the flags
+    do not tell whether bf16 is faster, so `precision: auto` measures (trainer.recipe)."""
     cap = capability if capability is not None else torch.backends.cpu.get_cpu_capability()
     found = flags if flags is not None else cpu_flags()
     return ("AVX512" in cap or "AMX" in cap) and bool(found & {"avx512_bf16", "amx_bf16"})
@@ -92,22 +107,19 @@ def resolve_device(name: Device) -> torch.device:
     return torch.device(name)
 
 
-def resolve_precision(
-    name: SettingsPrecision, device: torch.device, cpu_bf16: bool | None = None
-) -> Precision:
-    """fp16 only on CUDA; bf16 where the device runs it natively; auto is conservative."""
+def precision_candidates(name: SettingsPrecision, device: torch.device) -> list[Precision]:
+    """The precisions a run may use on this device, the safe default first: auto measures
+    them (trainer.recipe); any other is the one asked for. fp16 only on CUDA."""
     if device.type == "cuda":
         bf16_ok = torch.cuda.is_bf16_supported()
         if name == "bf16" and not bf16_ok:
             raise UserError("this GPU does not support bf16; use fp16 or fp32")
         if name == "auto":
-            return "bf16" if bf16_ok else "fp32"
-        return name
+            return ["fp32", "bf16"] if bf16_ok else ["fp32"]
+        return [name]
     if name == "fp16":
-        raise UserError("fp16 needs a CUDA GPU; on CPU use fp32 (or bf16 where supported)")
-    if name == "bf16" and not (cpu_supports_bf16() if cpu_bf16 is None else cpu_bf16):
-        raise UserError("this CPU has no native bf16 (avx512_bf16/amx_bf16); use fp32")
-    return "fp32" if name == "auto" else name
+        raise UserError("fp16 needs a CUDA GPU; on CPU use fp32 or bf16")
+    return ["fp32", "bf16"] if name == "auto" else [name]
 
 
 def seed_everything(seed: int) -> None:
@@ -256,21 +268,23 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     token_dir: Path | None = None,
     on_start: Callable[[StartInfo], None] | None = None,
+    cache_dir: Path | None = None,
 ) -> TrainResult:
     """Train (or resume) the model of cfg on the prepared corpus in data_dir.
 
     data_dir holds {train,validation,test}.txt; their token encoding is cached in token_dir
     (default data_dir/tokens/<tokenizer hash>). should_stop is checked between steps: when
-    it answers True a checkpoint is saved and the result has status "cancelled".
+    it answers True a checkpoint is saved and the result has status "cancelled". cache_dir
+    keeps what was measured on this machine (the recipe probe, the peak FLOP/s).
     """
     cfg.validate()
     t_start = time.perf_counter()
     started_at = _now()
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    threads = cfg.threads or physical_cores()
+    torch.set_num_threads(threads)
     device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
+    candidates = precision_candidates(cfg.precision, device)
 
     # ---- data
     tok = load_tokenizer(tokenizer_dir)
@@ -299,8 +313,6 @@ def train(
     total_steps = cfg.max_steps or -(-cfg.num_epochs * bpe // accum)
     total_epochs = -(-total_steps * accum // bpe)
 
-    # ---- model and optimizer
-    seed_everything(cfg.seed)
     model_cfg = ModelConfig(
         family=cfg.model_family,
         size=cfg.model_size,
@@ -314,6 +326,32 @@ def train(
         freeze_embed=cfg.freeze_embed,
         overrides=dict(cfg.model_overrides),
     )
+
+    # ---- the recipe: measured before the run's RNG is seeded; a resumed run keeps its own
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt = latest_checkpoint(ckpt_dir)
+    machine = machine_id(str(device), threads)
+    kept = read_meta(ckpt).recipe if ckpt is not None else None
+    if kept is not None:
+        recipe = msgspec.structs.replace(kept, measured=False)
+    else:
+        shape = repr((model_cfg.to_dict(), cfg.batch_size, cfg.optimizer))
+        known = read_trials(cache_dir, machine, shape)
+        probe_batches = [train_w.batch(0, i % bpe) for i in range(PROBE_STEPS)]
+        held_out = (val_w, val_batches[:1]) if val_batches else (train_w, [])
+
+        def measure(precision: Precision, compiled: bool) -> Trial:
+            return _probe(cfg, model_cfg, device, precision, compiled, probe_batches, held_out)
+
+        may_probe = total_steps >= PROBE_MIN_STEPS
+        recipe = decide(candidates, cfg.compile, total_steps, known, measure if may_probe else None)
+        recipe = msgspec.structs.replace(recipe, machine=machine, shape=shape)
+        if recipe.measured:
+            write_trials(cache_dir, machine, shape, recipe.trials)
+    precision = recipe.precision
+
+    # ---- model and optimizer
+    seed_everything(cfg.seed)
     model = build_model(model_cfg).to(device)
     if cfg.pretrained is not None:  # what was loaded (its dims, its context length)
         model_cfg = replace(
@@ -327,7 +365,9 @@ def train(
         )
     model.train()
     fwd: nn.Module = model
-    if cfg.compile == "on":
+    if recipe.compile:
+        if cache_dir is not None:  # a later run of the same shape compiles in seconds
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
         compiled = torch.compile(model)
         assert isinstance(compiled, nn.Module)
         fwd = compiled
@@ -351,12 +391,10 @@ def train(
     max_norm = cfg.gradient_clipping if cfg.gradient_clipping > 0 else math.inf
 
     # ---- resume
-    ckpt_dir = run_dir / "checkpoints"
     metrics_path = run_dir / METRICS_NAME
     config_dict: dict[str, object] = msgspec.to_builtins(cfg)
     state = TrainState()
     resumed_from: int | None = None
-    ckpt = latest_checkpoint(ckpt_dir)
     if ckpt is not None:
         loaded = load_checkpoint(ckpt, model)
         _check_resumable(loaded.meta, config_dict, info)
@@ -372,6 +410,8 @@ def train(
         metrics_path.unlink(missing_ok=True)  # left by a run that died before its 1st checkpoint
 
     n_params = count_parameters(model)
+    per_token = flops_per_token(n_params, *_attention_dims(model), seq)
+    peak = peak_flops(str(device), precision, machine, cache_dir)
     manifest = RunManifest(
         status="running",
         config=config_dict,
@@ -396,6 +436,11 @@ def train(
         started_at=started_at,
         total_steps=total_steps,
         resumed_from_step=resumed_from,
+        compile=recipe.compile,
+        recipe=recipe,
+        threads=threads,
+        flops_per_token=per_token,
+        peak_flops=peak,
     )
     write_manifest(run_dir, manifest)
     if on_start is not None:
@@ -407,6 +452,11 @@ def train(
                 total_steps=total_steps,
                 total_epochs=total_epochs,
                 resumed_from_step=resumed_from or 0,
+                compile=recipe.compile,
+                recipe=recipe.reason,
+                threads=threads,
+                flops_per_token=per_token,
+                peak_flops=peak,
             )
         )
 
@@ -417,13 +467,17 @@ def train(
         }
         if scaler.is_enabled():
             states["scaler"] = scaler.state_dict()
-        meta = CheckpointMeta(state=state, config=config_dict, data_fingerprint=info.fingerprint)
+        meta = CheckpointMeta(
+            state=state, config=config_dict, data_fingerprint=info.fingerprint, recipe=recipe
+        )
         save_checkpoint(ckpt_dir, model, states, meta)
         protect = {state.best_step} if state.best_step is not None else set()
         prune_checkpoints(ckpt_dir, cfg.keep_checkpoints, protect)
 
     def validate(metrics: IO[str]) -> float | None:
-        val = evaluate_loss(fwd, val_w, val_batches, device, autocast)
+        # The eager model: a compiled one would compile a second (no-grad) graph to save
+        # less than it costs at the validation cadence.
+        val = evaluate_loss(model, val_w, val_batches, device, autocast)
         if val is None:
             return None
         state.val_history.append((state.step, val))
@@ -532,6 +586,7 @@ def train(
                         val_loss=val,
                         val_ppl=perplexity(val),
                         elapsed_s=elapsed,
+                        mfu=mfu(tps, per_token, peak),
                     )
                 )
             if state.step % cfg.checkpoint_every == 0:
@@ -582,6 +637,8 @@ def train(
     manifest.test_loss, manifest.test_ppl = test_loss, perplexity(test_loss)
     manifest.best_step, manifest.best_val_loss = state.best_step, best_val
     manifest.early_stopped = state.early_stopped
+    run_mfu = mfu(tokens_per_s, per_token, peak)
+    manifest.mfu = run_mfu
     write_manifest(run_dir, manifest)
     return TrainResult(
         status=status,
@@ -600,6 +657,72 @@ def train(
         elapsed_s=elapsed,
         losses=list(state.losses),
         val_history=list(state.val_history),
+        mfu=run_mfu,
+    )
+
+
+def _attention_dims(model: nn.Module) -> tuple[int, int]:
+    """(layers, width) of a transformer's attention, (0, 0) for a model without one."""
+    conf = getattr(model, "config", None)
+    layers = getattr(conf, "num_hidden_layers", 0)
+    width = getattr(conf, "hidden_size", 0)
+    return (layers, width) if isinstance(layers, int) and isinstance(width, int) else (0, 0)
+
+
+def _probe(
+    cfg: TrainConfig,
+    model_cfg: ModelConfig,
+    device: torch.device,
+    precision: Precision,
+    compiled: bool,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    held_out: tuple[TokenWindows, list[npt.NDArray[np.int64]]],
+) -> Trial:
+    """A few training steps of the run's model and batches in one recipe, timed, and the
+    loss they reach on a held-out batch (trainer.recipe decides from these)."""
+    torch.manual_seed(cfg.seed)  # the same start for every candidate
+    model = build_model(model_cfg).to(device)
+    model.train()
+    fwd: nn.Module = model
+    if compiled:
+        wrapped = torch.compile(model)
+        assert isinstance(wrapped, nn.Module)
+        fwd = wrapped
+    optimizer = make_optimizer(cfg, model, cfg.learning_rate)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def autocast() -> contextlib.AbstractContextManager[object]:
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+    times: list[float] = []
+    for x, y in batches:
+        t0 = time.perf_counter()
+        mask = padding_mask(y)
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            loss = next_token_loss(fwd, x, y, None if mask is None else mask.to(device))
+        torch.autograd.backward(scaler.scale(loss))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()  # the step is done when its loss is known (CUDA runs ahead)
+        times.append(time.perf_counter() - t0)
+    step_s = median(times[PROBE_WARMUP:])
+    windows, idx = held_out
+    if not idx:
+        idx = windows.eval_batches(1)
+    held = evaluate_loss(model, windows, idx, device, autocast)
+    if compiled:
+        torch._dynamo.reset()  # free the probe's graphs; the run compiles its own model
+    return Trial(
+        precision=precision,
+        compile=compiled,
+        step_s=step_s,
+        loss=held if held is not None and math.isfinite(held) else None,
+        compile_s=max(0.0, sum(times[:PROBE_WARMUP]) - PROBE_WARMUP * step_s) if compiled else 0.0,
     )
 
 

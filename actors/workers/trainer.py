@@ -89,7 +89,7 @@ class TrainJob:
     run_dir: str
     cancel_path: str
     stop_path: str
-    inductor_cache: str
+    cache_dir: str  # what was measured on this machine (recipes, peak FLOP/s, compiled code)
 
 
 # A child ended by one of these was stopped, not broken: its command is resumed, not retried.
@@ -105,8 +105,6 @@ def train_child(job: TrainJob, out: Queue[bytes]) -> None:
     from trainer.train import train
 
     cancel, stop = CancelFlag(Path(job.cancel_path)), CancelFlag(Path(job.stop_path))
-    # torch.compile's cache inside the data dir: a later run of the same shape compiles fast.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", job.inductor_cache)
 
     def send(msg: ChildMessage) -> None:
         out.put(encode_message(msg))
@@ -120,6 +118,7 @@ def train_child(job: TrainJob, out: Queue[bytes]) -> None:
             on_progress=lambda p: send(ChildProgress(p)),
             on_start=lambda info: send(ChildStarted(info)),
             should_stop=lambda: cancel.is_set() or stop.is_set(),
+            cache_dir=Path(job.cache_dir),
         )
         send(ChildResult(msgspec.structs.replace(result, losses=[], val_history=[])))
     except UserError as e:
@@ -207,7 +206,7 @@ class TrainerActor(Actor):
             run_dir=str(s.run_dir(cmd.run_id)),
             cancel_path=str(flags / f"{cmd.run_id}.cancel"),
             stop_path=str(flags / f"{cmd.run_id}.{os.getpid()}.stop"),
-            inductor_cache=str(s.data_dir / "inductor-cache"),
+            cache_dir=str(s.data_dir / "cache"),
         )
 
     async def train(self, cmd: ModelTrain, ctx: Context) -> Outcome:
