@@ -150,7 +150,7 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> torch.optim
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.95), fused=True)
-    return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, fused=True)
 
 
 def next_token_loss(
