@@ -500,8 +500,7 @@ def test_watch_shows_the_recipe_and_mfu() -> None:
     renderer.update(msgspec.structs.replace(started, precision="fp32", compile=False, recipe=""))
     lines = out.getvalue().splitlines()
     assert lines[0] == (
-        "[r] training gpt2/tiny: 1 epochs, 10 steps, cpu bf16, compile on, 2 threads"
-        f" ({recipe})"
+        f"[r] training gpt2/tiny: 1 epochs, 10 steps, cpu bf16, compile on, 2 threads ({recipe})"
     )
     assert lines[1] == "[r] step 1/10 | epoch 1/1 | loss 2.0000 | 1,000 tok/s"  # MFU not known
     assert lines[2].startswith("[r] step 2/10 | epoch 1/1 | loss 2.0000 | 1,000 tok/s | MFU 12.3%")

@@ -463,9 +463,12 @@ def test_a_run_from_the_form_trains_live_completes_and_generates(
     shot(driver, "runs")
 
 
+UNKNOWN = "\N{EN DASH}"  # what the page shows for a value not known (yet)
+
+
 def _percent(value: object) -> str:
     """How the page shows an MFU (a fraction, or null while unknown)."""
-    return f"{100 * value:.1f}%" if isinstance(value, float) else "–"
+    return f"{100 * value:.1f}%" if isinstance(value, float) else UNKNOWN
 
 
 def _check_recipe_and_mfu(browser: webdriver.Chrome, server: Background, run_id: str) -> None:
