@@ -76,9 +76,14 @@ class RunState(msgspec.Struct, kw_only=True):
     tokens_per_s: float | None = None
     test_loss: float | None = None
     test_ppl: float | None = None
+    mfu: float | None = None  # model FLOPs utilisation, 0..1: the latest, then the run's
     parameters: int = 0
     device: str = ""
     precision: str = ""
+    compile: bool = False
+    recipe: str = ""  # why this precision and compile, with the measured figures
+    flops_per_token: float = 0.0
+    peak_flops: float = 0.0  # measured FLOP/s in the chosen precision (MFU's base)
     message: str = ""
     cancel_requested: bool = False
     attempt: int = 0
@@ -194,6 +199,10 @@ def changes(event: AnyEvent) -> dict[str, object]:
                 "parameters": event.parameters,
                 "device": event.device,
                 "precision": event.precision,
+                "compile": event.compile,
+                "recipe": event.recipe,
+                "flops_per_token": event.flops_per_token,
+                "peak_flops": event.peak_flops,
                 "last_heartbeat_ts": at,
                 "train_step": event.resumed_from_step,
                 "message": "training",
@@ -205,6 +214,7 @@ def changes(event: AnyEvent) -> dict[str, object]:
                 "loss": event.loss,
                 "lr": event.lr,
                 "tokens_per_s": event.tokens_per_s,
+                "mfu": event.mfu,
                 "last_heartbeat_ts": at,
                 "message": f"step {event.step}/{event.total_steps} loss {event.loss:.4f}",
             }
@@ -218,7 +228,7 @@ def changes(event: AnyEvent) -> dict[str, object]:
             update = {"train_completed": event, "message": f"training {event.status}"}
             if event.steps:
                 update["train_step"] = event.steps
-            for name in ("val_loss", "test_loss", "test_ppl"):
+            for name in ("val_loss", "test_loss", "test_ppl", "mfu"):
                 value = getattr(event, name)
                 if value is not None:
                     update[name] = value

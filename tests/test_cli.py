@@ -10,6 +10,7 @@ import re
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
@@ -34,6 +35,7 @@ from protocol.events import (
     RunQueued,
     StepCompleted,
     StepStarted,
+    TrainCompleted,
     TrainProgress,
     TrainStarted,
 )
@@ -458,6 +460,52 @@ def test_plain_renderer_rate_limits_progress_but_not_validations() -> None:
         found = re.search(r"step (\d+)/100 .*\| ETA 0:00:(\d\d)$", line)
         assert found is not None, line
         assert int(found[2]) == round((100 - int(found[1])) / 20)
+
+
+def test_watch_shows_the_recipe_and_mfu() -> None:
+    import io
+
+    out = io.StringIO()
+    renderer = PlainRenderer(out, interval_s=1.0)
+    recipe = "bf16: 1.41x fp32 measured, val loss within 0.4%; compile pays back after 80 steps"
+    started = TrainStarted(
+        run_id="r",
+        model_family="gpt2",
+        model_size="tiny",
+        total_epochs=1,
+        total_steps=10,
+        device="cpu",
+        precision="bf16",
+        compile=True,
+        recipe=recipe,
+        threads=2,
+        at=1.0,
+    )
+    renderer.update(started)
+    for step, mfu in ((1, None), (2, 0.1234)):
+        renderer.update(
+            TrainProgress(
+                run_id="r",
+                step=step,
+                epoch=1,
+                total_epochs=1,
+                total_steps=10,
+                loss=2.0,
+                tokens_per_s=1000.0,
+                mfu=mfu,
+                at=1.0 + 2 * step,
+            )
+        )
+    renderer.update(TrainCompleted(run_id="r", steps=10, train_loss=1.5, mfu=0.125, at=30.0))
+    renderer.update(msgspec.structs.replace(started, precision="fp32", compile=False, recipe=""))
+    lines = out.getvalue().splitlines()
+    assert lines[0] == (
+        f"[r] training gpt2/tiny: 1 epochs, 10 steps, cpu bf16, compile on, 2 threads ({recipe})"
+    )
+    assert lines[1] == "[r] step 1/10 | epoch 1/1 | loss 2.0000 | 1,000 tok/s"  # MFU not known
+    assert lines[2].startswith("[r] step 2/10 | epoch 1/1 | loss 2.0000 | 1,000 tok/s | MFU 12.3%")
+    assert lines[3] == "[r] training completed: 10 steps, train_loss 1.5000, MFU 12.5%"
+    assert lines[4].endswith("10 steps, cpu fp32, compile off, 2 threads")  # no recipe told
 
 
 def test_rich_renderer_draws_bars_and_notable_lines() -> None:

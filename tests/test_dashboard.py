@@ -175,9 +175,14 @@ RUN_FIELDS = (
     "val_loss",
     "lr",
     "tokens_per_s",
+    "mfu",
     "parameters",
     "device",
     "precision",
+    "compile",
+    "recipe",
+    "flops_per_token",
+    "peak_flops",
     "message",
     "cancel_requested",
     "attempt",
@@ -206,6 +211,7 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
         "best_step",
         "early_stopped",
         "tokens_per_s",
+        "mfu",
     ),
 }
 

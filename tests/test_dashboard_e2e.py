@@ -388,6 +388,7 @@ def test_a_run_from_the_form_trains_live_completes_and_generates(
         fill(driver, f"train-{name}", value)
     driver.find_element(By.CSS_SELECTOR, "#train-advanced summary").click()
     fill(driver, "train-threads", "1")  # the machine is shared: one training thread
+    Select(by_id(driver, "train-compile")).select_by_value("off")  # a 30-step run
     by_id(driver, "train-submit").click()
     wait_for(driver, "the run page", lambda: "#/runs/" in driver.current_url)
     run_id = driver.current_url.split("#/runs/", 1)[1]
@@ -416,6 +417,7 @@ def test_a_run_from_the_form_trains_live_completes_and_generates(
     stat = driver.find_element(By.CSS_SELECTOR, '[data-testid="tokenizer-stat-vocab_size"] td')
     assert float(stat.text) <= 320
     wait_for(driver, "the training summary", lambda: "30" in by_id(driver, "train-summary").text)
+    _check_recipe_and_mfu(driver, server, run_id)
     wait_for(driver, "evaluation metrics", lambda: by_id(driver, "eval-metrics").text)
     assert driver.find_elements(By.CSS_SELECTOR, '[data-testid="eval-perplexity"]')
     if "uploader" in names:
@@ -459,6 +461,29 @@ def test_a_run_from_the_form_trains_live_completes_and_generates(
     assert row[0].get_attribute("data-status") == "completed"
     assert "gpt2 / tiny" in row[0].text
     shot(driver, "runs")
+
+
+UNKNOWN = "\N{EN DASH}"  # what the page shows for a value not known (yet)
+
+
+def _percent(value: object) -> str:
+    """How the page shows an MFU (a fraction, or null while unknown)."""
+    return f"{100 * value:.1f}%" if isinstance(value, float) else UNKNOWN
+
+
+def _check_recipe_and_mfu(browser: webdriver.Chrome, server: Background, run_id: str) -> None:
+    """The tiles and the summary show the view's recipe and MFU (GET /runs/{id})."""
+    status, run = api(server, "GET", f"/runs/{run_id}")
+    assert status == 200
+    assert run["compile"] is False  # as chosen in the form
+    recipe = by_id(browser, "stat-recipe")
+    wait_for(browser, "the recipe tile", lambda: recipe.text == f"{run['precision']} · compile off")
+    assert recipe.get_attribute("title") == run["recipe"]
+    assert by_id(browser, "stat-mfu").text == _percent(run["mfu"])
+    completed = run["train_completed"]
+    assert isinstance(completed, dict)
+    summary = browser.find_element(By.CSS_SELECTOR, '[data-testid="train-summary-mfu"] td')
+    assert summary.text == _percent(completed["mfu"])
 
 
 def _step_state(browser: webdriver.Chrome, step: str) -> str:

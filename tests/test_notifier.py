@@ -118,6 +118,7 @@ SHAPES: dict[str, dict[str, type]] = {
     },
 }
 VALIDATION = {"val_loss": float, "val_ppl": float}
+RECIPE = "bf16: 1.41x fp32 measured, val loss within 0.4%; compile pays back after 80 steps"
 
 
 def progress(i: int, at: float, **extra: float) -> TrainProgress:
@@ -139,6 +140,7 @@ def progress(i: int, at: float, **extra: float) -> TrainProgress:
         grad_norm=values["grad_norm"],
         samples_per_s=values["samples_per_s"],
         val_loss=extra.get("val_loss"),
+        mfu=extra.get("mfu"),
     )
 
 
@@ -165,16 +167,22 @@ def successful_run() -> list[AnyEvent]:
             threads=2,
             cpu_cores=2,
             memory_mb=4096,
+            device="cpu",
+            precision="bf16",
+            compile=True,
+            recipe=RECIPE,
         ),
     ]
     # 40 steps within 4 s, a validation among them, then one 6.5 s after the validation
-    # (sent) and one just after it (not sent).
+    # (sent) and one just after it (not sent). MFU is known from the second step on.
     for i in range(1, 41):
         extra = {"val_loss": 2.5} if i == 20 else {}
+        if i > 1:
+            extra["mfu"] = 0.123
         events.append(progress(i, t + 10 + i / 10, **extra))
-    events += [progress(41, t + 18.5), progress(42, t + 19.0)]
+    events += [progress(41, t + 18.5, mfu=0.123), progress(42, t + 19.0, mfu=0.123)]
     events += [
-        TrainCompleted(at=t + 20, steps=42, test_loss=2.1, val_loss=2.4),
+        TrainCompleted(at=t + 20, steps=42, test_loss=2.1, val_loss=2.4, mfu=0.125),
         StepCompleted(at=t + 20, step="trainer", command_id="r1.trainer"),
         StepStarted(at=t + 21, step="evaluator", command_id="r1.evaluator"),
         EvalCompleted(at=t + 22, split="test", loss=2.1, ppl=8.17),
@@ -318,6 +326,13 @@ async def test_events_become_the_bots_messages_rate_limited(
     assert config["learning_rate"] == 3e-4 and config["optimal_workers"] == 1
     metrics = [m for m in r1 if m["type"] == "trainer.metrics.progress.v1"]
     assert [m["step"] for m in metrics] == [1, 20, 41]
+    # MFU is in the progress message's text (check_shape: the metrics shape has no key for it).
+    said = [str(r1[i]["message"]) for i in (6, 8, 10)]
+    assert said == [
+        "epoch 1/2 step 1/100 loss 2.9900",
+        "epoch 1/2 step 20/100 loss 2.8000 val 2.5000 MFU 12.3%",
+        "epoch 1/2 step 41/100 loss 2.5900 MFU 12.3%",
+    ]
     assert "val_loss" not in metrics[0] and "val_loss" not in metrics[2]
     assert metrics[1]["val_loss"] == 2.5
     assert metrics[1]["val_ppl"] == pytest.approx(math.exp(2.5))
@@ -552,6 +567,20 @@ def test_non_finite_floats_never_reach_the_bot(settings: Settings) -> None:
     assert job.progress == 37  # 15 + 75 * 3/10, rounded down
 
 
+def test_the_recipe_and_mfu_are_told_in_the_messages_text(settings: Settings) -> None:
+    translator = Translator(settings, NotifierConfig(progress_interval_s=0.0))
+    view = translator.view("r1")
+    [started] = [e for e in successful_run() if isinstance(e, TrainStarted)]
+    translator.messages(started, view)
+    assert view.message == f"training gpt2 tiny (cpu bf16, compile on): {RECIPE}"
+    # An MFU that is not a number is not shown (the trainer clamps, but this is the last line).
+    job, _ = translator.messages(progress(2, T0 + 11, mfu=math.inf), view)
+    assert isinstance(job, JobProgress) and "MFU" not in job.message
+    done = TrainCompleted(run_id="r1", user_id=42, at=T0 + 20, steps=42, mfu=0.125)
+    assert translator.messages(done, view) == []
+    assert view.message == "training completed after 42 steps MFU 12.5%"
+
+
 # ------------------------------------------------------------------------------ Discord
 @pytest.fixture
 async def discord() -> AsyncIterator[FakeDiscord]:
@@ -593,7 +622,7 @@ async def test_one_dm_per_run_edited_in_place_and_429_honoured(
     task = asyncio.create_task(notifier.run())
     await add(redis, keys, successful_run()[:9])  # queued → training started
     for i in range(1, 21):  # 20 progress events over ~1 s
-        await add(redis, keys, [progress(i, T0 + 10 + i / 10)])
+        await add(redis, keys, [progress(i, T0 + 10 + i / 10, mfu=0.2)])
         await asyncio.sleep(0.05)
     await add(redis, keys, successful_run()[-6:])  # evaluator → completed
     # Another run of the same user (the DM channel is reused) and one without a user.
@@ -629,6 +658,9 @@ async def test_one_dm_per_run_edited_in_place_and_429_honoured(
     values = {f["name"]: f["value"] for f in fields}
     assert values["Status"] == "completed" and values["Progress"] == "100%"
     assert values["Artifact"] == FILE_ID
+    assert values["MFU"] == "20.0%"
+    assert values["Recipe"] == f"cpu bf16, compile on: {RECIPE}"
+    assert [f["inline"] for f in fields if f["name"] == "Recipe"] == [False]  # a line of its own
     assert not [r for r in reqs if "dm0" in r.path]
 
 

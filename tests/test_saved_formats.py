@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 from torch import nn
@@ -27,7 +28,9 @@ from actors.workers.trainer import (
     decode_message,
     encode_message,
     progress_event,
+    started_event,
 )
+from protocol.commands import ModelTrain
 from trainer.checkpoint import CheckpointMeta, TrainState, load_checkpoint, save_checkpoint
 from trainer.corpus import CorpusConfig, load_corpus_manifest, prepare_corpus
 from trainer.data import META_NAME, TOKENS_VERSION, TokenFiles, encode_splits, load_token_data
@@ -307,3 +310,31 @@ def test_events_clamp_what_json_cannot_hold() -> None:
         0,
         None,
     )
+
+
+def test_events_carry_the_recipe_threads_flops_and_mfu() -> None:
+    """What the child measured (recipe, threads, FLOPs, MFU) reaches the events; a
+    non-finite figure is clamped like every other float."""
+    cmd = ModelTrain(command_id="c1", run_id="r1", corpus_id="k1", tokenizer_id="t1", threads=3)
+    recipe = "bf16: 1.41x fp32, val loss +0.3%; compile: pays back after 120 of 500 steps"
+    info = msgspec.structs.replace(
+        START,
+        precision="bf16",
+        compile=True,
+        recipe=recipe,
+        threads=2,
+        flops_per_token=4.5e6,
+        peak_flops=math.inf,
+    )
+    started = started_event(cmd, info)
+    assert (started.precision, started.compile, started.recipe) == ("bf16", True, recipe)
+    assert (started.threads, started.flops_per_token, started.peak_flops) == (2, 4.5e6, MAX)
+    # A child that does not say how many threads it uses: the command's figure, as before.
+    assert started_event(cmd, START).threads == 3
+    assert (started_event(cmd, START).compile, started_event(cmd, START).recipe) == (False, "")
+
+    assert progress_event(msgspec.structs.replace(PROGRESS, mfu=0.123)).mfu == 0.123
+    assert progress_event(msgspec.structs.replace(PROGRESS, mfu=math.nan)).mfu == MAX
+    assert progress_event(PROGRESS).mfu is None
+    assert completed_event(msgspec.structs.replace(RESULT, mfu=0.25)).mfu == 0.25
+    assert completed_event(RESULT).mfu is None

@@ -34,6 +34,7 @@ from protocol.events import (
 from protocol.keys import Keys
 from protocol.state import RunState, StepView, apply
 
+RECIPE = "fp32: bf16 measured 0.73x; compile: pays back after 90 of 500 steps"
 CHAIN = ["ingest", "tokenizer", "trainer", "evaluator", "uploader"]
 
 
@@ -47,6 +48,7 @@ def _progress(step: int, loss: float, val: float | None = None) -> TrainProgress
         lr=1e-3,
         tokens_per_s=1000.0 + step,
         val_loss=val,
+        mfu=step / 100,
     )
 
 
@@ -75,6 +77,10 @@ def _until_training() -> list[AnyEvent]:
             parameters=1234,
             device="cpu",
             precision="fp32",
+            compile=True,
+            recipe=RECIPE,
+            flops_per_token=7.5e6,
+            peak_flops=2.5e11,
         ),
         _progress(5, 3.0),
         _progress(10, 2.5, val=2.75),
@@ -85,7 +91,9 @@ def completed() -> list[AnyEvent]:
     return [
         *_until_training(),
         _progress(20, 2.0),
-        TrainCompleted(steps=20, tokens=5000, train_loss=2.0, val_loss=2.5, test_loss=2.25),
+        TrainCompleted(
+            steps=20, tokens=5000, train_loss=2.0, val_loss=2.5, test_loss=2.25, mfu=0.125
+        ),
         StepCompleted(step="trainer", command_id="c3", duration_s=30.0),
         StepStarted(step="evaluator", command_id="c4"),
         EvalCompleted(split="test", loss=2.25, ppl=9.5),
@@ -185,6 +193,9 @@ async def test_a_completed_run(redis: aioredis.Redis, keys: Keys) -> None:
     assert (state.train_step, state.total_steps, state.epoch, state.total_epochs) == (20, 20, 2, 2)
     assert (state.loss, state.val_loss, state.test_loss, state.lr) == (2.0, 2.5, 2.25, 1e-3)
     assert (state.parameters, state.device, state.precision) == (1234, "cpu", "fp32")
+    assert (state.compile, state.recipe) == (True, RECIPE)
+    assert (state.flops_per_token, state.peak_flops) == (7.5e6, 2.5e11)
+    assert state.mfu == 0.125  # the run's, from train.completed, not the last progress's
     assert state.corpus_ready is not None and state.corpus_ready.chars["train"] == 900
     assert state.tokenizer_ready is not None and state.tokenizer_ready.stats["vocab_size"] == 300
     assert state.train_completed is not None and state.train_completed.tokens == 5000
@@ -203,6 +214,7 @@ async def test_a_failed_and_a_cancelled_run(redis: aioredis.Redis, keys: Keys) -
     cancel = await _through_the_hash(redis, keys, "r3", cancelled())
     assert (cancel.status, cancel.message) == ("cancelled", "cancelled by request")
     assert cancel.cancel_requested and cancel.train_step == 11
+    assert cancel.mfu == 0.11  # the latest progress's
     assert cancel.chain["trainer"].state == "cancelled"
     assert cancel.status in TERMINAL_STATUSES and cancel.ended_at == 14.0
 
@@ -212,6 +224,9 @@ async def test_a_resumed_training(redis: aioredis.Redis, keys: Keys) -> None:
     assert (state.status, state.attempt) == ("running", 2)
     assert state.chain["trainer"] == StepView(state="running", attempt=2)
     assert (state.train_step, state.loss, state.val_loss) == (15, 2.2, 2.75)
+    assert state.mfu == 0.15
+    # The takeover's train.started named no recipe: the view shows what the new start said.
+    assert (state.compile, state.recipe, state.peak_flops) == (False, "", 0.0)
     assert state.started_at == 13.0  # the resumed training's start
     assert state.ended_at is None
 

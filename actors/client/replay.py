@@ -64,6 +64,9 @@ VOLATILE = frozenset(
         "cpu_cores",
         "threads",
         "uri",
+        "mfu",  # measured: MFU, the device's peak and the recipe's figures
+        "peak_flops",
+        "recipe",
     }
 )
 

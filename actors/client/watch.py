@@ -88,6 +88,8 @@ class RunView:
             parts.append(f"val {s.val_loss:.4f}")
         if s.tokens_per_s:
             parts.append(f"{s.tokens_per_s:,.0f} tok/s")
+        if s.mfu is not None:
+            parts.append(f"MFU {s.mfu:.1%}")
         if self.eta_s is not None:
             parts.append(f"ETA {duration(self.eta_s)}")
         return " | ".join(parts)
@@ -132,12 +134,14 @@ class RunView:
                     f"{event.total_steps} steps" if event.total_steps else "",
                     f"batch {event.batch_size}" if event.batch_size else "",
                     " ".join(v for v in (event.device, event.precision) if v and v != "auto"),
+                    f"compile {'on' if event.compile else 'off'}",
                     f"{event.threads} threads" if event.threads else "",
                     f"resumed at step {event.resumed_from_step}" if event.resumed_from_step else "",
                 ]
-                return f"training {event.model_family}/{event.model_size}: " + ", ".join(
+                started = f"training {event.model_family}/{event.model_size}: " + ", ".join(
                     f for f in facts if f
                 )
+                return f"{started} ({event.recipe})" if event.recipe else started
             case TrainProgress():
                 if event.val_loss is not None:
                     ppl = f" (ppl {event.val_ppl:.2f})" if event.val_ppl is not None else ""
@@ -149,6 +153,8 @@ class RunView:
                     value = getattr(event, name)
                     if value is not None:
                         done += f", {name} {value:.4f}"
+                if event.mfu is not None:
+                    done += f", MFU {event.mfu:.1%}"
                 if event.early_stopped:
                     done += " (early stop)"
                 return done
@@ -216,7 +222,7 @@ class PlainRenderer:
 
 
 class RichRenderer:
-    """Live bars: the chain, the training steps (with epoch, loss, tokens/s and ETA);
+    """Live bars: the chain, the training steps (with epoch, loss, tokens/s, MFU and ETA);
     notable events are printed above them."""
 
     def __init__(self, console: Console) -> None:

@@ -6,6 +6,9 @@ are ints). No NaN or Infinity ever leaves: a required float that is not finite i
 (NaN and +inf to the largest finite double, -inf to its negative: "diverged"), an optional
 one (val_loss, val_ppl) is left out.
 
+The contract's shapes are kept as they are (the bot's decoder knows their keys): what it
+has no field for — the recipe, MFU — is said in the progress message's text.
+
 Progress is a percentage of the whole run: each step of the chain owns a share — ingest
 0-5, tokenizer 5-15, trainer 15-90 (by step/total_steps), evaluator 90-97, uploader 97-100.
 It is rate-limited per run by event time: at most one progress pair (job.progress +
@@ -159,6 +162,18 @@ def ppl(loss: float) -> float:
     return clamp(math.exp(min(loss, 709.0))) if not math.isnan(loss) else _BIG
 
 
+def mfu_text(mfu: float | None) -> str:
+    """The suffix ' MFU 12.3%' of a message when the MFU (a fraction) is known, else ''."""
+    value = finite_or_none(mfu)
+    return "" if value is None else f" MFU {value:.1%}"
+
+
+def recipe_label(state: RunState) -> str:
+    """What the run trains with, in a few words: "cpu bf16, compile on"."""
+    where = " ".join(v for v in (state.device, state.precision) if v)
+    return f"{where}, compile {'on' if state.compile else 'off'}"
+
+
 def percent(step: str, fraction: float) -> int:
     """The run's progress (0-100) when `step` is `fraction` done."""
     lo, hi = PROGRESS_SHARE.get(step, (0, 100))
@@ -294,6 +309,10 @@ class Translator:
                 return [self._progress(view, done="tokenizer")]
             case TrainStarted():
                 view.message = f"training {event.model_family} {event.model_size}"
+                if event.precision:
+                    view.message += f" ({recipe_label(state)})"
+                if event.recipe:
+                    view.message += f": {event.recipe}"
                 return [
                     MetricsConfig(
                         job_id=rid,
@@ -314,6 +333,7 @@ class Translator:
                 return self._train_progress(event, view)
             case TrainCompleted():
                 view.message = f"training {event.status} after {event.steps} steps"
+                view.message += mfu_text(event.mfu)
                 return []  # metrics.completed waits for the run to complete
             case EvalCompleted():
                 if event.split == "test" and event.loss is not None:
@@ -393,6 +413,7 @@ class Translator:
         view.message += f" loss {event.loss:.4f}"
         if event.val_loss is not None:
             view.message += f" val {event.val_loss:.4f}"
+        view.message += mfu_text(event.mfu)
         now = event.at or time.time()
         validated = event.val_loss is not None
         last = view.last_progress_at

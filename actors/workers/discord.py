@@ -14,7 +14,7 @@ import aiohttp
 import msgspec
 
 from actors.runtime import log
-from actors.workers.bot_events import NotifierConfig, RunView, pointer_of
+from actors.workers.bot_events import NotifierConfig, RunView, pointer_of, recipe_label
 
 
 class DiscordError(RuntimeError):
@@ -28,6 +28,9 @@ _COLORS = {
     "failed": 0xE74C3C,
     "cancelled": 0x7F8C8D,
 }
+
+
+_WIDE = {"Recipe"}  # fields with a sentence in them get a line of their own
 
 
 def embed(view: RunView) -> dict[str, object]:
@@ -51,13 +54,20 @@ def embed(view: RunView) -> dict[str, object]:
     ):
         if value is not None:
             fields.append((name, f"{value:.4f}"))
+    if state.mfu is not None and math.isfinite(state.mfu):
+        fields.append(("MFU", f"{state.mfu:.1%}"))
+    if state.precision:  # once training has started: what it trains with, and why
+        reason = f": {state.recipe}" if state.recipe else ""
+        fields.append(("Recipe", recipe_label(state) + reason))
     if (art := pointer_of(state)) is not None:
         fields.append(("Artifact", art.file_id or art.uri))
     return {
         "title": f"Run {view.run_id}"[:256],
         "description": view.message[:4000],
         "color": _COLORS.get(state.status, _COLORS["running"]),
-        "fields": [{"name": n, "value": v[:1024] or "-", "inline": True} for n, v in fields],
+        "fields": [
+            {"name": n, "value": v[:1024] or "-", "inline": n not in _WIDE} for n, v in fields
+        ],
     }
 
 

@@ -304,7 +304,8 @@ def checkpoint_on_disk(step: int, every: int) -> int:
 
 
 def started_event(cmd: ModelTrain, info: StartInfo) -> TrainStarted:
-    """What was asked for, and what the child resolved (device, precision, sizes)."""
+    """What was asked for, and what the child resolved (device, precision, compile and why,
+    threads, sizes, FLOPs)."""
     return TrainStarted(
         model_family=cmd.model_family,
         model_size=cmd.model_size,
@@ -312,13 +313,17 @@ def started_event(cmd: ModelTrain, info: StartInfo) -> TrainStarted:
         total_steps=info.total_steps,
         batch_size=cmd.batch_size,
         learning_rate=cmd.learning_rate,
-        threads=cmd.threads or (os.cpu_count() or 1),
+        threads=info.threads or cmd.threads or (os.cpu_count() or 1),
         cpu_cores=os.cpu_count() or 1,
         memory_mb=_memory_mb(),
         device=info.device,
         precision=info.precision,
         parameters=info.parameters,
         resumed_from_step=info.resumed_from_step,
+        compile=info.compile,
+        recipe=info.recipe,
+        flops_per_token=_finite(info.flops_per_token),
+        peak_flops=_finite(info.peak_flops),
     )
 
 
@@ -335,6 +340,7 @@ def progress_event(p: Progress) -> TrainProgress:
         samples_per_s=_finite(p.samples_per_s),
         val_loss=_opt_finite(p.val_loss),
         val_ppl=_opt_finite(p.val_ppl),
+        mfu=_opt_finite(p.mfu),
     )
 
 
@@ -350,6 +356,7 @@ def completed_event(result: TrainResult) -> TrainCompleted:
         best_step=result.best_step or 0,
         early_stopped=result.status == "early_stopped",
         tokens_per_s=_finite(result.tokens_per_s),
+        mfu=_opt_finite(result.mfu),
     )
 
 

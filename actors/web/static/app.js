@@ -49,6 +49,20 @@
     if (x === null || x === undefined || !Number.isFinite(Number(x))) return "–";
     return Math.round(Number(x)).toLocaleString("en-US");
   }
+  // MFU is a fraction (0..1); shown as a percentage, "–" while unknown.
+  function fmtPct(x) {
+    if (x === null || x === undefined || !Number.isFinite(Number(x))) return "–";
+    return `${(Number(x) * 100).toFixed(1)}%`;
+  }
+  function fmtFlops(x) {
+    if (!x || !Number.isFinite(Number(x))) return "–";
+    const units = ["", "K", "M", "G", "T", "P", "E"];
+    let v = Number(x), i = 0;
+    while (Math.abs(v) >= 1000 && i < units.length - 1) { v /= 1000; i += 1; }
+    return `${Number(v.toPrecision(3))} ${units[i]}FLOP`;
+  }
+  // The recipe the run trains with: precision · compile (the reason is its title).
+  const recipeOf = (st) => `${st.precision || "?"} · compile ${st.compile ? "on" : "off"}`;
   function fmtBytes(n) {
     if (!Number.isFinite(n)) return "–";
     const units = ["B", "KiB", "MiB", "GiB"];
@@ -236,6 +250,7 @@
       td(fmtNum(r.loss), "num", "run-loss"),
       td(fmtNum(r.val_loss), "num"),
       td(r.tokens_per_s ? fmtInt(r.tokens_per_s) : "–", "num", "run-tps"),
+      td(fmtPct(r.mfu), "num", "run-mfu"),
       td(fmtTime(r.started_at ?? r.created_at)),
       td(fmtTime(r.ended_at)));
     tr.title = r.message || "";
@@ -564,6 +579,10 @@
     $("stat-val-loss").textContent = fmtNum(lastVal ? lastVal[1] : st.val_loss);
     $("stat-lr").textContent = st.lr ? st.lr.toExponential(2) : "–";
     $("stat-tps").textContent = st.tokens_per_s ? fmtInt(st.tokens_per_s) : "–";
+    $("stat-mfu").textContent = fmtPct(st.mfu);
+    const trainingStarted = st.started_at !== null && st.started_at !== undefined;
+    $("stat-recipe").textContent = trainingStarted ? recipeOf(st) : "–";
+    $("stat-recipe").title = trainingStarted ? st.recipe || "" : "";
     const params = st.parameters || model.params;
     $("stat-params").textContent = params ? fmtInt(params) : "–";
 
@@ -591,7 +610,11 @@
       ["ended", fmtTime(ended)],
       ["duration", ended && st.created_at ? fmtDuration(ended - st.created_at) : "–"],
       ["attempt", st.attempt ? String(st.attempt) : "–"],
-      ["device", started !== null && started !== undefined ? `${st.device} · ${st.precision}` : "–"],
+      ["device", trainingStarted ? `${st.device} · ${st.precision}` : "–"],
+      ["recipe", trainingStarted ? recipeOf(st) + (st.recipe ? `: ${st.recipe}` : "") : "–", "fact-recipe"],
+      ["FLOPs per token", fmtFlops(st.flops_per_token)],
+      ["measured peak", st.peak_flops ? `${fmtFlops(st.peak_flops)}/s` : "–"],
+      ["MFU", fmtPct(st.mfu), "fact-mfu"],
     ]);
 
     drawChart($("loss-chart"), [
@@ -633,6 +656,7 @@
         ["best step", fmtInt(t.best_step)],
         ["early stopped", t.early_stopped ? "yes" : "no"],
         ["tokens/s", fmtInt(t.tokens_per_s)],
+        ["MFU", fmtPct(t.mfu), "train-summary-mfu"],
       ]);
     }
     $("train-summary-empty").hidden = !!st.train_completed;
@@ -826,6 +850,7 @@
     $("run-message").textContent = "";
     $("cancel-button").hidden = true;
     for (const card of document.querySelectorAll("#view-run .card .value")) card.textContent = "–";
+    $("stat-recipe").title = "";
     for (const t of ["corpus-stats", "tokenizer-stats", "train-summary", "eval-metrics", "eval-samples", "log-tail", "chain-steps", "run-facts", "generate-output"]) {
       $(t).replaceChildren();
     }
