@@ -77,6 +77,8 @@ def test_real_tiny_size_builds(family: ModelFamily) -> None:
     assert (c.bos_token_id, c.eos_token_id, c.pad_token_id) == (2, 3, 0)
     assert c.vocab_size == 512
     assert 2_000_000 < count_parameters(model) < 6_000_000
+    # torch's fused scaled-dot-product attention, not transformers' eager matmuls.
+    assert c._attn_implementation == "sdpa"
 
 
 def test_char_lstm_tiny_is_a_real_lstm() -> None:

@@ -283,7 +283,10 @@ def _build_hf(cfg: ModelConfig) -> nn.Module:
     _hf()
     from transformers import AutoModelForCausalLM
 
-    model: nn.Module = AutoModelForCausalLM.from_config(hf_config(cfg), dtype=torch.float32)  # type: ignore[no-untyped-call]  # untyped in transformers
+    # sdpa: torch's fused attention kernels (flash/memory-efficient where the device has them).
+    model: nn.Module = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]  # untyped in transformers
+        hf_config(cfg), dtype=torch.float32, attn_implementation="sdpa"
+    )
     return model
 
 
@@ -424,7 +427,9 @@ def load_model(src: Path, dropout: float | None = None) -> tuple[nn.Module, Mode
 
     family = _hf_family(src, meta)
     kwargs: dict[str, float] = {} if dropout is None else _dropout_kwargs(family, dropout)
-    model = AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(src), local_files_only=True, attn_implementation="sdpa", **kwargs
+    )
     return model, cfg
 
 
