@@ -13,6 +13,7 @@ from tests.helpers_ml import char_tokenizer, small_corpus, tiny_config
 from trainer.manifest import read_manifest
 from trainer.recipe import (
     COMPILE_ASSUMED_S,
+    PROBE_MIN_STEPS,
     Precision,
     Trial,
     decide,
@@ -75,7 +76,10 @@ def test_bf16_whose_loss_strays_is_refused() -> None:
 def test_a_run_that_may_not_probe_uses_the_cache_or_the_safe_default() -> None:
     recipe = decide(BOTH, "auto", 50, [], None)
     assert (recipe.precision, recipe.compile, recipe.measured) == ("fp32", False, False)
-    assert "not measured yet" in recipe.reason
+    assert recipe.reason == (
+        f"fp32: not measured for this shape here yet (runs of {PROBE_MIN_STEPS}+ steps "
+        "measure it); eager"
+    )
     known = [
         Trial(precision="fp32", compile=False, step_s=0.1, loss=5.0),
         Trial(precision="bf16", compile=False, step_s=0.05, loss=5.0),

@@ -151,7 +151,10 @@ def _pick_precision(
     base = candidates[0]
     ref = trial(base, False)
     if ref is None:
-        return base, [f"{base}: not measured yet on this machine (run too short to probe)"]
+        return base, [
+            f"{base}: not measured for this shape here yet (runs of {PROBE_MIN_STEPS}+ steps "
+            "measure it)"
+        ]
     best, why = base, [f"{base} {ref.step_s * 1000:.0f} ms/step"]
     for other in candidates[1:]:
         t = trial(other, False)
@@ -176,7 +179,7 @@ def _pick_compile(
 ) -> tuple[bool, str]:
     eager = trial(precision, False)
     if eager is None:
-        return False, "eager: not measured yet on this machine"
+        return False, "eager"
     seen = _find(trials, precision, True)
     cost = seen.compile_s if seen is not None else COMPILE_ASSUMED_S
     run_s = eager.step_s * total_steps
