@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -31,7 +31,7 @@ class Settings:
     store_url: str | None = None
     aws_endpoint_url: str | None = None  # an S3-compatible service other than AWS itself
     aws_access_key_id: str | None = None
-    aws_secret_access_key: str | None = None
+    aws_secret_access_key: str | None = field(default=None, repr=False)
     aws_region: str | None = None
     cache_gb: float = 20.0  # size limit of the local cache of what is in the store
 

@@ -5,7 +5,8 @@ can fetch it. One small interface, three backends, chosen by one setting (`make_
 - `s3://bucket/prefix` → S3-compatible object storage (actors.runtime.store_s3, through
   obstore), with the standard `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`,
   `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`;
-- `databank:` → the Data Bank service (actors.workers.databank, `MT_DATA_BANK_URL`/`_KEY`).
+- `databank:` → the Data Bank service (`MT_DATA_BANK_URL`/`_KEY`), through
+  actors.workers.databank (its client, and DataBankObjects, the backend over it).
 
 Keys are `/`-separated relative paths ("runs/<run id>/model"). `put_file` / `put_folder`
 store under a key and return a `Pointer` (backend, key, sha256, size, and the Data Bank's
@@ -455,12 +456,12 @@ class LocalObjects:
             path = self._path(key)
             if path.is_file():
                 path.unlink()
-            parent = path.parent
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()  # a folder's dir, its files gone
+            parent = path.parent  # and the dirs left empty above it
             while parent != self.root and parent.is_dir() and not any(parent.iterdir()):
                 parent.rmdir()
                 parent = parent.parent
-            if path.is_dir() and not any(path.iterdir()):
-                path.rmdir()
 
     async def aclose(self) -> None:
         """Nothing held open."""
