@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from obstore.store import ClientConfig, S3Config
 
 PART = 8 << 20  # multipart part size: S3 wants >= 5 MiB; bigger parts, fewer requests
-CHUNK = 8 << 20  # download chunks written (and hashed) at a time
+CHUNK = 2 << 20  # download chunks written (and hashed) at a time
 _STATUS = re.compile(r"status code: (\d{3})")
 
 
@@ -145,10 +145,18 @@ class S3Objects:
         with self._errors(f"downloading {address}"):
             got = await obstore.get_async(self._s3, address)
             f = await asyncio.to_thread(part.open, "wb")
+            writing: asyncio.Task[None] | None = None
             try:
                 async for chunk in got.stream(min_chunk_size=CHUNK):
-                    await asyncio.to_thread(_write, f, digest, chunk)
+                    if writing is not None:
+                        await writing
+                    # Hashed and written in a thread while the next chunk comes in.
+                    writing = asyncio.create_task(asyncio.to_thread(_write, f, digest, chunk))
+                if writing is not None:
+                    await writing
             finally:
+                if writing is not None and not writing.done():
+                    await asyncio.wait([writing])  # the thread is using the file
                 await asyncio.to_thread(f.close)
         return digest.hexdigest()
 
