@@ -190,6 +190,7 @@ class Store:
         self._limit = asyncio.Semaphore(concurrency)
 
     async def put_file(self, src: Path, key: str) -> Pointer:
+        """Store the file `src` under `key` (replacing what was there)."""
         check_key(key)
         if not src.is_file():
             raise UserError(f"not a file: {src}")
@@ -198,6 +199,8 @@ class Store:
         return Pointer(backend=self.backend, key=key, sha256=sha256, size=size, file_id=file_id)
 
     async def put_folder(self, src: Path, key: str) -> Pointer:
+        """Store every file under `src` as `key/<relative path>`, then the manifest. Over a
+        folder already there, files the new manifest does not list stay until `delete`."""
         check_key(key)
         names = await asyncio.to_thread(_folder_files, src)
         stored = await asyncio.gather(*(self._put(src / n, f"{key}/{n}") for n in names))
@@ -349,7 +352,7 @@ class Store:
         await asyncio.to_thread(path.unlink)
         try:
             manifest = msgspec.json.decode(data, type=FolderManifest)
-        except msgspec.ValidationError as e:
+        except msgspec.DecodeError as e:  # its sha256 matched: the pointer names a non-folder
             raise UserError(f"{pointer.key}: not a folder manifest ({e})") from e
         if manifest.format != FOLDER_FORMAT:
             raise UserError(f"{pointer.key}: folder format {manifest.format} is not ours")
