@@ -237,6 +237,7 @@ class Store:
         tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
         try:
             manifest = await self._manifest(pointer, tmp)
+            await asyncio.to_thread(_make_dirs, {(tmp / f.path).parent for f in manifest.files})
             await asyncio.gather(
                 *(
                     self._fetch(
@@ -324,10 +325,10 @@ class Store:
         return sha256, size, address
 
     async def _fetch(self, address: str, sha256: str, dest: Path) -> None:
-        """Download to a temporary name beside dest, verified; one more try on a mismatch."""
+        """Download to a temporary name beside dest (its dir exists), verified; one more try
+        on a mismatch."""
         got = ""
         for attempt in (1, 2):
-            await asyncio.to_thread(dest.parent.mkdir, parents=True, exist_ok=True)
             part = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
             try:
                 async with self._limit:
@@ -383,6 +384,11 @@ class _Translate:
 
 def _temp_dir() -> str:
     return tempfile.mkdtemp(prefix="mt-store-")
+
+
+def _make_dirs(dirs: set[Path]) -> None:
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
 
 
 def _replace_dir(new: Path, dest: Path) -> None:
