@@ -1,4 +1,5 @@
-"""Shared fixtures: a real Redis-compatible server (embedded valkey unless REDIS_URL is set)."""
+"""Shared fixtures: a real Redis-compatible server (embedded valkey unless REDIS_URL is set)
+and a real S3-compatible server (SeaweedFS `weed mini` on loopback)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import redis.asyncio as aioredis
 
 from actors.runtime.connection import connect
 from actors.runtime.embedded import EmbeddedRedis
+from actors.runtime.seaweed import SeaweedS3
 from protocol.keys import Keys
 
 
@@ -25,6 +27,19 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.start()
     try:
         yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """One SeaweedFS for the session (its start costs ~2 s), bucket `server.bucket` made;
+    a test may `stop()` and `start()` it (same endpoint, same data) to act out an outage.
+    Tests keep apart by a key prefix of their own."""
+    server = SeaweedS3(tmp_path_factory.mktemp("s3"))
+    server.start()
+    try:
+        yield server
     finally:
         server.stop()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -26,6 +26,14 @@ class Settings:
     lease_s: float = 30.0  # a pending command idle this long is taken over by another consumer
     max_streams: int = 100  # live SSE streams of the control endpoint (each holds a connection)
     http_timeout_s: float = 15.0  # to send a request's headers, then its body; idle keep-alive
+    # The artifact store (actors.runtime.store.make_store): unset → a folder in the data dir;
+    # `s3://bucket/prefix` with the standard AWS_* variables; `databank:` → the Data Bank.
+    store_url: str | None = None
+    aws_endpoint_url: str | None = None  # an S3-compatible service other than AWS itself
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: str | None = field(default=None, repr=False)
+    aws_region: str | None = None
+    cache_gb: float = 20.0  # size limit of the local cache of what is in the store
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -48,6 +56,12 @@ class Settings:
             lease_s=float(e.get("MT_LEASE_S") or 30.0),
             max_streams=int(e.get("MT_MAX_STREAMS") or 100),
             http_timeout_s=float(e.get("MT_HTTP_TIMEOUT_S") or 15.0),
+            store_url=e.get("MT_STORE_URL") or None,
+            aws_endpoint_url=e.get("AWS_ENDPOINT_URL") or None,
+            aws_access_key_id=e.get("AWS_ACCESS_KEY_ID") or None,
+            aws_secret_access_key=e.get("AWS_SECRET_ACCESS_KEY") or None,
+            aws_region=e.get("AWS_REGION") or e.get("AWS_DEFAULT_REGION") or None,
+            cache_gb=float(e.get("MT_CACHE_GB") or 20.0),
         )
 
     def consumer_name(self, actor: str, index: int = 0) -> str:
@@ -70,3 +84,7 @@ class Settings:
 
     def cancel_dir(self) -> Path:
         return self.data_dir / "cancel"
+
+    def store_dir(self) -> Path:
+        """The local artifact store (when MT_STORE_URL is unset)."""
+        return self.data_dir / "store"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from pathlib import Path
+from typing import Literal
 
 import aiohttp
 import msgspec
@@ -24,10 +25,26 @@ from actors.runtime.config import Settings
 from trainer.errors import UserError
 
 CHUNK = 1 << 16
+OCTET_STREAM = "application/octet-stream"
 
 
 class DataBankError(RuntimeError):
     """A transient Data Bank failure (server error, short or corrupted transfer)."""
+
+
+class ChecksumMismatch(DataBankError):
+    """A download whose bytes do not hash to the expected sha256 (the part was deleted)."""
+
+    def __init__(self, file_id: str, got: str, expected: str) -> None:
+        super().__init__(
+            f"downloaded {file_id} has sha256 {got}, expected {expected}; "
+            "the partial file was deleted"
+        )
+        self.got = got
+
+
+class NoSuchFile(UserError):
+    """The Data Bank answered 404 for a file id."""
 
 
 class DataBankFile(msgspec.Struct, kw_only=True):
@@ -62,7 +79,7 @@ async def _raise_for(resp: aiohttp.ClientResponse, what: str) -> None:
             "check MT_DATA_BANK_KEY"
         )
     if resp.status == 404:
-        raise UserError(f"the Data Bank has no such file ({what}): {msg}")
+        raise NoSuchFile(f"the Data Bank has no such file ({what}): {msg}")
     if resp.status == 413:
         raise UserError(f"the Data Bank refused the file as too large ({what}): {msg}")
     raise DataBankError(f"Data Bank answered HTTP {resp.status} while {what}: {msg}")
@@ -109,10 +126,7 @@ def _part_size(part: Path) -> int:
 def _finish(part: Path, dest: Path, got: str, expected: str | None, file_id: str) -> None:
     if expected and got != expected:
         part.unlink(missing_ok=True)
-        raise DataBankError(
-            f"downloaded {file_id} has sha256 {got}, expected {expected}; "
-            "the partial file was deleted"
-        )
+        raise ChecksumMismatch(file_id, got, expected)
     part.replace(dest)
 
 
@@ -165,6 +179,19 @@ async def download(
     raise DataBankError(f"the Data Bank kept refusing the byte range of {file_id}")
 
 
+async def exists(session: aiohttp.ClientSession, base_url: str, key: str, file_id: str) -> bool:
+    """Whether the Data Bank holds `file_id`: a one-byte range GET (the contract has no HEAD);
+    404 → False, a rejected key → UserError, anything else unexpected → DataBankError."""
+    url = f"{base_url.rstrip('/')}/files/{file_id}"
+    async with session.get(url, headers={"X-API-Key": key, "Range": "bytes=0-0"}) as resp:
+        if resp.status == 404:
+            return False
+        if resp.status == 416:
+            return True  # there, but empty: it has no byte 0
+        await _raise_for(resp, f"looking up {file_id}")
+        return True
+
+
 def _range_start(resp: aiohttp.ClientResponse) -> int:
     """Start offset of a 206's `Content-Range: bytes <start>-<end>/<size>` (-1 if absent)."""
     value = resp.headers.get("Content-Range", "")
@@ -194,3 +221,50 @@ async def fetch(
             dest,
             expected_sha256=expected_sha256,
         )
+
+
+class DataBankObjects:
+    """The Data Bank as a backend of the artifact store (actors.runtime.store): objects are
+    content-addressed, the address of an upload is its file id. The contract has no names,
+    listing or deletion, so `can_list` is False and the store never asks for them."""
+
+    backend: Literal["databank"] = "databank"
+    content_addressed = True
+    can_list = False
+
+    def __init__(self, url: str, api_key: str) -> None:
+        self.url, self.api_key = url, api_key
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def put(self, src: Path, key: str) -> str:
+        stored = await upload(self._client(), self.url, self.api_key, src, OCTET_STREAM)
+        return stored.file_id
+
+    async def download(self, address: str, part: Path, sha256: str) -> str:
+        """Returns the sha256 of what came; a mismatch leaves no part behind."""
+        try:
+            await download(self._client(), self.url, self.api_key, address, part, sha256)
+        except ChecksumMismatch as e:
+            return e.got
+        except NoSuchFile as e:
+            raise FileNotFoundError(str(e)) from e
+        return sha256
+
+    async def exists(self, address: str, size: int) -> bool:
+        return await exists(self._client(), self.url, self.api_key, address)
+
+    async def keys(self, prefix: str) -> list[str]:
+        raise UserError("the Data Bank cannot list what it holds")
+
+    async def delete(self, keys: list[str]) -> None:
+        raise UserError("the Data Bank cannot delete")
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
