@@ -154,15 +154,16 @@ def _copy_hashed(src: Path, dest: Path) -> str:
     return h.hexdigest()
 
 
-def _folder_files(src: Path) -> list[str]:
+def _folder_files(src: Path, exclude: tuple[str, ...] = ()) -> list[str]:
     if not src.is_dir():
         raise UserError(f"not a folder: {src}")
-    out = sorted(
+    found = (
         PurePosixPath(*Path(dirpath, name).relative_to(src).parts).as_posix()
         for dirpath, _dirs, names in os.walk(src)
         for name in names
         if Path(dirpath, name).is_file()
     )
+    out = sorted(rel for rel in found if rel.split("/")[0] not in exclude)
     if MANIFEST in out:
         raise UserError(f"{src} holds a file named {MANIFEST}, which the store keeps for itself")
     return out
@@ -198,11 +199,12 @@ class Store:
         file_id = address if self.objects.content_addressed else ""
         return Pointer(backend=self.backend, key=key, sha256=sha256, size=size, file_id=file_id)
 
-    async def put_folder(self, src: Path, key: str) -> Pointer:
-        """Store every file under `src` as `key/<relative path>`, then the manifest. Over a
-        folder already there, files the new manifest does not list stay until `delete`."""
+    async def put_folder(self, src: Path, key: str, exclude: tuple[str, ...] = ()) -> Pointer:
+        """Store every file under `src` as `key/<relative path>` (but those under a top-level
+        name in exclude), then the manifest. Over a folder already there, files the new
+        manifest does not list stay until `delete`."""
         check_key(key)
-        names = await asyncio.to_thread(_folder_files, src)
+        names = await asyncio.to_thread(_folder_files, src, exclude)
         stored = await asyncio.gather(*(self._put(src / n, f"{key}/{n}") for n in names))
         manifest = FolderManifest(
             files=[
