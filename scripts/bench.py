@@ -33,6 +33,7 @@ from protocol.codec import FIELD, encode
 from protocol.commands import Base, CorpusIngest, ModelScore
 from protocol.keys import ActorName, Keys
 from scripts.bench_ml import bench_tokenizer, bench_train, tokenizer_arguments, train_arguments
+from scripts.bench_serve import bench_serve, bench_startup, serve_arguments, startup_arguments
 
 # ------------------------------------------------------------------------------ helpers
 
@@ -354,11 +355,15 @@ BENCHES: dict[str, Callable[[argparse.Namespace], None]] = {
     "messaging": bench_messaging,
     "train": bench_train,
     "tokenizer": bench_tokenizer,
+    "serve": bench_serve,
+    "startup": bench_startup,
 }
 ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "messaging": messaging_arguments,
     "train": train_arguments,
     "tokenizer": tokenizer_arguments,
+    "serve": serve_arguments,
+    "startup": startup_arguments,
 }
 
 
