@@ -215,6 +215,10 @@ class TrainerActor(Actor):
             await asyncio.to_thread(self._spare.discard)
             self._spare = None
 
+    def spare_pid(self) -> int | None:
+        """The pid of the child waiting for the next run (None while there is none)."""
+        return self._spare.process.pid if self._spare is not None else None
+
     def _take_spare(self) -> Spare:
         """The waiting child, or a new one when there is none (or it died)."""
         spare, self._spare = self._spare, None
