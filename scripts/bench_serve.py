@@ -245,6 +245,7 @@ class Marks:
 
 async def read_marks(up: Up) -> Marks:
     from actors.runtime.connection import connect, stream_entries
+    from actors.runtime.outcome import request_id_of
     from protocol.codec import FIELD, decode_command, decode_event
     from protocol.events import ResultReady
     from protocol.keys import Keys
@@ -261,7 +262,7 @@ async def read_marks(up: Up) -> Marks:
     queued: dict[str, float] = {}
     for _, fields in commands:
         cmd = decode_command("evaluator", fields[FIELD.encode()])
-        queued[cmd.command_id] = cmd.requested_at
+        queued[request_id_of(cmd)] = cmd.requested_at
     committed = {
         e.request_id: e.at
         for _, fields in events
@@ -271,10 +272,10 @@ async def read_marks(up: Up) -> Marks:
 
 
 def report(sides: list[Side], marks: Marks, target_ms: float) -> None:
-    print(f"\n{'':20} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"\n{'':24} {'p50 ms':>8} {'p99 ms':>8}")
     for s in sides:
-        print(f"{s.label + ', HTTP':20} {s.p(50):8.1f} {s.p(99):8.1f}")
-        print(f"{s.label + ', direct':20} {s.p(50, True):8.1f} {s.p(99, True):8.1f}")
+        print(f"{s.label + ', HTTP':24} {s.p(50):8.1f} {s.p(99):8.1f}")
+        print(f"{s.label + ', direct':24} {s.p(50, True):8.1f} {s.p(99, True):8.1f}")
     print()
     for s in sides:
         overhead = s.p(50) - s.p(50, True)
@@ -287,23 +288,13 @@ def report(sides: list[Side], marks: Marks, target_ms: float) -> None:
         # Where it goes (medians, so they need not add up): the POST until the endpoint
         # queued the command; queued until the result was committed, less the direct
         # call's time; committed until the client read it (polling).
-        split = [
-            (marks.queued[x.request_id] - x.posted, marks.committed[x.request_id]) for x in s.pairs
-        ]
-        post_ms = percentile([q for q, _ in split], 50) * 1e3
-        work_ms = (
-            percentile(
-                [c - (x.posted + q) - x.direct_s for x, (q, c) in zip(s.pairs, split, strict=True)],
-                50,
-            )
-            * 1e3
-        )
-        read_ms = (
-            percentile(
-                [x.posted + x.http_s - c for x, (_, c) in zip(s.pairs, split, strict=True)], 50
-            )
-            * 1e3
-        )
+        posts, works, reads = [], [], []
+        for x in s.pairs:
+            queued, committed = marks.queued[x.request_id], marks.committed[x.request_id]
+            posts.append(queued - x.posted)
+            works.append(committed - queued - x.direct_s)
+            reads.append(x.posted + x.http_s - committed)
+        post_ms, work_ms, read_ms = (percentile(v, 50) * 1e3 for v in (posts, works, reads))
         print(
             f"  POST until queued {post_ms:.1f} ms, queued until committed less the direct"
             f" call {work_ms:.1f} ms, committed until read back {read_ms:.1f} ms"

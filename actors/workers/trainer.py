@@ -1,4 +1,5 @@
-"""trainer: `model.train` — runs trainer.train in a child process of its own, one per job.
+"""trainer: `model.train` — runs trainer.train in a child process of its own, one per job,
+started before its job (Spare: the imports are done when the run comes).
 
 Progress comes back over a multiprocessing queue and leaves as rate-limited events; the
 runtime renews the lease while the child lives. Cancellation reaches the child through a
