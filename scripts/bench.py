@@ -34,6 +34,7 @@ from protocol.commands import Base, CorpusIngest, ModelScore
 from protocol.keys import ActorName, Keys
 from scripts.bench_ml import bench_tokenizer, bench_train, tokenizer_arguments, train_arguments
 from scripts.bench_store import bench_store, store_arguments
+from scripts.bench_serve import bench_serve, bench_startup, serve_arguments, startup_arguments
 
 # ------------------------------------------------------------------------------ helpers
 
@@ -356,12 +357,16 @@ BENCHES: dict[str, Callable[[argparse.Namespace], None]] = {
     "train": bench_train,
     "tokenizer": bench_tokenizer,
     "store": bench_store,
+    "serve": bench_serve,
+    "startup": bench_startup,
 }
 ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "messaging": messaging_arguments,
     "train": train_arguments,
     "tokenizer": tokenizer_arguments,
     "store": store_arguments,
+    "serve": serve_arguments,
+    "startup": startup_arguments,
 }
 
 

@@ -104,30 +104,49 @@ class LoadedModel:
         return torch.tensor(ids, dtype=torch.long, device=self.device)
 
 
-class ModelCache:
-    """The `capacity` most recently used models, keyed by (run dir, model file mtime, device).
+def import_model_code() -> None:
+    """Import transformers' causal LM code of every family now: seconds, once per process,
+    that the first model load would otherwise pay (the evaluator's pool children run this
+    as they start)."""
+    import transformers
 
-    A retrained run (new model file) is a new key, so a stale model is never served.
+    for name in ("AutoModelForCausalLM", "GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM"):
+        getattr(transformers, name)  # transformers imports a model's module on first access
+
+
+class ModelCache:
+    """The `capacity` most recently used models, by run dir and device.
+
+    Each use checks the model file (one stat): a retrained run (its model file rewritten:
+    another inode, mtime or size) is loaded again and its stale model dropped, so a
+    stale model is never served. `loads` counts the loads done.
     """
 
     def __init__(self, capacity: int = 2) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
-        self._models: OrderedDict[tuple[str, int, int, str], LoadedModel] = OrderedDict()
+        self.loads = 0
+        # (run dir, device) -> (the model file's identity when loaded, the model)
+        self._models: OrderedDict[tuple[Path, str], tuple[tuple[int, int, int], LoadedModel]] = (
+            OrderedDict()
+        )
 
     def get(self, run_dir: Path, device: Device = "auto") -> LoadedModel:
         try:
             st = (run_dir / MODEL_FILE).stat()
         except OSError:
             raise UserError(f"no trained model in {run_dir} (missing {MODEL_FILE})") from None
-        key = (str(run_dir.resolve()), st.st_mtime_ns, st.st_size, device)
-        lm = self._models.get(key)
-        if lm is not None:
+        key = (run_dir.absolute(), device)
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = self._models.get(key)
+        if cached is not None and cached[0] == stamp:
             self._models.move_to_end(key)
-            return lm
+            return cached[1]
+        self._models.pop(key, None)  # a retrained run: its old model goes before the new loads
         lm = LoadedModel.load(run_dir, device)
-        self._models[key] = lm
+        self.loads += 1
+        self._models[key] = (stamp, lm)
         while len(self._models) > self.capacity:
             self._models.popitem(last=False)
         return lm

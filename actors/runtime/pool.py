@@ -8,6 +8,10 @@ between steps: cheap (one stat), visible across processes, and it survives the p
 Children leave signals to their parent: each starts a session of its own and ignores SIGINT,
 so a Ctrl-C in the terminal (SIGINT to the whole foreground group) reaches only the service,
 which stops in order; and each exits when its parent dies, instead of living on unowned.
+
+A pool may be given a warm-up that each child runs as it starts (importing torch and
+transformers takes seconds), and `start` spawns the children ahead of the first job, so
+that the first request does not pay for either.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from functools import partial
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
+from actors.runtime import log
 from actors.runtime.config import Settings
 from actors.runtime.streams import Actor
 
@@ -78,6 +83,23 @@ def exit_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def start_child(warm_up: Callable[[], None] | None) -> None:
+    """A pool child's initializer: detach, then the pool's warm-up, if any. A warm-up that
+    fails is logged, not raised: an initializer error would break the pool for good, and
+    the job that needs what failed to load reports the error itself."""
+    detach()
+    if warm_up is None:
+        return
+    try:
+        warm_up()
+    except Exception:
+        log.get("pool").exception("pool child warm-up failed")
+
+
+def _started() -> int:
+    return os.getpid()
+
+
 @dataclass(frozen=True)
 class CancelFlag:
     path: Path
@@ -94,8 +116,12 @@ class CancelFlag:
 
 
 class Pool:
-    def __init__(self, workers: int = 1) -> None:
+    """`workers` spawned children; `warm_up` (a module-level function: it is pickled by
+    name) runs in each as it starts, before its first job."""
+
+    def __init__(self, workers: int = 1, warm_up: Callable[[], None] | None = None) -> None:
         self.workers = workers
+        self.warm_up = warm_up
         self._executor: ProcessPoolExecutor | None = None
 
     def _get(self) -> ProcessPoolExecutor:
@@ -103,15 +129,26 @@ class Pool:
             # spawn: a forked child would inherit the event loop, sockets and torch threads.
             ctx = multiprocessing.get_context("spawn")
             self._executor = ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=ctx, initializer=detach
+                max_workers=self.workers,
+                mp_context=ctx,
+                initializer=start_child,
+                initargs=(self.warm_up,),
             )
         return self._executor
+
+    async def start(self) -> None:
+        """Spawn every child now (each runs the warm-up as it starts) and return once one
+        has answered: a job that comes meanwhile waits for a warm child, not for a new one.
+        A pool whose child died is rebuilt by the next job, which then waits for its start."""
+        await asyncio.gather(*(self.run(_started) for _ in range(self.workers)))
 
     async def run(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         loop = asyncio.get_running_loop()
         executor = self._get()
         try:
-            with signals_held():  # submit starts the children it needs, in this thread
+            # submit spawns the child it needs (while fewer than `workers` run and none is
+            # idle), in this thread
+            with signals_held():
                 future = loop.run_in_executor(executor, partial(fn, *args, **kwargs))
             return await future
         except BrokenProcessPool as e:
@@ -141,9 +178,35 @@ class Pool:
 class PoolActor(Actor):
     """An actor whose heavy work runs in a process pool it owns; the pool goes with it."""
 
-    def __init__(self, settings: Settings, workers: int = 1) -> None:
+    def __init__(
+        self, settings: Settings, workers: int = 1, warm_up: Callable[[], None] | None = None
+    ) -> None:
         self.settings = settings
-        self.pool = Pool(workers)
+        self.pool = Pool(workers, warm_up)
+        self._starting: asyncio.Task[None] | None = None
+
+    def start_pools(self, *pools: Pool) -> None:
+        """Start these pools' children, one pool after the other, in the background: the
+        actor is ready (and reads commands) at once, and the warm-ups do not all compete
+        for the CPU with the service's own start."""
+
+        async def start_all() -> None:
+            for pool in pools:
+                try:
+                    await pool.start()
+                except Exception:  # the pool is started again by its first job
+                    log.get("pool").exception("starting a pool failed")
+
+        self._starting = asyncio.create_task(start_all())
+
+    async def pools_started(self) -> None:
+        """Wait until start_pools has started its pools (or given up on one)."""
+        if self._starting is not None:
+            await asyncio.shield(self._starting)
 
     async def stop(self) -> None:
+        if self._starting is not None:
+            self._starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._starting
         self.pool.shutdown(wait=False)

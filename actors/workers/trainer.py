@@ -1,4 +1,5 @@
-"""trainer: `model.train` — runs trainer.train in a child process of its own, one per job.
+"""trainer: `model.train` — runs trainer.train in a child process of its own, one per job,
+started before its job (Spare: the imports are done when the run comes).
 
 Progress comes back over a multiprocessing queue and leaves as rate-limited events; the
 runtime renews the lease while the child lives. Cancellation reaches the child through a
@@ -96,14 +97,22 @@ class TrainJob:
 _STOP_SIGNALS = {-signal.SIGINT, -signal.SIGTERM, -signal.SIGHUP}
 
 
-def train_child(job: TrainJob, out: Queue[bytes]) -> None:
-    """Entry point of the child process."""
+def train_child(jobs: Queue[TrainJob | None], out: Queue[bytes], inductor_cache: str) -> None:
+    """Entry point of the child process: started ahead of its job (see Spare), it imports
+    the training code, then waits for one job (None: none will come) and runs it."""
     # Signals are the service's; and a child whose trainer died (SIGKILL) must not go on
     # writing the run dir that the next trainer resumes from: it exits at once.
     detach()
+    # torch.compile's cache inside the data dir: a later run of the same shape compiles fast.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", inductor_cache)
 
+    from trainer.evaluate import import_model_code
     from trainer.train import train
 
+    import_model_code()  # seconds that the job no longer waits for
+    job = jobs.get()
+    if job is None:
+        return
     cancel, stop = CancelFlag(Path(job.cancel_path)), CancelFlag(Path(job.stop_path))
 
     def send(msg: ChildMessage) -> None:
@@ -163,12 +172,64 @@ def train_config(cmd: ModelTrain, pretrained: str | None = None) -> TrainConfig:
     return config
 
 
+@dataclass(frozen=True)
+class Spare:
+    """A training child started before its job: importing torch and transformers takes
+    seconds, which a queued run would otherwise wait for before its first step."""
+
+    process: multiprocessing.process.BaseProcess
+    jobs: Queue[TrainJob | None]
+    out: Queue[bytes]
+
+    @classmethod
+    def spawn(cls, inductor_cache: str) -> Spare:
+        mp = multiprocessing.get_context("spawn")
+        jobs: Queue[TrainJob | None] = mp.Queue()
+        out: Queue[bytes] = mp.Queue()
+        child = mp.Process(target=train_child, args=(jobs, out, inductor_cache), name="train")
+        with signals_held():
+            child.start()
+        return cls(child, jobs, out)
+
+    def discard(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(5.0)
+        with contextlib.suppress(ValueError):
+            self.process.close()
+
+
 class TrainerActor(Actor):
     name = "trainer"
     concurrency = 1
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._spare: Spare | None = None
+
+    def _inductor_cache(self) -> str:
+        return str(self.settings.data_dir / "cache" / "inductor")  # as trainer.train sets it
+
+    async def start(self) -> None:
+        self._spare = Spare.spawn(self._inductor_cache())  # its imports run in the child
+
+    async def stop(self) -> None:
+        if self._spare is not None:
+            await asyncio.to_thread(self._spare.discard)
+            self._spare = None
+
+    def spare_pid(self) -> int | None:
+        """The pid of the child waiting for the next run (None while there is none)."""
+        return self._spare.process.pid if self._spare is not None else None
+
+    def _take_spare(self) -> Spare:
+        """The waiting child, or a new one when there is none (or it died)."""
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.process.is_alive():
+            return spare
+        if spare is not None:
+            spare.discard()
+        return Spare.spawn(self._inductor_cache())
 
     async def handle(self, cmd: Base, ctx: Context) -> Outcome | None:
         match cmd:
@@ -216,11 +277,9 @@ class TrainerActor(Actor):
         if await ctx.cancel_requested():
             raise Cancelled("cancelled before training started")
         cancel.clear()
-        mp = multiprocessing.get_context("spawn")
-        out: Queue[bytes] = mp.Queue()
-        child = mp.Process(target=train_child, args=(job, out), name=f"train-{cmd.run_id}")
-        with signals_held():
-            child.start()
+        spare = self._take_spare()
+        child, out = spare.process, spare.out
+        spare.jobs.put(job)
         ctx.log.info("training child started", pid=child.pid)
         on_stop = asyncio.create_task(_checkpoint_on_stop(ctx, stop))
         try:
@@ -230,6 +289,8 @@ class TrainerActor(Actor):
             stopped = stop.is_set()  # by the service's stop, before _stop_child sets it
             await _stop_child(child, stop)
             stop.clear()
+            if self._spare is None and not ctx.runtime.stopping:
+                self._spare = Spare.spawn(self._inductor_cache())  # for the next run
         if result.status == "cancelled":
             if stopped and not cancel.is_set():
                 raise Interrupted(f"stopped at step {result.steps}; checkpoint kept")
