@@ -8,6 +8,9 @@ from typing import Literal, get_args
 # the model sees fewer anyway, as its context holds only the newest turns that fit.
 CHAT_TTL_S = 24 * 3600
 CHAT_MAX_TURNS = 10
+# A run's log stream keeps about its newest RUN_LOG_MAXLEN lines (XADD MAXLEN ~); it and the
+# run's evaluation record expire MT_RETENTION_DAYS after their last write.
+RUN_LOG_MAXLEN = 10_000
 
 ActorName = Literal["ingest", "tokenizer", "trainer", "evaluator", "uploader", "notifier"]
 ACTOR_NAMES: tuple[ActorName, ...] = get_args(ActorName)
@@ -58,6 +61,18 @@ class Keys:
 
     def tokenizer(self, tokenizer_id: str) -> str:
         return f"{self.prefix}:tokenizer:{tokenizer_id}"
+
+    def logs(self, run_id: str) -> str:
+        """A run's log: a capped stream, one entry per line (field `data`: the JSON line)."""
+        return f"{self.prefix}:logs:{run_id}"
+
+    @property
+    def logs_pattern(self) -> str:
+        return f"{self.prefix}:logs:*"
+
+    def eval(self, run_id: str) -> str:
+        """The run's evaluation (its chain step's metrics and samples), JSON."""
+        return f"{self.prefix}:eval:{run_id}"
 
     def result(self, request_id: str) -> str:
         """Outcome of a score / generate / evaluate / chat request, JSON."""

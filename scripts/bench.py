@@ -33,8 +33,8 @@ from protocol.codec import FIELD, encode
 from protocol.commands import Base, CorpusIngest, ModelScore
 from protocol.keys import ActorName, Keys
 from scripts.bench_ml import bench_tokenizer, bench_train, tokenizer_arguments, train_arguments
-from scripts.bench_store import bench_store, store_arguments
 from scripts.bench_serve import bench_serve, bench_startup, serve_arguments, startup_arguments
+from scripts.bench_store import bench_store, store_arguments
 
 # ------------------------------------------------------------------------------ helpers
 

@@ -25,7 +25,6 @@ from actors.runtime.connection import stream_entries
 from actors.runtime.outcome import add_event
 from actors.web.app import ROUTES, bound_url, create_app, serve
 from actors.web.http import field_of
-from actors.web.streams import read_from, tail_lines
 from protocol.codec import FIELD, any_command_decoder, decode_event
 from protocol.commands import (
     ArtifactUpload,
@@ -180,12 +179,9 @@ async def test_train_with_a_named_corpus_and_an_existing_tokenizer(
     [ingest] = await commands(redis, keys, "ingest")
     assert isinstance(ingest, CorpusIngest) and ingest.named == "shakespeare"
 
-    # A tokenizer folder on disk counts as existing too.
+    # Only the record counts: a tokenizer folder on the endpoint's own disk is not looked at.
     (settings.tokenizer_dir("tok-on-disk")).mkdir(parents=True)
-    body["tokenizer_id"] = "tok-on-disk"
-    async with http.session.post("/runs/train", json=body) as resp:
-        assert resp.status == 202
-    for tok_id, status in (("tok-missing", None), ("tok-busy", "training")):
+    for tok_id, status in (("tok-missing", None), ("tok-busy", "training"), ("tok-on-disk", None)):
         if status:
             await redis.hset(keys.tokenizer(tok_id), "status", status)
         async with http.session.post("/runs/train", json={**body, "tokenizer_id": tok_id}) as r:
@@ -551,10 +547,14 @@ async def test_eval_and_artifacts_appear_when_written(
         async with http.session.get(path) as resp:
             await error_of(resp, 404, "NOT_FOUND")
 
+    # The evaluator's record, not a folder on the endpoint's disk.
     eval_dir = settings.run_dir("run-a") / "eval"
     eval_dir.mkdir(parents=True)
-    (eval_dir / "metrics.json").write_text(json.dumps({"split": "test", "loss": 1.5}))
-    (eval_dir / "samples.jsonl").write_text('{"prompt": "a", "text": "ab"}\n')
+    (eval_dir / "metrics.json").write_text(json.dumps({"split": "disk", "loss": 9.0}))
+    async with http.session.get("/runs/run-a/eval") as resp:
+        await error_of(resp, 404, "NOT_FOUND")
+    record = {"metrics": {"split": "test", "loss": 1.5}, "samples": [{"prompt": "a", "text": "ab"}]}
+    await redis.set(keys.eval("run-a"), json.dumps(record))
     async with http.session.get("/runs/run-a/eval") as resp:
         got = await resp.json()
     assert got["metrics"] == {"split": "test", "loss": 1.5} and got["loss"] == 1.5
@@ -611,21 +611,24 @@ async def test_tokenizer_jobs_and_records(
         info = await resp.json()
     assert (info["status"], info["kind"], info["path"]) == ("ready", "char", "/somewhere")
     assert info["stats"] == {"coverage": 0.99, "vocab_size": 40.0}
-    settings.tokenizer_dir("tok-disk").mkdir(parents=True)
+    settings.tokenizer_dir("tok-disk").mkdir(parents=True)  # no record: the folder is not read
     async with http.session.get("/tokenizers/tok-disk") as resp:
-        assert (await resp.json())["status"] == "ready"
+        await error_of(resp, 404, "NOT_FOUND")
 
 
-# ------------------------------------------------------------------------------ log files
+# -------------------------------------------------------------------------------- run logs
 
 
-def write_log(settings: Settings, run_id: str, *lines: dict[str, object]) -> Path:
-    path = settings.run_dir(run_id) / "logs.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
-        for line in lines:
-            f.write(json.dumps(line) + "\n")
-    return path
+async def write_log(
+    redis: aioredis.Redis, keys: Keys, run_id: str, *lines: dict[str, object] | bytes
+) -> list[str]:
+    """Lines on the run's log stream, as the actors' run log writes them; their entry ids."""
+    ids = []
+    for line in lines:
+        data = line if isinstance(line, bytes) else json.dumps(line).encode()
+        entry_id = await redis.xadd(keys.logs(run_id), {FIELD: data})
+        ids.append(entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
+    return ids
 
 
 def log_line(n: int) -> dict[str, object]:
@@ -642,11 +645,13 @@ async def test_logs_tail_is_readable_text(
     http: Served, settings: Settings, redis: aioredis.Redis, keys: Keys
 ) -> None:
     await make_run(redis, keys, "run-l")
+    # A logs.jsonl on the endpoint's own disk is not read.
+    path = settings.run_dir("run-l") / "logs.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(log_line(0)) + "\n")
     async with http.session.get("/runs/run-l/logs") as resp:
         await error_of(resp, 404, "NOT_FOUND")
-    path = write_log(settings, "run-l", *(log_line(i) for i in range(300)))
-    with path.open("a") as f:
-        f.write('not json\n{"event": "partial')  # a line still being written
+    await write_log(redis, keys, "run-l", *(log_line(i) for i in range(300)), b"not json")
     async with http.session.get("/runs/run-l/logs", params={"tail": "3"}) as resp:
         assert resp.status == 200 and resp.content_type == "text/plain"
         text = await resp.text()
@@ -657,59 +662,42 @@ async def test_logs_tail_is_readable_text(
     ]
     async with http.session.get("/runs/run-l/logs") as resp:
         assert len((await resp.text()).splitlines()) == 200
+    async with http.session.get("/runs/run-l/logs", params={"tail": "0"}) as resp:
+        assert resp.status == 200 and await resp.text() == ""
     for bad in ("x", "-1", "10001"):
         async with http.session.get("/runs/run-l/logs", params={"tail": bad}) as resp:
             assert (await error_of(resp, 422, "INVALID_INPUT"))["field"] == "tail"
 
 
-def test_tail_and_incremental_reads_of_a_log_file(tmp_path: Path) -> None:
-    path = tmp_path / "logs.jsonl"
-    path.write_bytes(b"")
-    assert tail_lines(path, 5) == ([], 0)
-    lines = [f"line {i} ".encode() + b"x" * 200 for i in range(1000)]  # > one 64 KiB chunk
-    path.write_bytes(b"\n".join(lines) + b"\npartial")
-    end = path.stat().st_size - len(b"partial")
-    assert tail_lines(path, 700) == (lines[-700:], end)
-    assert tail_lines(path, 5000) == (lines, end)
-    assert tail_lines(path, 0) == ([], end)
-    assert read_from(path, end) == ([], end)
-    with path.open("ab") as f:
-        f.write(b" done\n")
-    assert read_from(path, end) == ([b"partial done"], path.stat().st_size)
-    assert read_from(path, 0, limit=300) == ([lines[0]], len(lines[0]) + 1)
-    path.write_bytes(b"y" * 1000)  # truncated, and one line longer than the limit
-    assert read_from(path, 5000, limit=600) == ([b"y" * 600], 600)
-
-
 async def test_log_stream_sends_the_tail_then_follows_until_the_run_ends(
-    http: Served, settings: Settings, redis: aioredis.Redis, keys: Keys
+    http: Served, redis: aioredis.Redis, keys: Keys
 ) -> None:
     await make_run(redis, keys, "run-l")
-    write_log(settings, "run-l", *(log_line(i) for i in range(5)))
+    ids = await write_log(redis, keys, "run-l", *(log_line(i) for i in range(5)))
     params = {"tail": "2", "follow": "false"}
     async with http.session.get("/runs/run-l/logs/stream", params=params) as resp:
         assert resp.content_type == "text/event-stream"
         messages = await read_sse(resp)
     assert [m["data"].split()[4] for m in messages[:2]] == ["3", "4"]
+    assert [m["id"] for m in messages[:2]] == ids[3:]  # each line's id is its entry id
     assert messages[-1] == {"event": "end", "data": '{"status":"queued"}'}
-    offset = messages[1]["id"]
 
     async with asyncio.timeout(10):
         params = {"tail": "1", "follow": "true"}
         async with http.session.get("/runs/run-l/logs/stream", params=params) as resp:
             stream = sse_messages(resp)
             assert "step 4" in (await anext(stream))["data"]
-            write_log(settings, "run-l", log_line(5), log_line(6))
+            await write_log(redis, keys, "run-l", log_line(5), log_line(6))
             assert "step 5" in (await anext(stream))["data"]
             assert "step 6" in (await anext(stream))["data"]
-            write_log(settings, "run-l", log_line(7))
+            await write_log(redis, keys, "run-l", log_line(7))
             await emit(redis, keys, RunCompleted(run_id="run-l"))
             rest = [m async for m in stream]
     assert "step 7" in rest[0]["data"]
     assert rest[-1] == {"event": "end", "data": '{"status":"completed"}'}
 
-    # Resuming with Last-Event-ID skips what the client already has.
-    headers = {"Last-Event-ID": offset}
+    # Resuming with Last-Event-ID sends exactly the lines after it.
+    headers = {"Last-Event-ID": ids[4]}
     async with http.session.get("/runs/run-l/logs/stream", headers=headers) as resp:
         resumed = await read_sse(resp)
     assert [m["data"].split()[4] for m in resumed[:-1]] == ["5", "6", "7"]
@@ -717,16 +705,23 @@ async def test_log_stream_sends_the_tail_then_follows_until_the_run_ends(
     params = {"follow": "false"}
     async with http.session.get("/runs/run-l/logs/stream", headers=headers, params=params) as r:
         assert [m.get("event") for m in await read_sse(r)] == ["end"]
-    headers["Last-Event-ID"] = offset
+    # A byte offset from an endpoint that read logs.jsonl: the whole log again, none missed.
+    headers["Last-Event-ID"] = "1234"
     async with http.session.get("/runs/run-l/logs/stream", headers=headers, params=params) as r:
-        assert len(await read_sse(r)) == 4
+        assert [m["data"].split()[4] for m in (await read_sse(r))[:-1]] == [
+            str(i) for i in range(8)
+        ]
+    # tail=0: no line of the past.
+    params = {"tail": "0", "follow": "false"}
+    async with http.session.get("/runs/run-l/logs/stream", params=params) as r:
+        assert [m.get("event") for m in await read_sse(r)] == ["end"]
 
 
 async def test_a_failure_inside_a_stream_ends_it_with_an_error_event(
     http: Served, settings: Settings, redis: aioredis.Redis, keys: Keys
 ) -> None:
     await make_run(redis, keys, "run-l")
-    write_log(settings, "run-l", log_line(0))
+    await write_log(redis, keys, "run-l", log_line(0))
     async with asyncio.timeout(10):
         async with http.session.get("/runs/run-l/logs/stream") as resp:
             stream = sse_messages(resp)

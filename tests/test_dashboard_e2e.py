@@ -28,7 +28,6 @@ import pytest
 from aiohttp import web
 
 from actors import service
-from actors.runtime import log
 from actors.runtime.config import Settings
 from actors.runtime.streams import RuntimeConfig
 from actors.web.app import bound_url, create_app
@@ -169,14 +168,9 @@ def prefix() -> str:
 def settings(tmp_path_factory: pytest.TempPathFactory, prefix: str) -> Iterator[Settings]:
     data_dir = tmp_path_factory.mktemp("dashboard-e2e")
     write_corpus(data_dir / "corpus")
-    previous = log._runs_dir
-    log.configure(data_dir)  # per-run logs.jsonl, which the page's log tail follows
-    try:
-        yield Settings(
-            data_dir=data_dir, corpus_root=data_dir / "corpus", prefix=prefix, consumer="e2e"
-        )
-    finally:
-        log._runs_dir = previous  # later tests log where they did before
+    yield Settings(
+        data_dir=data_dir, corpus_root=data_dir / "corpus", prefix=prefix, consumer="e2e"
+    )
 
 
 @pytest.fixture(scope="module")

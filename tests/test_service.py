@@ -392,6 +392,53 @@ async def test_http_routes_through_the_real_actors(finished: Finished) -> None:
             assert (await http.delete(f"/runs/{rid}/chat/{sid}")).status == 200
 
 
+async def test_a_control_endpoint_with_an_empty_data_dir_of_its_own_serves_the_run(
+    finished: Finished, tmp_path: Path
+) -> None:
+    """The run's logs (tail, SSE, Last-Event-ID resume), evaluation, tokenizer, state and
+    curves come from Redis: a control endpoint on another machine has none of its folders."""
+    empty = tmp_path / "control"
+    empty.mkdir()
+    control = replace(finished.settings, data_dir=empty, corpus_root=empty / "corpus")
+    rid = finished.run_id
+    run_dir = finished.settings.run_dir(rid)
+    async with start_app(control, finished.url) as app:
+        http = app.session
+        logs = await http.get(f"/runs/{rid}/logs", params={"tail": "10000"})
+        lines = (await logs.text()).splitlines()
+        assert logs.status == 200
+        # Every actor of the chain logged into the run's log, the trainer's child included.
+        for words in ("training child started", 'kinds=["eval.completed"', "artifact"):
+            assert any(words in line for line in lines), words
+        on_disk = (run_dir / "logs.jsonl").read_text().splitlines()
+        assert len(lines) == len(on_disk)  # the same lines as the actors' own logs.jsonl
+
+        params = {"tail": "10000", "follow": "false"}
+        messages = await read_sse(await http.get(f"/runs/{rid}/logs/stream", params=params))
+        assert [m["data"] for m in messages[:-1]] == lines
+        assert messages[-1] == {"event": "end", "data": '{"status":"completed"}'}
+        half = len(messages) // 2
+        headers = {"Last-Event-ID": messages[half]["id"]}
+        resumed = await read_sse(await http.get(f"/runs/{rid}/logs/stream", headers=headers))
+        assert resumed[:-1] == messages[half + 1 : -1] and resumed[-1]["event"] == "end"
+
+        ev = await (await http.get(f"/runs/{rid}/eval")).json()
+        assert ev["metrics"] == json.loads((run_dir / "eval" / "metrics.json").read_text())
+        samples = (run_dir / "eval" / "samples.jsonl").read_text().splitlines()
+        assert ev["samples"] == [json.loads(line) for line in samples] and ev["samples"]
+
+        ready = next(e for e in finished.events if isinstance(e, TokenizerReady))
+        tok = await (await http.get(f"/tokenizers/{ready.tokenizer_id}")).json()
+        assert (tok["status"], tok["kind"], tok["run_id"]) == ("ready", ready.tokenizer_kind, rid)
+        assert tok["stats"] == ready.stats and tok["stats"]["vocab_size"] > 0
+
+        state = await (await http.get(f"/runs/{rid}")).json()
+        assert state["status"] == "completed"
+        curves = await (await http.get(f"/runs/{rid}/curves")).json()
+        assert curves["train_loss"] and curves["val_loss"]
+    assert list(empty.iterdir()) == []  # it wrote nothing there either
+
+
 async def poll(http: object, path: str, timeout: float = 120) -> dict[str, object]:
     import aiohttp
 

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 
 from actors.runtime.config import Settings
 from actors.runtime.outcome import add_event
+from protocol.codec import FIELD
 from protocol.events import RunQueued
 from protocol.keys import Keys
 from tests.http_helpers import Served, start_app
@@ -134,15 +135,16 @@ async def test_a_stream_over_the_cap_gets_503_with_retry_after(
 
 
 async def test_a_client_that_stops_reading_is_cut_off(
-    settings: Settings, redis_url: str, live_run: str
+    settings: Settings, redis_url: str, redis: aioredis.Redis, keys: Keys, live_run: str
 ) -> None:
     """A client that opens a stream and reads nothing loses it after the HTTP timeout, and
     its slot is free again: it cannot hold the endpoint's streams for as long as it likes."""
     capped = dataclasses.replace(settings, max_streams=1)
-    log = capped.run_dir(live_run) / "logs.jsonl"
-    log.parent.mkdir(parents=True)
-    line = msgspec.json.encode({"event": "step", "pad": "x" * 1000}) + b"\n"
-    log.write_bytes(line * 10_000)  # 10 MB: far more than the socket buffers hold
+    line = msgspec.json.encode({"event": "step", "pad": "x" * 1000})
+    async with redis.pipeline(transaction=False) as pipe:
+        for _ in range(10_000):  # 10 MB: far more than the socket buffers hold
+            pipe.xadd(keys.logs(live_run), {FIELD: line})
+        await pipe.execute()
     async with start_app(capped, redis_url) as http:
         host, port = http.url.removeprefix("http://").split(":")
         stalled = socket.socket()

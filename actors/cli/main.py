@@ -199,7 +199,7 @@ async def _main(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     settings = Settings.from_env()
-    log.configure(settings.data_dir)
+    log.configure()
     # The demo's output is the story of its run; the actors' log lines go to a file.
     if args[:1] == ["demo"] or (args[:1] in (["train"], ["tokenizer"]) and sys.stdout.isatty()):
         log_to_file(settings)

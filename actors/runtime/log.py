@@ -1,21 +1,36 @@
 """structlog, configured once: JSON off a terminal, readable on one.
 
-Every line logged while a run is bound (`run_id` in the context) is also appended to that
-run's `logs.jsonl`, so the per-run log is real and complete.
+Every line logged while a runtime handles a run's command (`run_id` in the event) goes to
+that run's log: to the runtime's run log sink (`bind_run_log`; it writes the run's Redis
+stream, see actors.runtime.runlog), and to `<runs dir>/<run_id>/logs.jsonl` when the
+runtime has a runs dir (the file is kept in the run folder that gets archived). Lines of
+other processes that name a run (the control endpoint's "run submitted") stay in their
+process's output: a control endpoint writes no run folder.
 """
 
 from __future__ import annotations
 
-import json
+import contextvars
 import logging
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 
+import msgspec
 import structlog
 
-_runs_dir: Path | None = None
 _configured = False
+
+RunLineSink = Callable[[str, bytes], None]  # (run_id, one JSON line); never blocks
+_sink: contextvars.ContextVar[RunLineSink | None] = contextvars.ContextVar(
+    "mt_run_log_sink", default=None
+)
+
+
+def bind_run_log(sink: RunLineSink | None) -> None:
+    """Lines with a run_id logged in this context (and the tasks and threads it starts) go
+    to `sink` as well."""
+    _sink.set(sink)
 
 
 def _write_run_log(
@@ -24,13 +39,19 @@ def _write_run_log(
     run_id = event_dict.get("run_id")
     # The runtime binds its service's runs dir into the context of every handler.
     bound = event_dict.pop("runs_dir", None)
-    runs_dir = Path(bound) if isinstance(bound, str) else _runs_dir
-    if runs_dir is not None and isinstance(run_id, str) and run_id:
+    runs_dir = Path(bound) if isinstance(bound, str) else None
+    sink = _sink.get()
+    if not isinstance(run_id, str) or not run_id or (runs_dir is None and sink is None):
+        return event_dict
+    line = msgspec.json.encode(dict(event_dict), enc_hook=str)
+    if sink is not None:
+        sink(run_id, line)
+    if runs_dir is not None:
         run_dir = runs_dir / run_id
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            with (run_dir / "logs.jsonl").open("a", encoding="utf-8") as f:
-                f.write(json.dumps(dict(event_dict), default=str) + "\n")
+            with (run_dir / "logs.jsonl").open("ab") as f:
+                f.write(line + b"\n")
         except OSError:
             pass  # a full disk must not take the actor down; stdout still has the line
     return event_dict
@@ -46,11 +67,9 @@ class _Stderr:
         sys.stderr.flush()
 
 
-def configure(data_dir: Path | None = None, *, json_logs: bool | None = None) -> None:
-    """Idempotent; a later call may set the data dir that per-run logs go to."""
-    global _runs_dir, _configured
-    if data_dir is not None:
-        _runs_dir = data_dir / "runs"
+def configure(*, json_logs: bool | None = None) -> None:
+    """Idempotent."""
+    global _configured
     if _configured:
         return
     _configured = True

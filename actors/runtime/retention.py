@@ -1,4 +1,5 @@
-"""Retention: trim the events stream and the command streams by age (XTRIM MINID).
+"""Retention: trim the events stream, the command streams and the runs' log streams by age
+(XTRIM MINID).
 
 An entry is never trimmed while any consumer group still needs it: the MINID is the oldest
 of the age cutoff, the smallest pending id of every group (XPENDING summary `min`) and the
@@ -6,6 +7,10 @@ first entry a group has not been delivered yet (just after its last-delivered-id
 command that waits in a stream whose actor has been down for a month is kept, and so is one
 a dead consumer still holds. Dead letters (`<prefix>:dead`) are kept: they are the record
 of what went wrong.
+
+A run's log stream (`<prefix>:logs:<run_id>`, no consumer group) and its evaluation record
+(`<prefix>:eval:<run_id>`) also expire `retention_s()` after their last write; the trim
+removes the lines older than the cutoff of a run that is still logging.
 """
 
 from __future__ import annotations
@@ -39,6 +44,11 @@ def retention_days(env: Mapping[str, str] | None = None) -> float:
     if not days > 0:
         raise UserError(f"MT_RETENTION_DAYS must be positive, got {raw!r}")
     return days
+
+
+def retention_s(env: Mapping[str, str] | None = None) -> int:
+    """MT_RETENTION_DAYS in seconds: the TTL of a run's log stream and evaluation record."""
+    return max(1, int(retention_days(env) * 86400))
 
 
 def parse_id(entry_id: bytes | str) -> tuple[int, int]:
@@ -79,7 +89,8 @@ async def safe_minid(redis: Redis, stream: str, cutoff: tuple[int, int]) -> tupl
 
 
 async def trim(redis: Redis, keys: Keys, *, days: float, now: float | None = None) -> list[Trimmed]:
-    """Trim every stream of the prefix (events and commands) to `days` of history."""
+    """Trim every stream of the prefix (events, commands, runs' logs) to `days` of history;
+    a log stream is listed only when it lost entries."""
     if not days > 0:
         raise UserError(f"retention must be a positive number of days, got {days}")
     cutoff = (int(((time.time() if now is None else now) - days * 86400) * 1000), 0)
@@ -93,6 +104,13 @@ async def trim(redis: Redis, keys: Keys, *, days: float, now: float | None = Non
         ):
             held_by = ""  # nothing older than the cutoff was actually kept
         out.append(Trimmed(stream, minid, removed, held_by))
+    # Runs' logs: no group reads them, so the cutoff alone; only those that lost lines.
+    minid = format_id(cutoff)
+    async for key in redis.scan_iter(match=keys.logs_pattern, count=1000, _type="stream"):
+        stream = key.decode() if isinstance(key, bytes) else str(key)
+        removed = int(await redis.xtrim(stream, minid=minid, approximate=False))
+        if removed:
+            out.append(Trimmed(stream, minid, removed, ""))
     return out
 
 

@@ -23,6 +23,9 @@ and an async `handle`. The runtime gives it, per command:
   and over): an entry whose handling ended without an ack comes back only by XAUTOCLAIM,
   a lease later;
 - events and the run-state hash written in one MULTI/EXEC;
+- the lines logged while handling a run's command go to that run's log stream in Redis
+  (actors.runtime.runlog: queued by the log processor, written by a task of the runtime,
+  drained at stop);
 - an orderly stop: stop reading, begin and retry nothing more, let running handlers finish
   within the grace period, cancel the rest (their entries stay pending for another consumer
   or the next start); work interrupted by the stop is never a failure and uses no retry.
@@ -51,7 +54,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from actors.runtime import log
+from actors.runtime import log, retention
 from actors.runtime.connection import (
     GroupReader,
     Redis,
@@ -74,6 +77,7 @@ from actors.runtime.outcome import (
     request_id_of,
     run_id_of,
 )
+from actors.runtime.runlog import RunLog
 from protocol.codec import FIELD, decode_command
 from protocol.commands import (
     Base,
@@ -268,6 +272,8 @@ class Runtime:
         self.reader = GroupReader(
             redis, blocking_redis or redis, self.stream, self.group, consumer, lambda: "0"
         )
+        # Lines logged while a run's command is handled: to the run's log stream.
+        self.run_log = RunLog(redis, self.keys, ttl_s=retention.retention_s())
         self._renew = self.redis.register_script(_RENEW)
         self._commit = self.redis.register_script(_COMMIT)
         self._last_claim = 0.0
@@ -323,14 +329,22 @@ class Runtime:
         alive_key = self.keys.heartbeat(self.actor.name, self.consumer)
         every = max(0.5, self.config.lease_s / 3)
         heartbeat = asyncio.create_task(keep_alive(self.redis, alive_key, every))
+        flusher = asyncio.create_task(self.run_log.run())
         try:
             await self._loop(until_idle)
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
-            await self._drain()
-            await self.actor.stop()
+            try:
+                await self._drain()
+                await self.actor.stop()
+            finally:
+                # Last: the lines of the handlers that just ended are written too.
+                flusher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flusher
+                await self.run_log.drain()
 
     async def _loop(self, until_idle: bool) -> None:
         # Our own pending entries first (a restart with the same consumer name), once each:
@@ -445,6 +459,7 @@ class Runtime:
                 structlog.contextvars.bind_contextvars(runs_dir=str(self.runs_dir))
             if rid := run_id_of(cmd):
                 structlog.contextvars.bind_contextvars(run_id=rid)
+                log.bind_run_log(self.run_log.put)
             await self._process_command(entry_id, raw, cmd)
         except Fenced as e:
             self.log.warning("fenced out: another consumer owns the command", command_id=str(e))

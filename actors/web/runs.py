@@ -1,10 +1,14 @@
-"""Routes of runs and tokenizers: submit, list, state, cancel, evaluation, artifacts."""
+"""Routes of runs and tokenizers: submit, list, state, cancel, evaluation, artifacts.
+
+Everything but the artifact download is read from Redis (the run's state, its evaluation
+record, the tokenizer's record), never from a local run folder: the control endpoint needs
+no data dir of the actors'.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from pathlib import Path
 
 import msgspec
 from aiohttp import web
@@ -46,9 +50,10 @@ class TokenizerInfo(msgspec.Struct, kw_only=True):
     kind: str = ""
     run_id: str = ""
     stats: dict[str, float] = {}
-    path: str = ""
+    path: str = ""  # where the tokenizer actor saved it, on its machine
     artifact_path: str = ""
     created_at: str = ""
+    message: str = ""  # why it failed
 
 
 async def _check_source(app: web.Application, req: CorpusSource) -> CorpusSource:
@@ -78,9 +83,10 @@ async def _check_source(app: web.Application, req: CorpusSource) -> CorpusSource
 
 
 async def _check_tokenizer(app: web.Application, tokenizer_id: str) -> None:
+    """The tokenizer's record says it is ready (the tokenizer actor writes it)."""
     client = app[CLIENT]
     status = await client.redis.hget(client.keys.tokenizer(tokenizer_id), "status")
-    if status == b"ready" or app[SETTINGS].tokenizer_dir(tokenizer_id).is_dir():
+    if status == b"ready":
         return
     if status:
         raise invalid(
@@ -152,35 +158,26 @@ async def cancel(request: web.Request) -> web.StreamResponse:
     return json_response(CancelAccepted(run_id=run_id), 202)
 
 
-def _read_eval(run_dir: Path, max_samples: int = 50) -> dict[str, object] | None:
-    try:
-        metrics = msgspec.json.decode((run_dir / "eval" / "metrics.json").read_bytes())
-    except FileNotFoundError:
-        return None
+class EvalRecord(msgspec.Struct, kw_only=True):
+    """`<prefix>:eval:<run_id>`, written by the evaluator with its step's commit."""
+
+    metrics: dict[str, object]
     samples: list[object] = []
-    with (
-        contextlib.suppress(FileNotFoundError),
-        (run_dir / "eval" / "samples.jsonl").open("rb") as f,
-    ):
-        for line in f:
-            if len(samples) >= max_samples:
-                break
-            if line.strip():
-                with contextlib.suppress(msgspec.DecodeError):
-                    samples.append(msgspec.json.decode(line))
-    body: dict[str, object] = {"status": "completed", "metrics": metrics, "samples": samples}
-    if isinstance(metrics, dict):  # the flat fields the old API answered with
-        body.update({k: metrics[k] for k in ("split", "loss", "perplexity") if k in metrics})
-    return body
 
 
 async def get_eval(request: web.Request) -> web.StreamResponse:
     state = await run_of(request)
-    run_dir = request.app[SETTINGS].run_dir(state.run_id)
-    body = await asyncio.to_thread(_read_eval, run_dir)
-    if body is None:
+    client = request.app[CLIENT]
+    raw = await client.redis.get(client.keys.eval(state.run_id))
+    if raw is None:
         raise not_found(f"run {state.run_id!r} has no evaluation yet")
-    return json_response({"run_id": state.run_id, **body})
+    record = msgspec.json.decode(raw, type=EvalRecord)
+    metrics = record.metrics
+    body: dict[str, object] = {"run_id": state.run_id, "status": "completed"}
+    body |= {"metrics": metrics, "samples": record.samples}
+    # The flat fields the old API answered with.
+    body.update({k: metrics[k] for k in ("split", "loss", "perplexity") if k in metrics})
+    return json_response(body)
 
 
 async def get_artifact(request: web.Request) -> web.StreamResponse:
@@ -215,7 +212,6 @@ async def get_tokenizer(request: web.Request) -> web.StreamResponse:
     tokenizer_id = path_id(request, "tokenizer_id", "tokenizer")
     client = app[CLIENT]
     raw = await client.redis.hgetall(client.keys.tokenizer(tokenizer_id))
-    tok_dir = app[SETTINGS].tokenizer_dir(tokenizer_id)
     if raw:
         fields = {text(k): text(v) for k, v in raw.items()}
         stats: dict[str, float] = {}
@@ -234,15 +230,7 @@ async def get_tokenizer(request: web.Request) -> web.StreamResponse:
                 path=path,
                 artifact_path=path,
                 created_at=fields.get("created_at", ""),
-            )
-        )
-    if await asyncio.to_thread(tok_dir.is_dir):
-        return json_response(
-            TokenizerInfo(
-                tokenizer_id=tokenizer_id,
-                status="ready",
-                path=str(tok_dir),
-                artifact_path=str(tok_dir),
+                message=fields.get("message", ""),
             )
         )
     # A tokenizer that a queued run or tokenizer job will train has no record yet.

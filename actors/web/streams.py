@@ -1,4 +1,6 @@
-"""The run's log file and its events, as plain text and as server-sent events."""
+"""The run's log (its Redis stream, `<prefix>:logs:<run_id>`) and its events, as plain
+text and as server-sent events. Nothing here reads a local run folder: any control endpoint
+that reaches Redis serves any run's log."""
 
 from __future__ import annotations
 
@@ -8,60 +10,28 @@ import re
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import msgspec
 from aiohttp import web
 
 from actors.client.client import Entry, ServiceClient, start_after
-from actors.web.context import CLIENT, MAX_BODY, SETTINGS, STOPPING, STREAMS
+from actors.runtime.connection import read_entries, stream_entries
+from actors.web.context import CLIENT, SETTINGS, STOPPING, STREAMS
 from actors.web.errors import ApiError, not_found
 from actors.web.http import bool_query, int_query, run_of, text
 from actors.web.sse import PING_S, gone, open_stream, sse
+from protocol.codec import FIELD
 from protocol.events import TERMINAL_STATUSES
 
-LOG_POLL_S = 0.25
 RETRY_AFTER_S = 5  # what a stream refused for want of a slot is told to wait
+PAGE = 200  # log lines per read while catching up
+# Once the run has ended, lines its actor logs right after (the last commit's own line) are
+# written by the actor's flusher a moment later: a follower waits this long for them.
+SETTLE_MS = 300
 _ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+_DATA = FIELD.encode()
 
-
-def tail_lines(path: Path, n: int) -> tuple[list[bytes], int]:
-    """The last n complete lines of a file and the offset just after the last of them."""
-    with path.open("rb") as f:
-        pos = f.seek(0, 2)
-        chunks: list[bytes] = []
-        newlines = 0
-        while pos > 0 and newlines <= n:
-            step = min(65536, pos)
-            pos -= step
-            f.seek(pos)
-            chunk = f.read(step)
-            chunks.append(chunk)
-            newlines += chunk.count(b"\n")
-    data = b"".join(reversed(chunks))
-    end = data.rfind(b"\n")
-    if end < 0:
-        return [], 0
-    lines = data[:end].split(b"\n")
-    return (lines[-n:] if n else []), pos + end + 1
-
-
-def read_from(path: Path, offset: int, limit: int = MAX_BODY) -> tuple[list[bytes], int]:
-    """Complete lines from offset on (about `limit` bytes at most) and the offset after them.
-    A single line longer than `limit` comes in pieces rather than stalling the reader."""
-    try:
-        with path.open("rb") as f:
-            size = f.seek(0, 2)
-            if size < offset:  # truncated or replaced: start over
-                offset = 0
-            f.seek(offset)
-            data = f.read(limit)
-    except FileNotFoundError:
-        return [], offset
-    end = data.rfind(b"\n")
-    if end < 0:
-        return ([data], offset + len(data)) if len(data) >= limit else ([], offset)
-    return data[:end].split(b"\n"), offset + end + 1
+LogEntry = tuple[str, dict[bytes, bytes]]  # (stream entry id, fields)
 
 
 def _short_time(value: object) -> str:
@@ -80,7 +50,8 @@ def _value(value: object) -> str:
 
 
 def render_log_line(raw: bytes) -> str:
-    """One logs.jsonl line as `[time] LEVEL event key=value …`."""
+    """One log line (JSON, as the run's log stream and logs.jsonl hold it) as
+    `[time] LEVEL event key=value …`."""
     try:
         obj = msgspec.json.decode(raw)
     except msgspec.DecodeError:
@@ -99,16 +70,27 @@ def render_log_line(raw: bytes) -> str:
     return " ".join(parts)
 
 
+def _line(fields: dict[bytes, bytes]) -> str:
+    return render_log_line(fields.get(_DATA, b""))
+
+
+async def _tail(client: ServiceClient, run_id: str, n: int) -> list[LogEntry]:
+    """The run's last n log lines, oldest first."""
+    if n <= 0:
+        return []
+    newest = await client.redis.xrevrange(client.keys.logs(run_id), count=n)
+    return list(reversed(stream_entries(newest)))
+
+
 async def get_logs(request: web.Request) -> web.StreamResponse:
     state = await run_of(request)
     tail = int_query(request, "tail", 200, 0, 10_000)
-    path = request.app[SETTINGS].run_dir(state.run_id) / "logs.jsonl"
-    try:
-        lines, _ = await asyncio.to_thread(tail_lines, path, tail)
-    except FileNotFoundError:
-        raise not_found(f"run {state.run_id!r} has no logs yet") from None
-    text = "".join(render_log_line(line) + "\n" for line in lines if line.strip())
-    return web.Response(text=text, content_type="text/plain")
+    client = request.app[CLIENT]
+    entries = await _tail(client, state.run_id, tail)
+    if not entries and not await client.redis.exists(client.keys.logs(state.run_id)):
+        raise not_found(f"run {state.run_id!r} has no logs yet")
+    body = "".join(_line(fields) + "\n" for _, fields in entries)
+    return web.Response(text=body, content_type="text/plain")
 
 
 @contextlib.asynccontextmanager
@@ -148,9 +130,11 @@ async def write(request: web.Request, resp: web.StreamResponse, data: bytes) -> 
 
 
 async def stream_logs(request: web.Request) -> web.StreamResponse:
-    """SSE of the run's logs.jsonl: the tail, then (follow) appended lines until the run ends.
+    """SSE of the run's log: the tail, then (follow) new lines until the run ends.
 
-    Each batch's last message has `id: <byte offset>`; a Last-Event-ID resumes from there."""
+    `id:` is the log stream's entry id, so Last-Event-ID resumes exactly after that line.
+    A numeric Last-Event-ID (a byte offset into logs.jsonl, from endpoints before the log
+    moved to Redis) resumes from the start of the log: lines may repeat, none is missed."""
     async with live_stream(request) as client:
         return await _stream_logs(request, client)
 
@@ -160,46 +144,62 @@ async def _stream_logs(request: web.Request, client: ServiceClient) -> web.Strea
     tail = int_query(request, "tail", 200, 0, 10_000)
     follow = bool_query(request, "follow", True)
     app = request.app
-    path = app[SETTINGS].run_dir(state.run_id) / "logs.jsonl"
-    last = request.headers.get("Last-Event-ID", "")
+    key = client.keys.logs(state.run_id)
+    last_id = request.headers.get("Last-Event-ID", "")
     resp = await open_stream(request)
 
-    async def send(lines: list[bytes], offset: int) -> None:
-        lines = [line for line in lines if line.strip()]
-        for i, line in enumerate(lines):
-            eid = str(offset) if i == len(lines) - 1 else ""
-            await write(request, resp, sse(render_log_line(line), eid=eid))
+    async def send(entries: list[LogEntry]) -> None:
+        for entry_id, fields in entries:
+            await write(request, resp, sse(_line(fields), eid=entry_id))
 
-    async def catch_up(offset: int) -> int:
+    async def catch_up(after: str) -> str:
+        """Send every line after entry `after`; the id of the last one sent."""
         while True:
-            lines, offset = await asyncio.to_thread(read_from, path, offset)
-            if not lines:
-                return offset
-            await send(lines, offset)
+            page = stream_entries(await client.redis.xrange(key, min=f"({after}", count=PAGE))
+            await send(page)
+            if page:
+                after = page[-1][0]
+            if len(page) < PAGE:
+                return after
+
+    async def wait_for_lines(after: str, block_ms: int) -> str:
+        """Send the lines that arrive after `after` within block_ms (XREAD BLOCK)."""
+        reader = client.blocking or client.redis  # a dedicated client: its one connection
+        reply = await reader.xread({key: after}, count=PAGE, block=block_ms)
+        entries = read_entries(reply)
+        await send(entries)
+        return entries[-1][0] if entries else after
 
     try:
-        if last.isdigit() and len(last) < 20:
-            offset = await catch_up(int(last))
+        if _ENTRY_ID.fullmatch(last_id):
+            after = await catch_up(last_id)
+        elif last_id.isdigit():
+            after = await catch_up("0-0")
         else:
-            try:
-                lines, offset = await asyncio.to_thread(tail_lines, path, tail)
-            except FileNotFoundError:
-                lines, offset = [], 0
-            await send(lines, offset)
+            entries = await _tail(client, state.run_id, tail)
+            await send(entries)
+            if entries:
+                after = entries[-1][0]
+            else:  # tail=0 or no line yet: follow from the newest line, if any
+                newest = stream_entries(await client.redis.xrevrange(key, count=1))
+                after = newest[0][0] if newest else "0-0"
         status = state.status
         pinged = time.monotonic()
         while follow and not app[STOPPING].is_set() and not gone(request):
-            # Status first, then the file: lines written before the run ended are all sent.
+            # Status first, then the lines: every line logged before the run ended is sent.
             current = await client.find_run(state.run_id)
+            ended = current is not None and current.status in TERMINAL_STATUSES
             status = current.status if current else status
-            offset = await catch_up(offset)
-            if status in TERMINAL_STATUSES:
+            after = await catch_up(after)
+            if ended:
+                if state.status not in TERMINAL_STATUSES:  # it ended while we followed
+                    while (nxt := await wait_for_lines(after, SETTLE_MS)) != after:
+                        after = nxt
                 break
             if time.monotonic() - pinged > PING_S:
                 await write(request, resp, b": ping\n\n")
                 pinged = time.monotonic()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(app[STOPPING].wait(), LOG_POLL_S)
+            after = await wait_for_lines(after, client.block_ms)
         if not gone(request):
             end = msgspec.json.encode({"status": status}).decode()
             await write(request, resp, sse(end, event="end"))

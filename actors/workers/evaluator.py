@@ -9,11 +9,14 @@ Request-style commands (with a request_id) have slots and a pool of their own, s
 long chat never delays a run's evaluation step. They answer under `mt:result:<request_id>`;
 chat sessions are Redis lists per run and session, appended in the fenced commit (no
 concurrent turn is lost), capped and with a TTL (protocol.keys). A run whose model is not
-on this machine is fetched through its artifact pointer first.
+on this machine is fetched through its artifact pointer first. A run's evaluation step
+records its metrics and samples under `mt:eval:<run_id>` in its commit: that record is what
+`GET /runs/{id}/eval` shows, on any machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tarfile
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import msgspec
 
+from actors.runtime import retention
 from actors.runtime.config import Settings
 from actors.runtime.outcome import Outcome, answer, request_id_of
 from actors.runtime.pool import Pool, PoolActor
@@ -46,6 +50,9 @@ from trainer.errors import UserError
 # how many tokens were used).
 EVAL_MAX_TOKENS = 50_000
 MODEL_FILES = ("config.json", "mt_model.json")
+# The run's evaluation record in Redis keeps this many samples, each text this long at most.
+RECORD_SAMPLES = 50
+RECORD_TEXT_CHARS = 2000
 
 
 # torch's threads wait for work asleep, not spinning: the evaluator shares the machine with
@@ -78,6 +85,24 @@ def evaluate_job(run_dir: str, split: str, path: str | None, out_name: str) -> d
         out_name=out_name,
         max_tokens=EVAL_MAX_TOKENS,
     )
+
+
+def samples_job(run_dir: str, out_name: str) -> list[dict[str, object]]:
+    """An evaluation's samples (what trainer.evaluate wrote), bounded for its Redis record."""
+    from trainer.evaluate import eval_paths
+
+    _, path = eval_paths(Path(run_dir), out_name)
+    rows: list[dict[str, object]] = []
+    with contextlib.suppress(FileNotFoundError), path.open("rb") as f:
+        for line in f:
+            if len(rows) >= RECORD_SAMPLES:
+                break
+            with contextlib.suppress(msgspec.DecodeError):
+                row = msgspec.json.decode(line, type=dict[str, object])
+                rows.append(
+                    {k: v[:RECORD_TEXT_CHARS] if isinstance(v, str) else v for k, v in row.items()}
+                )
+    return rows
 
 
 def score_job(run_dir: str, text: str, detail: bool, top_k: int) -> dict[str, object]:
@@ -186,7 +211,13 @@ class EvaluatorActor(PoolActor):
             outcome = answer(ctx.keys, cmd, {"result": {**metrics, "split": event.split}})
             outcome.events.insert(0, event)
             return outcome
-        return Outcome(events=[event])
+        # The run's evaluation, readable wherever the run's folder is not: with the ack.
+        samples = await self.pool_for(cmd).run(samples_job, str(run_dir), out_name)
+        record = msgspec.json.encode({"metrics": metrics, "samples": samples})
+        ttl = str(retention.retention_s())
+        return Outcome(
+            events=[event], writes=[("SET", ctx.keys.eval(cmd.run_id), record, "EX", ttl)]
+        )
 
     async def chat(self, cmd: ModelChat, ctx: Context) -> Outcome:
         run_dir = await self.run_dir(cmd.run_id, ctx)

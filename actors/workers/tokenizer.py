@@ -1,6 +1,8 @@
 """tokenizer: `tokenizer.train` — trains on the corpus's train split in the actor's pool and
 stores the tokenizer under tokenizers/<tokenizer_id>/ with its stats; the record
-`mt:tokenizer:<id>` makes status and stats readable by id."""
+`mt:tokenizer:<id>` (status, kind, run_id, path, created_at, stats with vocab_size, message
+on failure) is all `GET /tokenizers/{id}` shows: the control endpoint reads no tokenizer
+folder."""
 
 from __future__ import annotations
 
@@ -77,8 +79,11 @@ class TokenizerActor(PoolActor):
         ready = TokenizerReady(
             tokenizer_id=cmd.tokenizer_id, tokenizer_kind=cmd.tokenizer_kind, stats=numbers
         )
-        # "ready" is recorded in the same commit as the ack and the event.
+        # "ready" is recorded in the same commit as the ack and the event; a failure of an
+        # earlier attempt leaves no message behind.
         stats_json = msgspec.json.encode(numbers)
+        ready_fields = ("status", "ready", "kind", cmd.tokenizer_kind, "stats", stats_json)
         return Outcome(
-            events=[ready], writes=[("HSET", record, "status", "ready", "stats", stats_json)]
+            events=[ready],
+            writes=[("HSET", record, *ready_fields), ("HDEL", record, "message")],
         )
