@@ -32,9 +32,10 @@ from actors.runtime.streams import Actor, Context, Runtime, RuntimeConfig
 from protocol.codec import FIELD, encode
 from protocol.commands import Base, CorpusIngest, ModelScore
 from protocol.keys import ActorName, Keys
-from scripts.bench_ml import bench_tokenizer, bench_train, tokenizer_arguments, train_arguments
+from scripts.bench_ml import bench_tokenizer, tokenizer_arguments
 from scripts.bench_serve import bench_serve, bench_startup, serve_arguments, startup_arguments
 from scripts.bench_store import bench_store, store_arguments
+from scripts.bench_train import bench_train, train_arguments
 
 # ------------------------------------------------------------------------------ helpers
 
