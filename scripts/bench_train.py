@@ -324,7 +324,7 @@ def _machine(device: torch.device) -> tuple[str, bool]:
     """A line naming the machine, and whether bf16 is native there (AMX or a GPU)."""
     import torch
 
-    from trainer.manifest import cpu_flags
+    from trainer.recipe import cpu_flags
 
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
