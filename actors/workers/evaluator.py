@@ -156,8 +156,8 @@ class EvaluatorActor(PoolActor):
     async def start(self) -> None:
         # Only the interactive one: a run's evaluation step comes after its training, when
         # its child's start matters little, and at the service's start each warm-up is
-        # seconds of CPU that a queued run's first training step would wait behind (on 2
-        # cores, warming both children delayed it by ~4 s).
+        # seconds of CPU that a queued run's first training step would wait behind (on a
+        # busy 2-core machine, warming both children delayed it by ~4 s).
         self.start_pools(self.requests)
 
     async def stop(self) -> None:
