@@ -155,9 +155,9 @@ class SlowChatEvaluator(EvaluatorActor):
         super().__init__(settings)
         self.release = release
 
-    async def chat(self, cmd: ModelChat, ctx: Context) -> Outcome:
+    async def chat(self, cmd: ModelChat, run_dir: Path, ctx: Context) -> Outcome:
         await self.pool_for(cmd).run(wait_for_file, str(self.release), 120.0)
-        return await super().chat(cmd, ctx)
+        return await super().chat(cmd, run_dir, ctx)
 
 
 async def test_a_runs_evaluation_does_not_wait_behind_chats(
