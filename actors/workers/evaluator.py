@@ -18,6 +18,7 @@ records its metrics and samples under `mt:eval:<run_id>` in its commit: that rec
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
@@ -27,7 +28,7 @@ from pathlib import Path
 import msgspec
 
 from actors.runtime import retention
-from actors.runtime.artifacts import fetch, hold, read_pointer
+from actors.runtime.artifacts import entry_path, fetch, hold, read_pointer
 from actors.runtime.config import Settings
 from actors.runtime.outcome import Outcome, answer, request_id_of
 from actors.runtime.pool import Pool, PoolActor
@@ -290,10 +291,14 @@ class EvaluatorActor(PoolActor):
         run_dir = self.settings.run_dir(run_id)
         async with hold(self.settings, run_dir):
             pointer = await read_pointer(ctx.redis, ctx.keys.run(run_id), "stored")
-            if pointer is None and not any((run_dir / f).is_file() for f in MODEL_FILES):
-                raise UserError(
-                    f"run {run_id!r} has no model on this machine and none in the store "
-                    "(not trained yet, or trained before models were stored)"
-                )
+            if not any((run_dir / f).is_file() for f in MODEL_FILES):
+                if pointer is None:
+                    raise UserError(
+                        f"run {run_id!r} has no model on this machine and none in the store "
+                        "(not trained yet, or trained before models were stored)"
+                    )
+                # Its folder may be here without the model (removed, or only the run's
+                # log written since): not the stored version, whatever the entry says.
+                await asyncio.to_thread(entry_path(self.settings, run_dir).unlink, True)
             await fetch(self.store, self.settings, pointer, run_dir, f"run {run_id!r}'s model")
             yield run_dir

@@ -30,7 +30,7 @@ from typing import BinaryIO, Literal
 import aiohttp
 import msgspec
 
-from actors.runtime.artifacts import fetch, hold, read_pointer
+from actors.runtime.artifacts import entry_path, fetch, hold, read_pointer
 from actors.runtime.config import Settings
 from actors.runtime.outcome import Outcome
 from actors.runtime.pool import PoolActor
@@ -196,6 +196,9 @@ class UploaderActor(PoolActor):
             return tok_dir, cmd.tokenizer_id, "tokenizer"
         run_dir = s.run_dir(cmd.run_id)
         stored = await read_pointer(ctx.redis, ctx.keys.run(cmd.run_id), "stored")
+        if stored is not None and not any((run_dir / name).is_file() for name in MODEL_FILES):
+            # A folder without the model is not the stored version, whatever the entry says.
+            await asyncio.to_thread(entry_path(s, run_dir).unlink, True)
         if stored is not None:
             await fetch(self.store, s, stored, run_dir, f"run {cmd.run_id!r}'s model")
         if not any((run_dir / name).is_file() for name in MODEL_FILES):
