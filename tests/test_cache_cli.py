@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from actors.cli import main as cli
+from actors.cli.serve_cmds import gc_periodic
 from actors.runtime.artifacts import entry_path, hold, publish, read_entry
 from actors.runtime.config import Settings
 from actors.runtime.store import LocalObjects, Store
@@ -52,3 +55,37 @@ async def test_gc_evicts_over_the_cache_limit_and_keeps_what_a_command_holds(
     assert (tmp_path / "store" / "runs" / "r0" / "model").is_dir()  # the store keeps them
 
     assert await cli.run(["gc", "--limit-gb", "-1"], s) == 2
+
+
+async def test_the_periodic_pass_evicts_at_start_and_then_again(tmp_path: Path) -> None:
+    s = Settings(data_dir=tmp_path / "m", corpus_root=tmp_path / "corpus", cache_gb=150e3 / 1e9)
+    store = Store(LocalObjects(tmp_path / "store"))
+
+    async def add(name: str) -> Path:
+        d = s.run_dir(name)
+        d.mkdir(parents=True)
+        (d / "model.bin").write_bytes(os.urandom(100_000))
+        await publish(store, s, d, f"runs/{name}/model")
+        used = time.time() - 100 + int(name[1:])  # r0 used longest ago
+        os.utime(entry_path(s, d), (used, used))
+        return d
+
+    first, second = await add("r0"), await add("r1")
+    task = asyncio.create_task(gc_periodic(s, every_s=0.05))
+    try:
+        for _ in range(100):  # the pass at start: r0, the older, goes
+            if not first.exists():
+                break
+            await asyncio.sleep(0.02)
+        assert not first.exists() and second.is_dir()
+        third = await add("r2")  # over the limit again: a later pass evicts r1
+        for _ in range(200):
+            if not second.exists():
+                break
+            await asyncio.sleep(0.02)
+        assert not second.exists() and third.is_dir()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await store.aclose()

@@ -23,7 +23,7 @@ from actors.workers.tokenizer import TokenizerActor
 from actors.workers.uploader import RUN_EXCLUDE, UploaderActor
 from protocol.codec import FIELD, decode_event, encode
 from protocol.commands import ArtifactUpload, Base, CorpusIngest, ModelEvaluate, TokenizerTrain
-from protocol.events import ArtifactStored, EvalCompleted, RunFailed
+from protocol.events import ArtifactPointer, ArtifactStored, EvalCompleted, RunFailed
 from protocol.keys import ActorName, Keys
 from tests.helpers_ml import char_tokenizer, small_corpus, tiny_config
 from tests.test_service import corpus_text
@@ -99,6 +99,22 @@ async def test_ingest_and_tokenizer_on_two_machines(
     assert await redis.hget(keys.tokenizer("t1"), "status") == b"ready"
     async with make_store(a) as store:
         assert await store.exists(stored)
+
+    # A third machine archives the tokenizer it does not have; the pointer is in its record.
+    c = machine(tmp_path / "c", s3_server, keys)
+    upload = ArtifactUpload(
+        command_id="r1.uploader", run_id="r1", target="tokenizer", tokenizer_id="t1"
+    )
+    await handle(redis, keys, "uploader", UploaderActor(c), upload)
+    assert (c.tokenizer_dir("t1") / "tokenizer.json").is_file()
+    raw = await redis.hget(keys.tokenizer("t1"), "artifact")
+    assert raw is not None
+    art = msgspec.json.decode(raw, type=ArtifactPointer)
+    assert (art.storage, art.target, art.key) == (
+        "store",
+        "tokenizer",
+        "artifacts/tokenizer/t1.tar.gz",
+    )
 
 
 async def test_evaluator_and_uploader_fetch_a_run_they_do_not_have(
