@@ -124,25 +124,36 @@ class ResultReady(Event, kw_only=True, tag="result.ready"):
     message: str = ""
 
 
+# Where an archive went: "local" (the uploader's data dir) and "data-bank" without
+# MT_STORE_URL, as before the artifact store; "store" with it (backend and key name it there).
+ArtifactStorage = Literal["local", "data-bank", "store"]
+StoreBackend = Literal["", "local", "s3", "databank"]
+
+
 class ArtifactPointer(msgspec.Struct, kw_only=True):
     """Where an archive was stored: the run state's "artifact" field (JSON), the body of
     GET /runs/{id}/artifact and manifest.json's "artifact"."""
 
-    storage: Literal["local", "data-bank"]
+    storage: ArtifactStorage
     target: Literal["run", "tokenizer"] = "run"
-    uri: str = ""  # file:// URI of a local archive, the Data Bank URL of a stored one
+    # file:// URI of a local archive, the Data Bank URL of a stored one, the store URL + key
+    uri: str = ""
     file_id: str = ""  # the Data Bank's id ("" for local archives)
     size: int = 0
     sha256: str = ""
+    backend: StoreBackend = ""  # the store's backend ("store" only)
+    key: str = ""  # the store key, artifacts/<run|tokenizer>/<id>.tar.gz ("store" only)
 
 
 class ArtifactStored(Event, kw_only=True, tag="artifact.stored"):
-    storage: Literal["local", "data-bank"]
+    storage: ArtifactStorage
     target: Literal["run", "tokenizer"] = "run"
     uri: str = ""
     file_id: str = ""
     size: int = 0
     sha256: str = ""
+    backend: StoreBackend = ""
+    key: str = ""
 
     def pointer(self) -> ArtifactPointer:
         return ArtifactPointer(
@@ -152,6 +163,8 @@ class ArtifactStored(Event, kw_only=True, tag="artifact.stored"):
             file_id=self.file_id,
             size=self.size,
             sha256=self.sha256,
+            backend=self.backend,
+            key=self.key,
         )
 
 

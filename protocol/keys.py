@@ -62,6 +62,10 @@ class Keys:
     def tokenizer(self, tokenizer_id: str) -> str:
         return f"{self.prefix}:tokenizer:{tokenizer_id}"
 
+    def corpus(self, corpus_id: str) -> str:
+        """A prepared corpus's record: field `stored`, the Pointer of `corpora/<id>`."""
+        return f"{self.prefix}:corpus:{corpus_id}"
+
     def logs(self, run_id: str) -> str:
         """A run's log: a capped stream, one entry per line (field `data`: the JSON line)."""
         return f"{self.prefix}:logs:{run_id}"

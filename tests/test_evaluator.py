@@ -5,7 +5,9 @@ a session keeps its newest turns; interactive requests never hold up a run's eva
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -43,9 +45,11 @@ class TakenOverEvaluator(EvaluatorActor):
     """Another consumer takes each command over (bumps its attempt, as XAUTOCLAIM + INCR
     does) while this one is handling it."""
 
-    async def run_dir(self, run_id: str, ctx: Context) -> Path:
+    @contextlib.asynccontextmanager
+    async def run_dir(self, run_id: str, ctx: Context) -> AsyncIterator[Path]:
         await ctx.redis.incr(ctx.keys.attempt(ctx.cmd.command_id))
-        return await super().run_dir(run_id, ctx)
+        async with super().run_dir(run_id, ctx) as run_dir:
+            yield run_dir
 
 
 def chat(command_id: str, message: str, max_new_tokens: int = 4) -> ModelChat:
@@ -151,9 +155,9 @@ class SlowChatEvaluator(EvaluatorActor):
         super().__init__(settings)
         self.release = release
 
-    async def chat(self, cmd: ModelChat, ctx: Context) -> Outcome:
+    async def chat(self, cmd: ModelChat, run_dir: Path, ctx: Context) -> Outcome:
         await self.pool_for(cmd).run(wait_for_file, str(self.release), 120.0)
-        return await super().chat(cmd, ctx)
+        return await super().chat(cmd, run_dir, ctx)
 
 
 async def test_a_runs_evaluation_does_not_wait_behind_chats(

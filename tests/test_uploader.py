@@ -127,6 +127,8 @@ async def test_local_store_archives_the_run_without_checkpoints(
         "file_id": "",
         "size": len(blob),
         "sha256": hashlib.sha256(blob).hexdigest(),
+        "backend": "",  # the store's fields: empty without MT_STORE_URL
+        "key": "",
     }
     state = await run_state(redis, keys, "r1")
     assert json.loads(state["artifact"]) == pointer

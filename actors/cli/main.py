@@ -36,7 +36,7 @@ from actors.cli.run_cmds import (
     cmd_train,
     cmd_watch,
 )
-from actors.cli.serve_cmds import cmd_actor, cmd_control, cmd_demo, cmd_up
+from actors.cli.serve_cmds import cmd_actor, cmd_control, cmd_demo, cmd_gc, cmd_up
 from actors.cli.service_ctx import log_to_file
 from actors.runtime import log
 from actors.runtime.config import Settings
@@ -62,6 +62,7 @@ COMMANDS: dict[str, Handler] = {
     "events": cmd_events,
     "replay": cmd_replay,
     "trim": cmd_trim,
+    "gc": cmd_gc,
 }
 
 
@@ -156,6 +157,8 @@ def parser() -> argparse.ArgumentParser:
 
     trim = sub.add_parser("trim", help="trim old stream entries (never pending ones)")
     trim.add_argument("--days", type=float, default=None, help="MT_RETENTION_DAYS (14)")
+    gc = sub.add_parser("gc", help="evict stored folders from this data dir over MT_CACHE_GB")
+    gc.add_argument("--limit-gb", type=float, default=None, help="instead of MT_CACHE_GB")
     return p
 
 

@@ -1,4 +1,6 @@
-"""Subcommands that run parts of the service: `up`, `actor`, `control` and `demo`."""
+"""Subcommands that run parts of the service: `up`, `actor`, `control` and `demo`; and `gc`,
+the data dir's cache of the store trimmed to MT_CACHE_GB (also run by `up` and `actor`
+every artifacts.GC_EVERY_S, and once at their start)."""
 
 from __future__ import annotations
 
@@ -11,10 +13,56 @@ from actors import service
 from actors.cli.common import CliError, require_url, running_url, safe_url
 from actors.cli.demo import run_demo
 from actors.cli.service_ctx import serve_control, service_redis
-from actors.runtime import retention
+from actors.runtime import artifacts, log, retention
 from actors.runtime.config import Settings
 from actors.runtime.connection import connect
 from protocol.keys import ACTOR_NAMES, ActorName, Keys
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def print_gc(report: artifacts.GcReport) -> None:
+    for path in report.evicted:
+        print(f"evicted  {path}")
+    for path in report.in_use:
+        print(f"in use   {path} (kept)")
+    print(
+        f"freed {_size(report.freed_bytes)} of {_size(report.total_bytes)} "
+        f"(limit {_size(report.limit_bytes)}); {len(report.evicted)} evicted, "
+        f"{len(report.in_use)} kept in use"
+    )
+
+
+async def cmd_gc(args: argparse.Namespace, settings: Settings) -> int:
+    limit = None if args.limit_gb is None else int(args.limit_gb * 1e9)
+    if limit is not None and limit < 0:
+        raise CliError("--limit-gb must not be negative", 2)
+    print_gc(await asyncio.to_thread(artifacts.gc, settings, limit))
+    return 0
+
+
+async def gc_periodic(settings: Settings, every_s: float = artifacts.GC_EVERY_S) -> None:
+    """gc now and then every `every_s` seconds, until cancelled; each pass is logged."""
+    logger = log.get("cache").bind(data_dir=str(settings.data_dir), limit_gb=settings.cache_gb)
+    while True:
+        try:
+            report = await asyncio.to_thread(artifacts.gc, settings)
+        except OSError as e:  # a pass that fails is logged; the next one tries again
+            logger.warning("cache gc failed", error=str(e))
+        else:
+            logger.info(
+                "cache gc",
+                evicted=report.evicted,
+                freed_bytes=report.freed_bytes,
+                total_bytes=report.total_bytes,
+                in_use=report.in_use,
+            )
+        await asyncio.sleep(every_s)
 
 
 def _http(args: argparse.Namespace, settings: Settings) -> Settings:
@@ -48,6 +96,7 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         side = [
             asyncio.create_task(serve_control(settings, url)),
             asyncio.create_task(retention.run_periodic(client, keys, days=days)),
+            asyncio.create_task(gc_periodic(settings)),
         ]
         actors = asyncio.create_task(
             service.serve(settings, url, names, on_ready=ready, stop=stop, install_signals=False)
@@ -78,7 +127,12 @@ async def cmd_actor(args: argparse.Namespace, settings: Settings) -> int:
         raise CliError(
             "set REDIS_URL to the shared Redis (or start `model-trainer up` on this data dir)", 3
         )
-    await service.serve(settings, url, [name])
+    gc = asyncio.create_task(gc_periodic(settings))
+    try:
+        await service.serve(settings, url, [name])
+    finally:
+        gc.cancel()
+        await asyncio.gather(gc, return_exceptions=True)
     return 0
 
 

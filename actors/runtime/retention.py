@@ -11,6 +11,10 @@ of what went wrong.
 A run's log stream (`<prefix>:logs:<run_id>`, no consumer group) and its evaluation record
 (`<prefix>:eval:<run_id>`) also expire `retention_s()` after their last write; the trim
 removes the lines older than the cutoff of a run that is still logging.
+
+The records that hold store pointers (`<prefix>:corpus:<id>`, `<prefix>:tokenizer:<id>`, a
+run's `stored` and `checkpoint` fields) are kept, like the run state they go with: a run
+submitted later may use that corpus or tokenizer, and they are a few hundred bytes each.
 """
 
 from __future__ import annotations

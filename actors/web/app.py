@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 from actors.client.client import BLOCK_MS, ServiceClient
 from actors.runtime import log
 from actors.runtime.config import Settings
+from actors.runtime.store import make_store
 from actors.web import curves, requests, runs, streams
 from actors.web.context import (
     CLIENT,
@@ -37,6 +38,7 @@ from actors.web.context import (
     OPENAPI,
     SETTINGS,
     STOPPING,
+    STORE,
     STREAMS,
     Handler,
     Slots,
@@ -354,7 +356,7 @@ ROUTES: tuple[tuple[Operation, Handler], ...] = (
         Operation(
             "GET",
             "/artifacts/{kind}/{artifact_id}",
-            "download a local artifact (.tar.gz)",
+            "download an artifact (.tar.gz), from the store or this machine",
             (Reply(200, "the archive", media="application/gzip"),),
             params=(Param("kind", {"enum": ["run", "tokenizer"]}, where="path"),),
         ),
@@ -418,7 +420,15 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
         finally:
             await app[CLIENT].aclose()
 
+    async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+        app[STORE] = make_store(settings)
+        try:
+            yield
+        finally:
+            await app[STORE].aclose()
+
     app.cleanup_ctx.append(client_ctx)
+    app.cleanup_ctx.append(store_ctx)
     app.on_shutdown.append(_on_shutdown)
     app.on_response_prepare.append(stamp_request_id)
     for op, handler in ROUTES:

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from actors.client.client import ServiceClient
 from actors.runtime.config import Settings
+from actors.runtime.store import Store
 
 MAX_BODY = 1024 * 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -37,5 +38,6 @@ CLIENT = web.AppKey("client", ServiceClient)
 STOPPING = web.AppKey("stopping", asyncio.Event)
 OPENAPI = web.AppKey("openapi", bytes)
 STREAMS = web.AppKey("streams", Slots)
+STORE = web.AppKey("store", Store)  # artifacts in the store are downloaded through it
 REQUEST_ID = web.RequestKey("request_id", str)
 STREAM = web.RequestKey("stream", web.StreamResponse)  # an SSE response already under way

@@ -1,21 +1,27 @@
 """Routes of runs and tokenizers: submit, list, state, cancel, evaluation, artifacts.
 
-Everything but the artifact download is read from Redis (the run's state, its evaluation
-record, the tokenizer's record), never from a local run folder: the control endpoint needs
-no data dir of the actors'.
+Everything is read from Redis (the run's state, its evaluation record, the tokenizer's
+record), never from a local run folder: the control endpoint needs no data dir of the
+actors'. An artifact in the store is downloaded through it (to a temporary file, removed
+once sent); only an artifact the uploader kept on its own machine ("local", without
+MT_STORE_URL) is read from the data dir, which then must be the uploader's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import tempfile
+from pathlib import Path
 
 import msgspec
 from aiohttp import web
 
 from actors.client.client import RunEnded, UnknownRun
 from actors.runtime import log
-from actors.web.context import CLIENT, REQUEST_ID, SETTINGS
+from actors.runtime.store import Pointer
+from actors.web.context import CLIENT, REQUEST_ID, SETTINGS, STORE
 from actors.web.errors import ApiError, invalid, not_found
 from actors.web.http import (
     confine,
@@ -187,21 +193,55 @@ async def get_artifact(request: web.Request) -> web.StreamResponse:
     return json_response(msgspec.json.decode(state.artifact, type=ArtifactPointer))
 
 
+async def _artifact_of(app: web.Application, kind: str, artifact_id: str) -> ArtifactPointer | None:
+    """The pointer the uploader recorded: the run's state, or the tokenizer's record."""
+    client = app[CLIENT]
+    raw: str | bytes | None
+    if kind == "run":
+        state = await client.find_run(artifact_id)
+        raw = state.artifact if state is not None else None
+    else:
+        raw = await client.redis.hget(client.keys.tokenizer(artifact_id), "artifact")
+    if not raw:
+        return None
+    try:
+        return msgspec.json.decode(raw, type=ArtifactPointer)
+    except msgspec.DecodeError:  # ValidationError too
+        return None  # damaged: there is nothing to download by it
+
+
 async def download(request: web.Request) -> web.StreamResponse:
     kind = request.match_info["kind"]
     if kind not in ("run", "tokenizer"):
         raise not_found(f"unknown artifact kind {kind[:40]!r} (run or tokenizer)")
     artifact_id = path_id(request, "artifact_id", "artifact")
+    headers = {
+        "Content-Type": "application/gzip",
+        "Content-Disposition": f'attachment; filename="{artifact_id}.tar.gz"',
+    }
+    art = await _artifact_of(request.app, kind, artifact_id)
+    if art is not None and art.storage == "store" and art.backend:
+        pointer = Pointer(
+            backend=art.backend,
+            key=art.key,
+            sha256=art.sha256,
+            size=art.size,
+            file_id=art.file_id,
+        )
+        tmp = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="mt-download-"))
+        try:
+            path = await request.app[STORE].get(pointer, tmp / f"{artifact_id}.tar.gz")
+            response = web.FileResponse(path, headers=headers)
+            # prepare sends the whole file; the temporary copy goes once it is sent.
+            await response.prepare(request)
+            await response.write_eof()
+            return response
+        finally:
+            await asyncio.to_thread(shutil.rmtree, tmp, True)
     path = request.app[SETTINGS].artifact_dir() / kind / f"{artifact_id}.tar.gz"
     if not await asyncio.to_thread(path.is_file):
         raise not_found(f"no {kind} artifact {artifact_id!r}")
-    return web.FileResponse(
-        path,
-        headers={
-            "Content-Type": "application/gzip",
-            "Content-Disposition": f'attachment; filename="{artifact_id}.tar.gz"',
-        },
-    )
+    return web.FileResponse(path, headers=headers)
 
 
 _RecordStats = dict[str, float | str | bool | None]  # a tokenizer record's "stats" (JSON)

@@ -9,29 +9,30 @@ Request-style commands (with a request_id) have slots and a pool of their own, s
 long chat never delays a run's evaluation step. They answer under `mt:result:<request_id>`;
 chat sessions are Redis lists per run and session, appended in the fenced commit (no
 concurrent turn is lost), capped and with a TTL (protocol.keys). A run whose model is not
-on this machine is fetched through its artifact pointer first. A run's evaluation step
+on this machine is fetched from the store by its pointer (`Keys.run`, field `stored`, which
+the trainer records) first, and so is the corpus a run's evaluation needs (`Keys.corpus`);
+gc leaves both alone while a command uses them (`hold`). A run's evaluation step
 records its metrics and samples under `mt:eval:<run_id>` in its commit: that record is what
 `GET /runs/{id}/eval` shows, on any machine.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
-import shutil
-import tarfile
 import time
-import urllib.parse
-import urllib.request
-import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
 
 from actors.runtime import retention
+from actors.runtime.artifacts import entry_path, fetch, hold, read_pointer
 from actors.runtime.config import Settings
 from actors.runtime.outcome import Outcome, answer, request_id_of
 from actors.runtime.pool import Pool, PoolActor
+from actors.runtime.store import make_store
 from actors.runtime.streams import Context
 from protocol.commands import (
     Base,
@@ -41,7 +42,7 @@ from protocol.commands import (
     ModelScore,
     check_command,
 )
-from protocol.events import ArtifactPointer, EvalCompleted
+from protocol.events import EvalCompleted
 from protocol.keys import CHAT_MAX_TURNS, CHAT_TTL_S
 from trainer.errors import UserError
 
@@ -75,13 +76,16 @@ def warm_up() -> None:
     WARMED_AT = time.time()
 
 
-def evaluate_job(run_dir: str, split: str, path: str | None, out_name: str) -> dict[str, object]:
+def evaluate_job(
+    run_dir: str, split: str, path: str | None, out_name: str, corpus_dir: str | None = None
+) -> dict[str, object]:
     from trainer.evaluate import evaluate
 
     return evaluate(
         Path(run_dir),
         split="test" if split == "test" else "validation",
         path=Path(path) if path else None,
+        corpus_dir=Path(corpus_dir) if corpus_dir else None,
         out_name=out_name,
         max_tokens=EVAL_MAX_TOKENS,
     )
@@ -132,6 +136,27 @@ class Turn(msgspec.Struct):
 _turn = msgspec.json.Decoder(Turn)
 
 
+class _DataRef(msgspec.Struct):
+    dir: str
+
+
+class _RunCorpus(msgspec.Struct):
+    """What the evaluator reads of a run's manifest.json: the corpus it was trained on."""
+
+    data: _DataRef
+
+
+_run_corpus = msgspec.json.Decoder(_RunCorpus)
+
+
+def corpus_id_of(run_dir: Path) -> str | None:
+    """The id of the corpus a run was trained on: the name of its manifest's corpus dir."""
+    try:
+        return Path(_run_corpus.decode((run_dir / "manifest.json").read_bytes()).data.dir).name
+    except (OSError, msgspec.DecodeError):
+        return None  # trainer.evaluate then says what is wrong with the manifest
+
+
 class _Scores(msgspec.Struct):
     """The headline numbers of trainer.evaluate's metrics (the event carries these)."""
 
@@ -149,6 +174,7 @@ class EvaluatorActor(PoolActor):
         super().__init__(settings, warm_up=warm_up)
         # Its own child: a 2,048-token chat must not hold the one a run's evaluation needs.
         self.requests = Pool(1, warm_up=warm_up)
+        self.store = make_store(settings)
 
     def pool_for(self, cmd: Base) -> Pool:
         return self.requests if request_id_of(cmd) else self.pool
@@ -163,6 +189,7 @@ class EvaluatorActor(PoolActor):
     async def stop(self) -> None:
         await super().stop()
         self.requests.shutdown(wait=False)
+        await self.store.aclose()
 
     async def handle(self, cmd: Base, ctx: Context) -> Outcome | None:
         check_command(cmd)  # before any work: a bad command fails at once, as a user error
@@ -170,17 +197,18 @@ class EvaluatorActor(PoolActor):
             case ModelEvaluate():
                 return await self.evaluate(cmd, ctx)
             case ModelScore():
-                run_dir = await self.run_dir(cmd.run_id, ctx)
-                result = await self.requests.run(
-                    score_job, str(run_dir), cmd.text, cmd.detail, cmd.top_k
-                )
+                async with self.run_dir(cmd.run_id, ctx) as run_dir:
+                    result = await self.requests.run(
+                        score_job, str(run_dir), cmd.text, cmd.detail, cmd.top_k
+                    )
                 return answer(ctx.keys, cmd, {"result": result})
             case ModelGenerate():
-                run_dir = await self.run_dir(cmd.run_id, ctx)
-                generated = await self.requests.run(generate_job, str(run_dir), cmd)
+                async with self.run_dir(cmd.run_id, ctx) as run_dir:
+                    generated = await self.requests.run(generate_job, str(run_dir), cmd)
                 return answer(ctx.keys, cmd, {"result": {"prompt": cmd.prompt, **generated}})
             case ModelChat():
-                return await self.chat(cmd, ctx)
+                async with self.run_dir(cmd.run_id, ctx) as run_dir:
+                    return await self.chat(cmd, run_dir, ctx)
             case _:
                 return None
 
@@ -190,11 +218,27 @@ class EvaluatorActor(PoolActor):
             from trainer.corpus import resolve_corpus_file
 
             path = str(resolve_corpus_file(self.settings.corpus_root, cmd.path, "path"))
-        run_dir = await self.run_dir(cmd.run_id, ctx)
+        async with self.run_dir(cmd.run_id, ctx) as run_dir:
+            return await self.evaluate_in(cmd, ctx, run_dir, path)
+
+    async def evaluate_in(
+        self, cmd: ModelEvaluate, ctx: Context, run_dir: Path, path: str | None
+    ) -> Outcome:
         out_name = "metrics" if not cmd.request_id else f"eval-{cmd.request_id}"
-        metrics = await self.pool_for(cmd).run(
-            evaluate_job, str(run_dir), cmd.split, path, out_name
-        )
+        corpus_id = None if path else corpus_id_of(run_dir)
+        async with contextlib.AsyncExitStack() as stack:
+            corpus_dir: str | None = None
+            if corpus_id:
+                local = self.settings.corpus_dir(corpus_id)
+                await stack.enter_async_context(hold(self.settings, local))
+                stored = await read_pointer(ctx.redis, ctx.keys.corpus(corpus_id), "stored")
+                if stored is not None:
+                    await fetch(self.store, self.settings, stored, local, f"corpus {corpus_id!r}")
+                if stored is not None or (local / "corpus.json").is_file():
+                    corpus_dir = str(local)
+            metrics = await self.pool_for(cmd).run(
+                evaluate_job, str(run_dir), cmd.split, path, out_name, corpus_dir
+            )
         if cmd.path:  # the path as the user gave it: a result never shows a server path
             metrics = {**metrics, "source": cmd.path}
         scores = msgspec.convert(metrics, _Scores)
@@ -219,8 +263,7 @@ class EvaluatorActor(PoolActor):
             events=[event], writes=[("SET", ctx.keys.eval(cmd.run_id), record, "EX", ttl)]
         )
 
-    async def chat(self, cmd: ModelChat, ctx: Context) -> Outcome:
-        run_dir = await self.run_dir(cmd.run_id, ctx)
+    async def chat(self, cmd: ModelChat, run_dir: Path, ctx: Context) -> Outcome:
         key = ctx.keys.chat(cmd.run_id, cmd.session_id)
         # Every turn committed before this one started is in what it is generated from.
         turns = [_turn.decode(raw) for raw in await ctx.redis.lrange(key, 0, -1)]
@@ -241,50 +284,21 @@ class EvaluatorActor(PoolActor):
         ]
         return outcome
 
-    async def run_dir(self, run_id: str, ctx: Context) -> Path:
-        """The run's model dir on this machine, fetched through its artifact pointer if absent."""
+    @contextlib.asynccontextmanager
+    async def run_dir(self, run_id: str, ctx: Context) -> AsyncIterator[Path]:
+        """The run's model dir on this machine, fetched from the store by the run's `stored`
+        pointer unless this version is here; gc leaves it alone until the block ends."""
         run_dir = self.settings.run_dir(run_id)
-        if any((run_dir / f).is_file() for f in MODEL_FILES):
-            return run_dir
-        raw = await ctx.redis.hget(ctx.keys.run(run_id), "artifact")
-        if not raw:
-            raise UserError(f"run {run_id!r} has no model on this machine and no artifact")
-        pointer = msgspec.json.decode(raw, type=ArtifactPointer)
-        archive = await self.fetch(pointer, ctx)
-        ctx.log.info("unpacking the run's artifact", archive=str(archive))
-        await self.pool_for(ctx.cmd).run(unpack, str(archive), str(run_dir))
-        return run_dir
-
-    async def fetch(self, pointer: ArtifactPointer, ctx: Context) -> Path:
-        s = self.settings
-        if pointer.storage == "local":
-            uri = urllib.parse.urlparse(pointer.uri)
-            path = Path(urllib.request.url2pathname(uri.path))
-            if not path.is_file():
-                raise UserError(
-                    f"the run's local artifact {pointer.uri.rsplit('/', 1)[-1]} is missing"
-                )
-            return path
-        from actors.workers.databank import fetch
-
-        sha = pointer.sha256 or None
-        return await fetch(s, pointer.file_id, ".tar.gz", sha, "the run's model")
-
-
-def unpack(archive: str, run_dir: str) -> None:
-    """Extract a run archive into run_dir (temp dir, then rename; tar's data filter refuses
-    absolute paths, links out of the tree and device files)."""
-    dest = Path(run_dir)
-    tmp = dest.parent / f".{dest.name}.unpack-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            tar.extractall(tmp, filter="data")
-        # Archives hold the run dir's files at the top, or under one folder named after it.
-        entries = list(tmp.iterdir())
-        src = entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp
-        if dest.exists():
-            shutil.rmtree(dest)
-        src.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        async with hold(self.settings, run_dir):
+            pointer = await read_pointer(ctx.redis, ctx.keys.run(run_id), "stored")
+            if not any((run_dir / f).is_file() for f in MODEL_FILES):
+                if pointer is None:
+                    raise UserError(
+                        f"run {run_id!r} has no model on this machine and none in the store "
+                        "(not trained yet, or trained before models were stored)"
+                    )
+                # Its folder may be here without the model (removed, or only the run's
+                # log written since): not the stored version, whatever the entry says.
+                await asyncio.to_thread(entry_path(self.settings, run_dir).unlink, True)
+            await fetch(self.store, self.settings, pointer, run_dir, f"run {run_id!r}'s model")
+            yield run_dir

@@ -1,5 +1,8 @@
 """ingest: `corpus.ingest` — a path under the corpus root, a named corpus or a Data Bank file,
-normalized and split by trainer.corpus in the actor's process pool."""
+normalized and split by trainer.corpus in the actor's process pool, then stored
+(`corpora/<corpus_id>`: the splits and corpus.json) with its pointer recorded in the corpus's
+record (`Keys.corpus`, field `stored`) in the step's fenced commit, so that a tokenizer,
+trainer or evaluator on any machine can fetch it."""
 
 from __future__ import annotations
 
@@ -8,8 +11,11 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from actors.runtime.artifacts import hold, pointer_write, publish
+from actors.runtime.config import Settings
 from actors.runtime.outcome import Outcome
 from actors.runtime.pool import PoolActor
+from actors.runtime.store import make_store
 from actors.runtime.streams import Context
 from protocol.commands import Base, CorpusIngest, check_command
 from protocol.events import CorpusReady
@@ -38,6 +44,14 @@ def prepare(
 class IngestActor(PoolActor):
     name = "ingest"
     concurrency = 2
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.store = make_store(settings)
+
+    async def stop(self) -> None:
+        await super().stop()
+        await self.store.aclose()
 
     async def handle(self, cmd: Base, ctx: Context) -> Outcome | None:
         match cmd:
@@ -68,14 +82,17 @@ class IngestActor(PoolActor):
             resolve_corpus_path(s.corpus_root, cmd.path)  # outside the root, missing: now
             source, root = cmd.path, str(s.corpus_root)
         ctx.log.info("preparing corpus", source=source, corpus_id=cmd.corpus_id)
-        manifest = await self.pool.run(
-            prepare,
-            source,
-            bool(cmd.named),
-            str(out_dir),
-            root,
-            cmd,
-        )
+        async with hold(s, out_dir):  # gc leaves it alone until it is stored
+            manifest = await self.pool.run(
+                prepare,
+                source,
+                bool(cmd.named),
+                str(out_dir),
+                root,
+                cmd,
+            )
+            pointer = await publish(self.store, s, out_dir, f"corpora/{cmd.corpus_id}")
+        ctx.log.info("corpus stored", key=pointer.key, size=pointer.size)
         chars = {name: split.chars for name, split in manifest.splits.items()}
         lines = {name: split.lines for name, split in manifest.splits.items()}
         return Outcome(
@@ -83,7 +100,8 @@ class IngestActor(PoolActor):
                 CorpusReady(
                     corpus_id=cmd.corpus_id, chars=chars, lines=lines, sha256=manifest.source_sha256
                 )
-            ]
+            ],
+            writes=[pointer_write(ctx.keys.corpus(cmd.corpus_id), "stored", pointer)],
         )
 
     async def download(self, file_id: str, ctx: Context) -> Path:

@@ -10,6 +10,16 @@ the last checkpoint instead of starting over.
 The child leaves signals to the service (actors.runtime.pool.detach): on Ctrl-C or SIGTERM
 the service tells it to save a checkpoint and return, and the command stays pending for the
 next start, which resumes it; no retry is used and the run does not fail.
+
+Location-free: the corpus, the tokenizer and a pretrained run come by their pointers in
+Redis (actors.runtime.artifacts.fetch). Each checkpoint the child completes goes to the
+store in the background (CheckpointUploader: one upload at a time, the newest wins, a store
+outage is retried, never stalls the progress loop), with the run's metrics.jsonl and best/
+beside it under `_run/`, and the run's `checkpoint` pointer moves forward only (a Lua
+compare-and-set on its step). A trainer on another machine whose run dir has no newer
+checkpoint brings the stored one back first, so the run resumes there bit for bit. At the
+end the run folder (without checkpoints) is published and its `stored` pointer written in
+the fenced commit.
 """
 
 from __future__ import annotations
@@ -20,6 +30,9 @@ import math
 import multiprocessing
 import os
 import queue as queue_mod
+import re
+import secrets
+import shutil
 import signal
 import sys
 import time
@@ -29,13 +42,19 @@ from multiprocessing.queues import Queue
 from pathlib import Path
 
 import msgspec
+import structlog
+from redis.exceptions import RedisError
 
+from actors.runtime import artifacts
 from actors.runtime.config import Settings
+from actors.runtime.connection import Redis
 from actors.runtime.outcome import Cancelled, Outcome
 from actors.runtime.pool import CancelFlag, WorkerDied, detach, signals_held
+from actors.runtime.store import NotInStore, Pointer, Store, StoreError, make_store
 from actors.runtime.streams import Actor, Context, Interrupted
 from protocol.commands import Base, ModelTrain, check_command
 from protocol.events import TrainCompleted, TrainProgress, TrainStarted
+from protocol.keys import Keys
 from trainer.config import TrainConfig
 from trainer.errors import UserError
 from trainer.report import Progress, StartInfo, TrainResult
@@ -199,6 +218,265 @@ class Spare:
             self.process.close()
 
 
+# ---------------------------------------------------------------- checkpoints in the store
+
+CHECKPOINTS = "checkpoints"
+RUN_EXTRA = "_run"  # in a stored checkpoint: the run's metrics.jsonl and best/ of that moment
+RETRY_FIRST_S = 1.0  # backoff of a failed checkpoint upload (a store outage), doubling
+RETRY_MAX_S = 30.0
+FINAL_UPLOAD_S = 300.0
+# Not in the stored run folder: the checkpoints are stored one by one, and logs.jsonl grows
+# while the folder is uploaded (the run's log lives in Redis).
+RUN_EXCLUDE = (
+    CHECKPOINTS,
+    "logs.jsonl",
+)  # the final checkpoint: past this outage the command is retried
+_STEP_NAME = re.compile(r"^step-(\d{8,})$")
+
+# Move the run's `checkpoint` pointer forward only: a stale trainer (fenced out, or slower)
+# must never point the run back at an older checkpoint.
+_RECORD_CHECKPOINT = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'checkpoint_step') or '-1') or -1
+if cur >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'checkpoint', ARGV[2], 'checkpoint_step', ARGV[1])
+return 1
+"""
+
+
+# trainer.checkpoint names and finds checkpoints the same way; it is not imported because it
+# imports torch, which the actor process never loads (the child does).
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def name_step(name: str) -> int | None:
+    m = _STEP_NAME.match(name)
+    return int(m.group(1)) if m else None
+
+
+def local_checkpoint_step(ckpt_dir: Path) -> int:
+    """The step of the checkpoint a run here would resume from (0: none), as
+    trainer.checkpoint.latest_checkpoint picks it."""
+    try:
+        name = (ckpt_dir / "latest").read_text().strip()
+    except OSError:
+        name = ""
+    if (
+        name
+        and (step := name_step(name)) is not None
+        and (ckpt_dir / name / "trainer.json").is_file()
+    ):
+        return step
+    found = [
+        step
+        for p in (ckpt_dir.iterdir() if ckpt_dir.is_dir() else [])
+        if (step := name_step(p.name)) is not None and (p / "trainer.json").is_file()
+    ]
+    return max(found, default=0)
+
+
+def checkpoint_key(run_id: str, step: int) -> str:
+    return f"runs/{run_id}/{CHECKPOINTS}/{checkpoint_name(step)}"
+
+
+def stage_checkpoint(run_dir: Path, step: int) -> Path | None:
+    """A folder to upload for checkpoint `step`: its files, and under _run/ the run's
+    metrics.jsonl and best/ (a run resumed elsewhere needs its curve and its best model so
+    far). None when the child pruned the checkpoint already (a newer one is on disk)."""
+    ckpt_dir = run_dir / CHECKPOINTS
+    dest = ckpt_dir / f".upload-{checkpoint_name(step)}-{secrets.token_hex(4)}"
+    try:
+        # Hard links: the child replaces whole checkpoint folders and never rewrites their
+        # files, so the links keep this checkpoint's bytes even once it is pruned.
+        shutil.copytree(ckpt_dir / checkpoint_name(step), dest, copy_function=os.link)
+    except (FileNotFoundError, shutil.Error):
+        shutil.rmtree(dest, ignore_errors=True)
+        return None
+    extra = dest / RUN_EXTRA
+    extra.mkdir()
+    metrics = run_dir / "metrics.jsonl"
+    with contextlib.suppress(FileNotFoundError):
+        # A copy: the child appends to it. A line cut short is dropped on resume.
+        shutil.copyfile(metrics, extra / "metrics.jsonl")
+    best = run_dir / "best"
+    for _ in range(20):  # best/ is swapped for a newer one now and then (rename, rename)
+        try:
+            if best.is_dir():
+                shutil.copytree(best, extra / "best", copy_function=os.link)
+            break
+        except (FileNotFoundError, shutil.Error):
+            shutil.rmtree(extra / "best", ignore_errors=True)
+            time.sleep(0.05)
+    return dest
+
+
+def place_checkpoint(run_dir: Path, name: str) -> None:
+    """A fetched checkpoint into place: _run/ back into the run dir, `latest` at it."""
+    ckpt_dir = run_dir / CHECKPOINTS
+    extra = ckpt_dir / name / RUN_EXTRA
+    if (extra / "metrics.jsonl").is_file():
+        os.replace(extra / "metrics.jsonl", run_dir / "metrics.jsonl")
+    if (extra / "best").is_dir():
+        shutil.rmtree(run_dir / "best", ignore_errors=True)
+        os.replace(extra / "best", run_dir / "best")
+    shutil.rmtree(extra, ignore_errors=True)
+    tmp = ckpt_dir / f".latest.tmp-{secrets.token_hex(4)}"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, ckpt_dir / "latest")
+
+
+class CheckpointUploader:
+    """Stores the run's checkpoints as the child completes them, in a background task: one
+    upload at a time, the newest wins when several wait, a store outage is retried with
+    backoff (logged, never failing the run), and nothing here waits on the progress loop
+    but `offer`, which returns at once."""
+
+    def __init__(
+        self,
+        store: Store,
+        redis: Redis,
+        keys: Keys,
+        run_id: str,
+        run_dir: Path,
+        keep: int,
+        logger: structlog.stdlib.BoundLogger,
+        recorded: int,
+    ) -> None:
+        self.store, self.redis, self.keys = store, redis, keys
+        self.run_id, self.run_dir, self.keep, self.log = run_id, run_dir, keep, logger
+        self.uploaded = recorded  # the newest step stored (by us, or recorded before)
+        self.failures = 0  # uploads that failed and were retried
+        self._wanted = self._settled = recorded
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._record = redis.register_script(_RECORD_CHECKPOINT)
+
+    def offer(self, step: int) -> None:
+        """Checkpoint `step` is complete on disk: store it when the uploader is free."""
+        if step <= self._wanted:
+            return
+        self._wanted = step
+        self._wake.set()
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name=f"checkpoints-{self.run_id}")
+
+    async def _loop(self) -> None:
+        delay = RETRY_FIRST_S
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._wanted > self._settled:
+                step = self._wanted
+                try:
+                    await self._upload(step)
+                    delay = RETRY_FIRST_S
+                except (StoreError, RedisError) as e:
+                    self.failures += 1
+                    self.log.warning(
+                        "checkpoint upload failed; retrying",
+                        step=step,
+                        error=f"{type(e).__name__}: {e}",
+                        retry_in_s=delay,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(RETRY_MAX_S, delay * 2)
+                except Exception as e:  # a user error (the store's configuration): no retry
+                    self.log.error(
+                        "checkpoint upload failed", step=step, error=f"{type(e).__name__}: {e}"
+                    )
+                    self._settled = step
+
+    async def _upload(self, step: int) -> None:
+        started = time.monotonic()
+        staged = await asyncio.to_thread(stage_checkpoint, self.run_dir, step)
+        if staged is None:
+            self.log.info("checkpoint pruned before its upload; a newer one follows", step=step)
+            self._settled = max(self._settled, step)
+            return
+        try:
+            pointer = await self.store.put_folder(staged, checkpoint_key(self.run_id, step))
+        finally:
+            await asyncio.to_thread(shutil.rmtree, staged, True)
+        moved = await self._record(
+            keys=[self.keys.run(self.run_id)], args=[step, msgspec.json.encode(pointer)]
+        )
+        self.uploaded = max(self.uploaded, step)
+        self._settled = max(self._settled, step)
+        self.log.info(
+            "checkpoint stored",
+            step=step,
+            key=pointer.key,
+            size=pointer.size,
+            seconds=round(time.monotonic() - started, 3),
+            recorded=bool(moved),
+        )
+        if self.store.can_list:
+            try:
+                await self._prune()
+            except StoreError as e:
+                self.log.warning("stored checkpoints not pruned", error=str(e))
+
+    async def _prune(self) -> None:
+        """Delete stored checkpoints older than the newest `keep` complete ones (and the
+        leftovers of uploads cut short), never the one the run's pointer names."""
+        prefix = f"runs/{self.run_id}/{CHECKPOINTS}"
+        found = await self.store.list(prefix)
+        names = {k[len(prefix) + 1 :].split("/")[0] for k in found}
+        complete = sorted(
+            step for k in found if (step := name_step(k[len(prefix) + 1 :])) is not None
+        )
+        if len(complete) <= self.keep:
+            return
+        oldest_kept = complete[-self.keep]
+        raw = await self.redis.hget(self.keys.run(self.run_id), "checkpoint_step")
+        recorded = int(raw) if raw else -1
+        for name in sorted(names):
+            step = name_step(name)
+            if step is not None and step < oldest_kept and step != recorded:
+                await self.store.delete(f"{prefix}/{name}")
+
+    async def close(self) -> None:
+        """Stop the background task; an upload in flight is abandoned (its partial objects
+        are pruned later)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def finish(self, step: int, timeout_s: float = FINAL_UPLOAD_S) -> None:
+        """The run's last checkpoint, stored before the command's outcome; an outage longer
+        than timeout_s is a StoreError (the runtime retries the command)."""
+        await self.close()
+        deadline = time.monotonic() + timeout_s
+        delay = RETRY_FIRST_S
+        while step > self.uploaded:
+            try:
+                await self._upload(step)
+                if step > self.uploaded:  # pruned: only if the child kept no such step
+                    return
+            except (StoreError, RedisError) as e:
+                self.failures += 1
+                if time.monotonic() + delay > deadline:
+                    raise StoreError(f"the final checkpoint could not be stored: {e}") from e
+                self.log.warning(
+                    "final checkpoint upload failed; retrying", step=step, error=str(e)
+                )
+                await asyncio.sleep(delay)
+                delay = min(RETRY_MAX_S, delay * 2)
+
+
+async def restore_checkpoint(store: Store, pointer: Pointer, run_dir: Path) -> int:
+    """Bring a stored checkpoint into the run dir as its latest; returns its step."""
+    name = pointer.key.rsplit("/", 1)[-1]
+    step = name_step(name)
+    if step is None:
+        raise UserError(f"the run's checkpoint pointer names {pointer.key}, not a checkpoint")
+    await store.get(pointer, run_dir / CHECKPOINTS / name)
+    await asyncio.to_thread(place_checkpoint, run_dir, name)
+    return step
+
+
 class TrainerActor(Actor):
     name = "trainer"
     concurrency = 1
@@ -206,17 +484,28 @@ class TrainerActor(Actor):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._spare: Spare | None = None
+        self._store: Store | None = None
 
     def _inductor_cache(self) -> str:
         return str(self.settings.data_dir / "cache" / "inductor")  # as trainer.train sets it
 
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = make_store(self.settings)
+        return self._store
+
     async def start(self) -> None:
+        self._store = make_store(self.settings)
         self._spare = Spare.spawn(self._inductor_cache())  # its imports run in the child
 
     async def stop(self) -> None:
         if self._spare is not None:
             await asyncio.to_thread(self._spare.discard)
             self._spare = None
+        if self._store is not None:
+            await self._store.aclose()
+            self._store = None
 
     def spare_pid(self) -> int | None:
         """The pid of the child waiting for the next run (None while there is none)."""
@@ -239,7 +528,7 @@ class TrainerActor(Actor):
                 return None
 
     def job(self, cmd: ModelTrain) -> TrainJob:
-        check_command(cmd)  # before any work (protocol.commands)
+        check_command(cmd)
         s = self.settings
         corpus_dir = s.corpus_dir(cmd.corpus_id)
         if not (corpus_dir / "corpus.json").is_file():
@@ -270,8 +559,80 @@ class TrainerActor(Actor):
             cache_dir=str(s.data_dir / "cache"),
         )
 
+    async def fetch_inputs(self, cmd: ModelTrain, ctx: Context) -> None:
+        """The corpus, the tokenizer and a pretrained run, by their pointers in Redis (a
+        StoreError: the runtime retries the command; nothing anywhere: a UserError)."""
+        s, store, redis, keys = self.settings, self.store, ctx.redis, ctx.keys
+        corpus = await artifacts.read_pointer(redis, keys.corpus(cmd.corpus_id), "stored")
+        await artifacts.fetch(
+            store, s, corpus, s.corpus_dir(cmd.corpus_id), f"corpus {cmd.corpus_id!r}"
+        )
+        tok = await artifacts.read_pointer(redis, keys.tokenizer(cmd.tokenizer_id), "stored")
+        await artifacts.fetch(
+            store, s, tok, s.tokenizer_dir(cmd.tokenizer_id), f"tokenizer {cmd.tokenizer_id!r}"
+        )
+        if cmd.pretrained_run_id:
+            run = cmd.pretrained_run_id
+            model = await artifacts.read_pointer(redis, keys.run(run), "stored")
+            await artifacts.fetch(store, s, model, s.run_dir(run), f"pretrained run {run!r}")
+
+    async def resume_point(self, cmd: ModelTrain, ctx: Context) -> int:
+        """Bring the run's stored checkpoint here when it is newer than any in the local run
+        dir (the run started on another machine); returns the step recorded in Redis."""
+        pointer = await artifacts.read_pointer(ctx.redis, ctx.keys.run(cmd.run_id), "checkpoint")
+        if pointer is None:
+            return 0
+        stored = name_step(pointer.key.rsplit("/", 1)[-1]) or 0
+        run_dir = self.settings.run_dir(cmd.run_id)
+        local = await asyncio.to_thread(local_checkpoint_step, run_dir / CHECKPOINTS)
+        if stored > local:
+            started = time.monotonic()
+            try:
+                await restore_checkpoint(self.store, pointer, run_dir)
+            except NotInStore as e:  # deleted from the store: the run goes on from here
+                ctx.log.warning("the stored checkpoint is gone", key=pointer.key, error=str(e))
+                return 0
+            ctx.log.info(
+                "fetched the stored checkpoint",
+                step=stored,
+                local_step=local,
+                size=pointer.size,
+                seconds=round(time.monotonic() - started, 3),
+            )
+        return stored
+
     async def train(self, cmd: ModelTrain, ctx: Context) -> Outcome:
+        check_command(cmd)  # before any work (protocol.commands)
+        s = self.settings
+        held = [s.corpus_dir(cmd.corpus_id), s.tokenizer_dir(cmd.tokenizer_id)]
+        held.append(s.run_dir(cmd.run_id))
+        if cmd.pretrained_run_id:
+            held.append(s.run_dir(cmd.pretrained_run_id))
+        async with artifacts.hold(s, *held):
+            await self.fetch_inputs(cmd, ctx)
+            recorded = await self.resume_point(cmd, ctx)
+            return await self.run_training(cmd, ctx, recorded)
+
+    async def run_training(self, cmd: ModelTrain, ctx: Context, recorded: int) -> Outcome:
         job = self.job(cmd)
+        uploader = CheckpointUploader(
+            self.store,
+            ctx.redis,
+            ctx.keys,
+            cmd.run_id,
+            Path(job.run_dir),
+            job.config.keep_checkpoints,
+            ctx.log,
+            recorded,
+        )
+        try:
+            return await self._run_training(cmd, ctx, job, uploader)
+        finally:
+            await uploader.close()
+
+    async def _run_training(
+        self, cmd: ModelTrain, ctx: Context, job: TrainJob, uploader: CheckpointUploader
+    ) -> Outcome:
         cancel, stop = CancelFlag(Path(job.cancel_path)), CancelFlag(Path(job.stop_path))
         stop.clear()
         if await ctx.cancel_requested():
@@ -283,7 +644,7 @@ class TrainerActor(Actor):
         ctx.log.info("training child started", pid=child.pid)
         on_stop = asyncio.create_task(_checkpoint_on_stop(ctx, stop))
         try:
-            result = await self.follow(cmd, ctx, child, out, cancel)
+            result = await self.follow(cmd, ctx, child, out, cancel, uploader)
         finally:
             on_stop.cancel()
             stopped = stop.is_set()  # by the service's stop, before _stop_child sets it
@@ -291,12 +652,22 @@ class TrainerActor(Actor):
             stop.clear()
             if self._spare is None and not ctx.runtime.stopping:
                 self._spare = Spare.spawn(self._inductor_cache())  # for the next run
+        if result.status == "cancelled" and stopped and not cancel.is_set():
+            raise Interrupted(f"stopped at step {result.steps}; checkpoint kept")
+        await uploader.finish(result.steps)  # the last checkpoint, before the outcome
         if result.status == "cancelled":
-            if stopped and not cancel.is_set():
-                raise Interrupted(f"stopped at step {result.steps}; checkpoint kept")
             raise Cancelled(f"cancelled at step {result.steps}; checkpoint kept")
         cancel.clear()
-        return Outcome(events=[completed_event(result)])
+        stored = await artifacts.publish(
+            self.store, self.settings, Path(job.run_dir), f"runs/{cmd.run_id}/model", RUN_EXCLUDE
+        )
+        ctx.log.info(
+            "run stored", key=stored.key, size=stored.size, checkpoint_retries=uploader.failures
+        )
+        return Outcome(
+            events=[completed_event(result)],
+            writes=[artifacts.pointer_write(ctx.keys.run(cmd.run_id), "stored", stored)],
+        )
 
     async def follow(
         self,
@@ -305,6 +676,7 @@ class TrainerActor(Actor):
         child: multiprocessing.process.BaseProcess,
         out: Queue[bytes],
         cancel: CancelFlag,
+        uploader: CheckpointUploader | None = None,
     ) -> TrainResult:
         """Forward progress until the child reports its result; watch the cancel flag."""
         last_emit = last_cancel_check = 0.0
@@ -333,6 +705,8 @@ class TrainerActor(Actor):
             match msg:
                 case ChildStarted(info=info):
                     saved = info.resumed_from_step
+                    if uploader is not None:  # a local checkpoint the store may lack
+                        uploader.offer(saved)
                     await ctx.emit(started_event(cmd, info))
                     if info.resumed_from_step:
                         ctx.log.info("resumed from checkpoint", step=info.resumed_from_step)
@@ -341,6 +715,8 @@ class TrainerActor(Actor):
                     # counting earlier deliveries toward the poison limit.
                     if (newest := checkpoint_on_disk(p.step, cmd.checkpoint_every)) > saved:
                         saved = newest
+                        if uploader is not None:
+                            uploader.offer(newest)
                         await ctx.progressed()
                     if p.val_loss is not None or time.monotonic() - last_emit >= PROGRESS_EVERY_S:
                         await ctx.emit(progress_event(p))

@@ -1,13 +1,17 @@
 """uploader: `artifact.upload` — archives a run dir (or a tokenizer dir) as a streamed tar.gz
-and keeps it in the local artifact store, or sends it to the Data Bank when one is set.
+and puts it into the artifact store when MT_STORE_URL is set (`artifacts/<run|tokenizer>/
+<id>.tar.gz`, storage "store"); without it, keeps it in the local artifact folder, or sends
+it to the Data Bank when one is set, as before the store existed. The folder is brought from
+the store first by its pointer (the run's or tokenizer's field `stored`) unless it is here.
 
 The archive is built in the actor's process pool and streamed to disk in tar records, so a
 model of any size never sits in memory; its size and sha256 are counted on the way out.
 Local store: `artifacts/<run|tokenizer>/<id>.tar.gz`, written under a temporary name and
 renamed into place. The pointer (`{"storage": "local"|"data-bank", ...}`) reaches the run
 state through the ArtifactStored event and is also written into the run's manifest.json.
-The uploader is normally the last step of a chain; the runtime records run.completed after
-it (and queues the next step when the chain goes on).
+A tokenizer's pointer is also recorded as field `artifact` of its record (the download route
+finds it there). The uploader is normally the last step of a chain; the runtime records
+run.completed after it (and queues the next step when the chain goes on).
 """
 
 from __future__ import annotations
@@ -24,10 +28,13 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 import aiohttp
+import msgspec
 
+from actors.runtime.artifacts import entry_path, fetch, hold, read_pointer
 from actors.runtime.config import Settings
 from actors.runtime.outcome import Outcome
 from actors.runtime.pool import PoolActor
+from actors.runtime.store import StoreError, make_store
 from actors.runtime.streams import Context
 from actors.workers import databank
 from actors.workers.evaluator import MODEL_FILES
@@ -148,12 +155,14 @@ class UploaderActor(PoolActor):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self._session: aiohttp.ClientSession | None = None
+        self.store = make_store(settings)
 
     async def stop(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
         await super().stop()
+        await self.store.aclose()
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -169,17 +178,29 @@ class UploaderActor(PoolActor):
             case _:
                 return None
 
-    def source(self, cmd: ArtifactUpload) -> tuple[Path, str, Literal["run", "tokenizer"]]:
-        """(dir to archive, archive name, store folder) for the command's target, checked
-        before any work: an unknown run or tokenizer is a user error, never an archive of
-        whatever its folder holds (a run's folder gets its log as soon as it is named)."""
-        check_command(cmd)
+    async def source(
+        self, cmd: ArtifactUpload, ctx: Context
+    ) -> tuple[Path, str, Literal["run", "tokenizer"]]:
+        """(dir to archive, archive name, store folder) for the command's target, brought
+        from the store by its pointer unless it is here, and checked before any work: an
+        unknown run or tokenizer is a user error, never an archive of whatever its folder
+        holds (a run's folder gets its log as soon as it is named). Call it under `hold`."""
+        s = self.settings
         if cmd.target == "tokenizer":
-            tok_dir = self.settings.tokenizer_dir(cmd.tokenizer_id)
+            tok_dir = s.tokenizer_dir(cmd.tokenizer_id)
+            stored = await read_pointer(ctx.redis, ctx.keys.tokenizer(cmd.tokenizer_id), "stored")
+            if stored is not None:
+                await fetch(self.store, s, stored, tok_dir, f"tokenizer {cmd.tokenizer_id!r}")
             if not any((tok_dir / name).is_file() for name in TOKENIZER_FILES):
                 raise FieldError("tokenizer_id", f"unknown tokenizer {cmd.tokenizer_id!r}")
             return tok_dir, cmd.tokenizer_id, "tokenizer"
-        run_dir = self.settings.run_dir(cmd.run_id)
+        run_dir = s.run_dir(cmd.run_id)
+        stored = await read_pointer(ctx.redis, ctx.keys.run(cmd.run_id), "stored")
+        if stored is not None and not any((run_dir / name).is_file() for name in MODEL_FILES):
+            # A folder without the model is not the stored version, whatever the entry says.
+            await asyncio.to_thread(entry_path(s, run_dir).unlink, True)
+        if stored is not None:
+            await fetch(self.store, s, stored, run_dir, f"run {cmd.run_id!r}'s model")
         if not any((run_dir / name).is_file() for name in MODEL_FILES):
             raise FieldError(
                 "run_id", f"run {cmd.run_id!r} has no trained model here (unknown run?)"
@@ -187,22 +208,61 @@ class UploaderActor(PoolActor):
         return run_dir, cmd.run_id, "run"
 
     async def upload(self, cmd: ArtifactUpload, ctx: Context) -> Outcome:
+        check_command(cmd)
         s = self.settings
-        src, name, folder = self.source(cmd)
+        tokenizer = cmd.target == "tokenizer"
+        local = s.tokenizer_dir(cmd.tokenizer_id) if tokenizer else s.run_dir(cmd.run_id)
+        async with hold(s, local):
+            src, name, folder = await self.source(cmd, ctx)
+            event = await self.archive(cmd, ctx, src, name, folder)
+            await asyncio.to_thread(record_in_manifest, s.run_dir(cmd.run_id), event.pointer())
+        outcome = Outcome(events=[event])
+        if tokenizer:
+            pointer = msgspec.json.encode(event.pointer())
+            record = ctx.keys.tokenizer(cmd.tokenizer_id)
+            outcome.writes.append(("HSET", record, "artifact", pointer))
+        return outcome
+
+    async def archive(
+        self, cmd: ArtifactUpload, ctx: Context, src: Path, name: str, folder: str
+    ) -> ArtifactStored:
+        s = self.settings
         exclude = list(RUN_EXCLUDE) if cmd.target == "run" else []
         bank = (s.data_bank_url, s.data_bank_key)
-        if bank[0] and bank[1]:
+        elsewhere = bool(s.store_url) or bool(bank[0] and bank[1])
+        if elsewhere:  # a temporary archive, removed once it is stored
             dest = s.artifact_dir() / ".upload" / f"{name}-{secrets.token_hex(4)}.tar.gz"
         else:
             dest = s.artifact_dir() / folder / f"{name}.tar.gz"
         archive = await self.pool.run(build_archive, str(src), str(dest), name, exclude)
         ctx.log.info("archived", path=archive.path, size=archive.size, sha256=archive.sha256)
+        if s.store_url:
+            key = f"artifacts/{folder}/{name}.tar.gz"
+            try:
+                pointer = await self.store.put_file(Path(archive.path), key)
+            finally:
+                await asyncio.to_thread(_remove, archive.path)
+            if pointer.sha256 != archive.sha256 or pointer.size != archive.size:
+                raise StoreError(
+                    f"{key}: stored {pointer.size} bytes with sha256 {pointer.sha256}; "
+                    f"archived {archive.size} bytes with sha256 {archive.sha256}"
+                )
+            return ArtifactStored(
+                storage="store",
+                target=cmd.target,
+                uri=f"{s.store_url.rstrip('/')}/{key}" if pointer.backend == "s3" else key,
+                file_id=pointer.file_id,
+                size=archive.size,
+                sha256=archive.sha256,
+                backend=pointer.backend,
+                key=pointer.key,
+            )
         if bank[0] and bank[1]:
             try:
                 stored = await self.send(archive, bank[0], bank[1])
             finally:
                 await asyncio.to_thread(_remove, archive.path)
-            event = ArtifactStored(
+            return ArtifactStored(
                 storage="data-bank",
                 target=cmd.target,
                 uri=f"{bank[0].rstrip('/')}/files/{stored.file_id}",
@@ -210,16 +270,13 @@ class UploaderActor(PoolActor):
                 size=stored.size,
                 sha256=stored.sha256,
             )
-        else:
-            event = ArtifactStored(
-                storage="local",
-                target=cmd.target,
-                uri=Path(archive.path).as_uri(),
-                size=archive.size,
-                sha256=archive.sha256,
-            )
-        await asyncio.to_thread(record_in_manifest, s.run_dir(cmd.run_id), event.pointer())
-        return Outcome(events=[event])
+        return ArtifactStored(
+            storage="local",
+            target=cmd.target,
+            uri=Path(archive.path).as_uri(),
+            size=archive.size,
+            sha256=archive.sha256,
+        )
 
     async def send(self, archive: Archive, url: str, key: str) -> databank.DataBankFile:
         stored = await databank.upload(self.session(), url, key, Path(archive.path), CONTENT_TYPE)

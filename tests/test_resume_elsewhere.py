@@ -1,0 +1,228 @@
+"""A run is not tied to a machine: the trainer fetches its inputs by their pointers, stores
+each checkpoint as it goes, and a trainer on another machine (another data dir, nothing
+shared but Redis and the store) resumes a killed run from the stored checkpoint, bit for
+bit. A store outage during training delays the checkpoints' upload and fails nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+
+from actors.runtime import artifacts
+from actors.runtime.config import Settings
+from actors.runtime.seaweed import SeaweedS3
+from actors.runtime.store import make_store
+from actors.workers.trainer import (
+    checkpoint_name,
+    train_config,
+)
+from protocol.codec import FIELD, encode
+from protocol.commands import ModelTrain
+from protocol.events import RunFailed, TrainStarted, event_kind
+from protocol.keys import Keys
+from tests.helpers_ml import TEXT, char_tokenizer
+from tests.test_service import (
+    alive,
+    events_of,
+    same_weights,
+    train_curve,
+    training_children,
+    wait_for_end,
+)
+from trainer.corpus import CorpusConfig, prepare_corpus
+from trainer.train import train
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def machine(root: Path, keys: Keys, s3: SeaweedS3, prefix: str) -> Settings:
+    """One machine: a data dir of its own, the shared Redis namespace and store."""
+    env = {"MT_DATA_DIR": str(root), "MT_PREFIX": keys.prefix, "MT_LEASE_S": "2", **s3.env(prefix)}
+    return replace(Settings.from_env(env), events_channel=f"{keys.prefix}:trainer:events")
+
+
+@dataclass
+class Inputs:
+    corpus_id: str
+    tokenizer_id: str
+    corpus_dir: Path  # on the machine that made them
+    tokenizer_dir: Path
+
+
+async def publish_inputs(settings: Settings, redis: aioredis.Redis, keys: Keys) -> Inputs:
+    """What ingest and the tokenizer would leave: folders in the store, pointers in Redis."""
+    corpus_id, tokenizer_id = f"c-{uuid.uuid4().hex[:8]}", f"t-{uuid.uuid4().hex[:8]}"
+    source = settings.corpus_root / "river.txt"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_text(TEXT * 4)
+    corpus_dir = settings.corpus_dir(corpus_id)
+    prepare_corpus(source, corpus_dir, CorpusConfig())
+    tokenizer_dir = char_tokenizer(corpus_dir, settings.tokenizer_dir(tokenizer_id))
+    async with make_store(settings) as store:
+        corpus = await artifacts.publish(store, settings, corpus_dir, f"corpora/{corpus_id}")
+        tok = await artifacts.publish(store, settings, tokenizer_dir, f"tokenizers/{tokenizer_id}")
+    await redis.hset(keys.corpus(corpus_id), "stored", msgspec.json.encode(corpus))
+    await redis.hset(keys.tokenizer(tokenizer_id), "stored", msgspec.json.encode(tok))
+    return Inputs(corpus_id, tokenizer_id, corpus_dir, tokenizer_dir)
+
+
+def train_command(inputs: Inputs, **changes: object) -> ModelTrain:
+    settings: dict[str, object] = {
+        "model_family": "gpt2",
+        "max_seq_len": 32,
+        "batch_size": 4,
+        "max_steps": 160,
+        "eval_every": 40,
+        "checkpoint_every": 10,
+        "warmup_steps": 4,
+        "learning_rate": 2e-3,
+        "threads": 1,
+        "device": "cpu",
+        "precision": "fp32",
+        "compile": "off",
+        **changes,
+    }
+    return msgspec.convert(
+        {
+            "command_id": f"cmd-{uuid.uuid4().hex[:8]}",
+            "run_id": f"run-{uuid.uuid4().hex[:8]}",
+            "corpus_id": inputs.corpus_id,
+            "tokenizer_id": inputs.tokenizer_id,
+            **settings,
+        },
+        ModelTrain,
+    )
+
+
+def trainer_process(
+    settings: Settings, redis_url: str, consumer: str, log: Path
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "MT_PREFIX": settings.prefix,
+        "MT_DATA_DIR": str(settings.data_dir),
+        "MT_CONSUMER": consumer,
+        "MT_LEASE_S": str(settings.lease_s),
+        "MT_STORE_URL": settings.store_url or "",
+        "AWS_ENDPOINT_URL": settings.aws_endpoint_url or "",
+        "AWS_ACCESS_KEY_ID": settings.aws_access_key_id or "",
+        "AWS_SECRET_ACCESS_KEY": settings.aws_secret_access_key or "",
+        "AWS_REGION": settings.aws_region or "",
+        "OMP_NUM_THREADS": "1",
+    }
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "actors.cli.main", "actor", "trainer"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def recorded_step(redis: aioredis.Redis, keys: Keys, run_id: str) -> int:
+    raw = await redis.hget(keys.run(run_id), "checkpoint_step")
+    return int(raw) if raw else 0
+
+
+async def until_recorded(
+    redis: aioredis.Redis, keys: Keys, run_id: str, at_least: int, timeout: float = 240
+) -> int:
+    deadline = time.monotonic() + timeout
+    while (step := await recorded_step(redis, keys, run_id)) < at_least:
+        assert time.monotonic() < deadline, f"no checkpoint past step {at_least} was recorded"
+        await asyncio.sleep(0.05)
+    return step
+
+
+async def fetch_stored_run(
+    settings: Settings, redis: aioredis.Redis, keys: Keys, run_id: str, dest: Path
+) -> Path:
+    pointer = await artifacts.read_pointer(redis, keys.run(run_id), "stored")
+    assert pointer is not None, "the run's stored pointer was not written"
+    assert pointer.key == f"runs/{run_id}/model"
+    async with make_store(settings) as store:
+        return await store.get(pointer, dest)
+
+
+async def stored_checkpoints(settings: Settings, run_id: str) -> list[str]:
+    async with make_store(settings) as store:
+        return await store.list(f"runs/{run_id}/checkpoints")
+
+
+async def test_a_run_killed_on_one_machine_resumes_on_another_bit_for_bit(
+    redis_url: str, redis: aioredis.Redis, keys: Keys, s3_server: SeaweedS3, tmp_path: Path
+) -> None:
+    prefix = f"t-{uuid.uuid4().hex[:10]}"
+    a, b, c = (machine(tmp_path / m, keys, s3_server, prefix) for m in ("a", "b", "c"))
+    inputs = await publish_inputs(a, redis, keys)
+    cmd = train_command(inputs)
+    await redis.xadd(keys.cmd("trainer"), {FIELD: encode(cmd)})
+
+    first = trainer_process(b, redis_url, "b", tmp_path / "b.log")
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        seen = await until_recorded(redis, keys, cmd.run_id, 10)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        # B's training child exits with it (it must not write on after the takeover).
+        [orphan] = training_children(b.run_dir(cmd.run_id))
+        deadline = time.monotonic() + 5
+        while alive(orphan):
+            assert time.monotonic() < deadline, "B's training child lives on"
+            await asyncio.sleep(0.05)
+        assert not c.run_dir(cmd.run_id).exists() and not c.corpus_dir(cmd.corpus_id).exists()
+        second = trainer_process(c, redis_url, "c", tmp_path / "c.log")
+        status = await wait_for_end(redis, keys, cmd.run_id, timeout=400)
+        assert status == "completed", (tmp_path / "c.log").read_text()[-3000:]
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    events = await events_of(redis, keys, cmd.run_id)
+    kinds = [event_kind(e) for e in events]
+    assert kinds.count("train.completed") == 1 and not [
+        e for e in events if isinstance(e, RunFailed)
+    ]
+    starts = [e for e in events if isinstance(e, TrainStarted)]
+    assert [s.resumed_from_step > 0 for s in starts] == [False, True], starts
+    resumed = starts[1].resumed_from_step
+    assert resumed >= seen and resumed % cmd.checkpoint_every == 0
+    c_log = (tmp_path / "c.log").read_text()
+    assert "fetched the stored checkpoint" in c_log
+    # C had nothing of its own: the inputs came from the store, by their pointers.
+    assert (c.corpus_dir(cmd.corpus_id) / "train.txt").is_file()
+    assert (c.tokenizer_dir(cmd.tokenizer_id) / "mt_tokenizer.json").is_file()
+
+    # The same run, never interrupted, here in this process: the same weights, bit for bit,
+    # and the same curve in the stored run folder (its metrics came along with the checkpoint).
+    clean_dir = tmp_path / "clean"
+    clean = await asyncio.to_thread(
+        train, train_config(cmd), inputs.corpus_dir, inputs.tokenizer_dir, clean_dir
+    )
+    assert clean.resumed_from_step is None
+    fetched = await fetch_stored_run(c, redis, keys, cmd.run_id, tmp_path / "fetched")
+    assert same_weights(fetched, clean_dir), "the run resumed elsewhere has other weights"
+    assert train_curve(fetched) == train_curve(clean_dir)
+    assert not (fetched / "checkpoints").exists() and not (fetched / "logs.jsonl").exists()
+
+    # The checkpoint pointer names the last one; the store keeps the newest keep_checkpoints.
+    last = f"runs/{cmd.run_id}/checkpoints/{checkpoint_name(cmd.max_steps or 0)}"
+    pointer = await artifacts.read_pointer(redis, keys.run(cmd.run_id), "checkpoint")
+    assert pointer is not None and pointer.key == last
+    kept = await stored_checkpoints(c, cmd.run_id)
+    assert kept[-1] == last and len(kept) == 2, kept
