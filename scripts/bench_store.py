@@ -189,7 +189,8 @@ async def _bench(args: argparse.Namespace) -> None:
 class TrainRun:
     tokens_per_s: float  # the child's: training steps only
     wall_s: float  # job handed over → last checkpoint stored
-    stored: int  # checkpoints stored (the newest wins: some are skipped)
+    stored: int  # checkpoints uploaded (the newest wins: some are skipped)
+    offered: int  # checkpoints the child wrote
     retries: int
 
 
@@ -239,11 +240,12 @@ async def _train_once(
                     raise RuntimeError(f"the training child exited ({spare.process.exitcode})")
         if uploader is not None:
             await uploader.finish(result.steps)
-            stored = len(await uploader.store.list(f"runs/{uploader.run_id}/checkpoints"))
+            stored = uploader.stored
         return TrainRun(
             result.tokens_per_s,
             time.perf_counter() - t0,
             stored,
+            -(-result.steps // config.checkpoint_every),
             uploader.failures if uploader is not None else 0,
         )
     finally:
@@ -326,7 +328,7 @@ async def _bench_training(args: argparse.Namespace) -> None:
                     runs[mode].append(r)
                     print(
                         f"  {run_id:6} {r.tokens_per_s:10.0f} tokens/s  {r.wall_s:6.1f} s"
-                        + (f"  {r.stored} checkpoints stored" if up is not None else "")
+                        + (f"  {r.stored} of {r.offered} checkpoints stored" if up else "")
                     )
                     shutil.rmtree(work / run_id, ignore_errors=True)
         finally:

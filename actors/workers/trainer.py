@@ -354,6 +354,7 @@ class CheckpointUploader:
         self.run_id, self.run_dir, self.keep, self.log = run_id, run_dir, keep, logger
         self.uploaded = recorded  # the newest step stored (by us, or recorded before)
         self.failures = 0  # uploads that failed and were retried
+        self.stored = 0  # uploads done (the newest wins: some checkpoints are skipped)
         self._wanted = self._settled = recorded
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -410,6 +411,7 @@ class CheckpointUploader:
         )
         self.uploaded = max(self.uploaded, step)
         self._settled = max(self._settled, step)
+        self.stored += 1
         self.log.info(
             "checkpoint stored",
             step=step,
@@ -676,7 +678,11 @@ class TrainerActor(Actor):
             self.store, self.settings, Path(job.run_dir), f"runs/{cmd.run_id}/model", RUN_EXCLUDE
         )
         ctx.log.info(
-            "run stored", key=stored.key, size=stored.size, checkpoint_retries=uploader.failures
+            "run stored",
+            key=stored.key,
+            size=stored.size,
+            checkpoints_stored=uploader.stored,
+            checkpoint_retries=uploader.failures,
         )
         return Outcome(
             events=[completed_event(result)],
