@@ -18,13 +18,19 @@ from pathlib import Path
 import msgspec
 import pytest
 import redis.asyncio as aioredis
+import structlog
 
 from actors.runtime import artifacts
 from actors.runtime.config import Settings
 from actors.runtime.seaweed import SeaweedS3
-from actors.runtime.store import make_store
+from actors.runtime.store import Store, make_store
+from actors.runtime.store_s3 import S3Objects
 from actors.workers.trainer import (
+    CheckpointUploader,
+    checkpoint_key,
     checkpoint_name,
+    local_checkpoint_step,
+    restore_checkpoint,
     train_config,
 )
 from protocol.codec import FIELD, encode
@@ -35,6 +41,7 @@ from tests.helpers_ml import TEXT, char_tokenizer
 from tests.test_service import (
     alive,
     events_of,
+    running,
     same_weights,
     train_curve,
     training_children,
@@ -174,7 +181,8 @@ async def test_a_run_killed_on_one_machine_resumes_on_another_bit_for_bit(
     first = trainer_process(b, redis_url, "b", tmp_path / "b.log")
     second: subprocess.Popen[bytes] | None = None
     try:
-        seen = await until_recorded(redis, keys, cmd.run_id, 10)
+        # Past the first validation (step 40): best/ and the val line come along.
+        seen = await until_recorded(redis, keys, cmd.run_id, 50)
         first.send_signal(signal.SIGKILL)
         first.wait()
         # B's training child exits with it (it must not write on after the takeover).
@@ -226,3 +234,119 @@ async def test_a_run_killed_on_one_machine_resumes_on_another_bit_for_bit(
     assert pointer is not None and pointer.key == last
     kept = await stored_checkpoints(c, cmd.run_id)
     assert kept[-1] == last and len(kept) == 2, kept
+
+
+async def test_a_store_outage_during_training_delays_the_checkpoints_and_fails_nothing(
+    redis_url: str, redis: aioredis.Redis, keys: Keys, s3_server: SeaweedS3, tmp_path: Path
+) -> None:
+    settings = machine(tmp_path / "a", keys, s3_server, f"t-{uuid.uuid4().hex[:10]}")
+    inputs = await publish_inputs(settings, redis, keys)
+    cmd = train_command(inputs, max_steps=240)
+    run_dir = settings.run_dir(cmd.run_id)
+    async with running(settings, redis_url, ["trainer"]):
+        await redis.xadd(keys.cmd("trainer"), {FIELD: encode(cmd)})
+        await until_recorded(redis, keys, cmd.run_id, 10)
+        s3_server.stop()
+        try:
+            await asyncio.sleep(0.5)  # an upload that finished just before may still record
+            during = await recorded_step(redis, keys, cmd.run_id)
+            # Training goes on, unstalled, while its checkpoints cannot be stored.
+            deadline = time.monotonic() + 120
+            while local_checkpoint_step(run_dir / "checkpoints") < during + 40:
+                assert time.monotonic() < deadline, "training stalled during the outage"
+                await asyncio.sleep(0.1)
+            assert await recorded_step(redis, keys, cmd.run_id) == during
+        finally:
+            s3_server.start()
+        assert await wait_for_end(redis, keys, cmd.run_id, timeout=300) == "completed"
+    events = await events_of(redis, keys, cmd.run_id)
+    assert not [e for e in events if isinstance(e, RunFailed)]
+    assert not await redis.exists(keys.tries(cmd.command_id)), "a retry was used"
+    assert await recorded_step(redis, keys, cmd.run_id) == 240
+    fetched = await fetch_stored_run(settings, redis, keys, cmd.run_id, tmp_path / "fetched")
+    assert same_weights(fetched, run_dir)
+    assert train_curve(fetched) == train_curve(run_dir)
+
+
+def fake_checkpoint(run_dir: Path, step: int) -> None:
+    """What the training child leaves: a checkpoint folder, metrics.jsonl and best/."""
+    folder = run_dir / "checkpoints" / checkpoint_name(step)
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(os.urandom(50_000))
+    (folder / "trainer.json").write_text(f'{{"step": {step}}}')
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write(f'{{"kind": "train", "step": {step}}}\n')
+    best = run_dir / "best"
+    best.mkdir(exist_ok=True)
+    (best / "model.safetensors").write_bytes(f"best at {step}".encode())
+
+
+async def test_the_uploader_retries_an_outage_keeps_the_newest_and_never_goes_back(
+    redis: aioredis.Redis, keys: Keys, s3_server: SeaweedS3, tmp_path: Path
+) -> None:
+    run_id, run_dir = "r1", tmp_path / "run"
+    objects = S3Objects(
+        s3_server.bucket,
+        f"t-{uuid.uuid4().hex[:10]}",
+        endpoint=s3_server.endpoint,
+        access_key_id=s3_server.access_key_id,
+        secret_access_key=s3_server.secret_access_key,
+        region=s3_server.region,
+        retry_timeout_s=1.0,  # an outage surfaces as StoreError within a second
+    )
+    log = structlog.stdlib.get_logger("test")
+
+    async def until_uploaded(uploader: CheckpointUploader, step: int) -> None:
+        deadline = time.monotonic() + 60
+        while uploader.uploaded < step:
+            assert time.monotonic() < deadline, f"step {step} was not stored"
+            await asyncio.sleep(0.05)
+
+    async with Store(objects) as store:
+        up = CheckpointUploader(store, redis, keys, run_id, run_dir, 2, log, 0)
+        try:
+            fake_checkpoint(run_dir, 10)
+            s3_server.stop()
+            try:
+                up.offer(10)
+                deadline = time.monotonic() + 30
+                while up.failures < 1:
+                    assert time.monotonic() < deadline, "the outage was not noticed"
+                    await asyncio.sleep(0.1)
+                assert up.uploaded == 0
+                assert not await redis.hget(keys.run(run_id), "checkpoint")
+            finally:
+                s3_server.start()
+            await until_uploaded(up, 10)
+            for step in (20, 30):
+                fake_checkpoint(run_dir, step)
+                up.offer(step)
+                await until_uploaded(up, step)
+            # Two offered at once: the newest wins, the older one is never stored.
+            fake_checkpoint(run_dir, 40)
+            fake_checkpoint(run_dir, 50)
+            up.offer(40)
+            up.offer(50)
+            await until_uploaded(up, 50)
+        finally:
+            await up.close()
+        names = [k.rsplit("/", 1)[1] for k in await store.list(f"runs/{run_id}/checkpoints")]
+        assert names == [checkpoint_name(30), checkpoint_name(50)]  # keep 2: 10, 20 pruned
+
+        # A stale trainer storing an older checkpoint does not move the pointer back.
+        stale = CheckpointUploader(store, redis, keys, run_id, run_dir, 2, log, 0)
+        await stale.finish(30)
+        pointer = await artifacts.read_pointer(redis, keys.run(run_id), "checkpoint")
+        assert pointer is not None and pointer.key == checkpoint_key(run_id, 50)
+
+        # Another machine brings it back as its latest, metrics and best/ beside it.
+        there = tmp_path / "there"
+        assert await restore_checkpoint(store, pointer, there) == 50
+        ckpt = there / "checkpoints"
+        assert (ckpt / "latest").read_text().strip() == checkpoint_name(50)
+        assert local_checkpoint_step(ckpt) == 50
+        src = run_dir / "checkpoints" / checkpoint_name(50) / "model.safetensors"
+        assert (ckpt / checkpoint_name(50) / "model.safetensors").read_bytes() == src.read_bytes()
+        assert not (ckpt / checkpoint_name(50) / "_run").exists()
+        assert (there / "metrics.jsonl").read_text() == (run_dir / "metrics.jsonl").read_text()
+        assert (there / "best" / "model.safetensors").read_bytes() == b"best at 50"

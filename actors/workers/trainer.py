@@ -224,13 +224,15 @@ CHECKPOINTS = "checkpoints"
 RUN_EXTRA = "_run"  # in a stored checkpoint: the run's metrics.jsonl and best/ of that moment
 RETRY_FIRST_S = 1.0  # backoff of a failed checkpoint upload (a store outage), doubling
 RETRY_MAX_S = 30.0
-FINAL_UPLOAD_S = 300.0
+FINAL_UPLOAD_S = 300.0  # the final checkpoint: past this outage the command is retried
+_MISSING = {
+    "corpus": "corpus {name!r} has not been ingested",
+    "tokenizer": "unknown tokenizer {name!r}",
+    "pretrained run": "pretrained run {name!r} has no model",
+}
 # Not in the stored run folder: the checkpoints are stored one by one, and logs.jsonl grows
 # while the folder is uploaded (the run's log lives in Redis).
-RUN_EXCLUDE = (
-    CHECKPOINTS,
-    "logs.jsonl",
-)  # the final checkpoint: past this outage the command is retried
+RUN_EXCLUDE = (CHECKPOINTS, "logs.jsonl")
 _STEP_NAME = re.compile(r"^step-(\d{8,})$")
 
 # Move the run's `checkpoint` pointer forward only: a stale trainer (fenced out, or slower)
@@ -310,6 +312,12 @@ def stage_checkpoint(run_dir: Path, step: int) -> Path | None:
     return dest
 
 
+def clear_staging(ckpt_dir: Path) -> None:
+    """Remove what uploads cut short by a kill left (hard links: no bytes of their own)."""
+    for p in ckpt_dir.glob(".upload-*") if ckpt_dir.is_dir() else []:
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def place_checkpoint(run_dir: Path, name: str) -> None:
     """A fetched checkpoint into place: _run/ back into the run dir, `latest` at it."""
     ckpt_dir = run_dir / CHECKPOINTS
@@ -346,6 +354,7 @@ class CheckpointUploader:
         self.run_id, self.run_dir, self.keep, self.log = run_id, run_dir, keep, logger
         self.uploaded = recorded  # the newest step stored (by us, or recorded before)
         self.failures = 0  # uploads that failed and were retried
+        self.stored = 0  # uploads done (the newest wins: some checkpoints are skipped)
         self._wanted = self._settled = recorded
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -402,6 +411,7 @@ class CheckpointUploader:
         )
         self.uploaded = max(self.uploaded, step)
         self._settled = max(self._settled, step)
+        self.stored += 1
         self.log.info(
             "checkpoint stored",
             step=step,
@@ -561,29 +571,35 @@ class TrainerActor(Actor):
 
     async def fetch_inputs(self, cmd: ModelTrain, ctx: Context) -> None:
         """The corpus, the tokenizer and a pretrained run, by their pointers in Redis (a
-        StoreError: the runtime retries the command; nothing anywhere: a UserError)."""
-        s, store, redis, keys = self.settings, self.store, ctx.redis, ctx.keys
-        corpus = await artifacts.read_pointer(redis, keys.corpus(cmd.corpus_id), "stored")
-        await artifacts.fetch(
-            store, s, corpus, s.corpus_dir(cmd.corpus_id), f"corpus {cmd.corpus_id!r}"
-        )
-        tok = await artifacts.read_pointer(redis, keys.tokenizer(cmd.tokenizer_id), "stored")
-        await artifacts.fetch(
-            store, s, tok, s.tokenizer_dir(cmd.tokenizer_id), f"tokenizer {cmd.tokenizer_id!r}"
-        )
+        StoreError: the runtime retries the command; nowhere at all: a UserError)."""
+        s, redis, keys = self.settings, ctx.redis, ctx.keys
+        inputs = [
+            (keys.corpus(cmd.corpus_id), s.corpus_dir(cmd.corpus_id), "corpus", cmd.corpus_id),
+            (
+                keys.tokenizer(cmd.tokenizer_id),
+                s.tokenizer_dir(cmd.tokenizer_id),
+                "tokenizer",
+                cmd.tokenizer_id,
+            ),
+        ]
         if cmd.pretrained_run_id:
             run = cmd.pretrained_run_id
-            model = await artifacts.read_pointer(redis, keys.run(run), "stored")
-            await artifacts.fetch(store, s, model, s.run_dir(run), f"pretrained run {run!r}")
+            inputs.append((keys.run(run), s.run_dir(run), "pretrained run", run))
+        for redis_key, local, what, name in inputs:
+            pointer = await artifacts.read_pointer(redis, redis_key, "stored")
+            if pointer is None and not await asyncio.to_thread(local.is_dir):
+                raise UserError(_MISSING[what].format(name=name))
+            await artifacts.fetch(self.store, s, pointer, local, f"{what} {name!r}")
 
     async def resume_point(self, cmd: ModelTrain, ctx: Context) -> int:
         """Bring the run's stored checkpoint here when it is newer than any in the local run
         dir (the run started on another machine); returns the step recorded in Redis."""
+        run_dir = self.settings.run_dir(cmd.run_id)
+        await asyncio.to_thread(clear_staging, run_dir / CHECKPOINTS)
         pointer = await artifacts.read_pointer(ctx.redis, ctx.keys.run(cmd.run_id), "checkpoint")
         if pointer is None:
             return 0
         stored = name_step(pointer.key.rsplit("/", 1)[-1]) or 0
-        run_dir = self.settings.run_dir(cmd.run_id)
         local = await asyncio.to_thread(local_checkpoint_step, run_dir / CHECKPOINTS)
         if stored > local:
             started = time.monotonic()
@@ -662,7 +678,11 @@ class TrainerActor(Actor):
             self.store, self.settings, Path(job.run_dir), f"runs/{cmd.run_id}/model", RUN_EXCLUDE
         )
         ctx.log.info(
-            "run stored", key=stored.key, size=stored.size, checkpoint_retries=uploader.failures
+            "run stored",
+            key=stored.key,
+            size=stored.size,
+            checkpoints_stored=uploader.stored,
+            checkpoint_retries=uploader.failures,
         )
         return Outcome(
             events=[completed_event(result)],
