@@ -191,7 +191,18 @@ class TrainRun:
     wall_s: float  # job handed over → last checkpoint stored
     stored: int  # checkpoints uploaded (the newest wins: some are skipped)
     offered: int  # checkpoints the child wrote
+    own_cpu_s: float  # this process (the actor's side: staging, hashing, HTTP)
+    server_cpu_s: float  # the SeaweedFS server (on this machine here; remote in production)
     retries: int
+
+
+def _cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system) of this process, or of process `pid`."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _train_once(
@@ -201,6 +212,7 @@ async def _train_once(
     run_dir: Path,
     cache: Path,
     uploader: CheckpointUploader | None,
+    server_pid: int | None,
 ) -> TrainRun:
     from actors.workers.trainer import (
         ChildError,
@@ -226,6 +238,7 @@ async def _train_once(
             cache_dir=str(cache),
         )
         t0 = time.perf_counter()
+        own0, server0 = _cpu_s(), _cpu_s(server_pid) if server_pid else 0.0
         spare.jobs.put(job)
         while True:
             msg = await asyncio.to_thread(_get, spare.out, 0.5)
@@ -246,6 +259,8 @@ async def _train_once(
             time.perf_counter() - t0,
             stored,
             -(-result.steps // config.checkpoint_every),
+            _cpu_s() - own0,
+            (_cpu_s(server_pid) - server0) if server_pid else 0.0,
             uploader.failures if uploader is not None else 0,
         )
     finally:
@@ -313,7 +328,8 @@ async def _bench_training(args: argparse.Namespace) -> None:
         )
         # Once untimed: the recipe cache, the first imports, the server's first volume.
         warm = CheckpointUploader(store, redis, keys, "warm", work / "warm", 2, logger, 0)
-        await _train_once(config, corpus, tok, work / "warm", cache, warm)
+        pid = server.process.pid if server.process is not None else None
+        await _train_once(config, corpus, tok, work / "warm", cache, warm, pid)
         runs: dict[str, list[TrainRun]] = {"on": [], "off": []}
         try:
             for i in range(args.pairs):
@@ -324,10 +340,11 @@ async def _bench_training(args: argparse.Namespace) -> None:
                         if mode == "on"
                         else None
                     )
-                    r = await _train_once(config, corpus, tok, work / run_id, cache, up)
+                    r = await _train_once(config, corpus, tok, work / run_id, cache, up, pid)
                     runs[mode].append(r)
                     print(
-                        f"  {run_id:6} {r.tokens_per_s:10.0f} tokens/s  {r.wall_s:6.1f} s"
+                        f"  {run_id:6} {r.tokens_per_s:10.0f} tokens/s  {r.wall_s:6.1f} s  cpu s: "
+                        f"here {r.own_cpu_s:5.1f}, S3 server {r.server_cpu_s:5.1f}"
                         + (f"  {r.stored} of {r.offered} checkpoints stored" if up else "")
                     )
                     shutil.rmtree(work / run_id, ignore_errors=True)
@@ -343,10 +360,16 @@ async def _bench_training(args: argparse.Namespace) -> None:
         f"{'tokens/s':10} {statistics.median(r.tokens_per_s for r in on):10.0f} "
         f"{statistics.median(r.tokens_per_s for r in off):11.0f} {ratio:23.2f}x  {verdict}"
     )
-    print(
-        f"{'wall s':10} {statistics.median(r.wall_s for r in on):10.1f} "
-        f"{statistics.median(r.wall_s for r in off):11.1f}"
-    )
+    for label, get in (
+        ("wall s", lambda r: r.wall_s),
+        ("cpu s here", lambda r: r.own_cpu_s),
+        ("cpu s S3", lambda r: r.server_cpu_s),
+    ):
+        print(
+            f"{label:10} {statistics.median(map(get, on)):10.1f} "
+            f"{statistics.median(map(get, off)):11.1f}"
+        )
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
     print(
         f"\ntarget: tokens/s with checkpoint upload >= {TRAIN_TARGET}x without; upload retries: "
         f"{sum(r.retries for r in on)}"
