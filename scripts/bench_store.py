@@ -22,7 +22,10 @@ upload to the SeaweedFS server, forward-only pointer in an embedded Redis, pruni
 nothing is uploaded. The tokens/s are the child's own (training steps only), so the ratio
 is what the uploads (hashing, HTTP, the server, all on this machine) take from training.
 Runs alternate on/off, --pairs times; the ratio is the median of the pairs' (target >=
-0.97x).
+0.97x). Each run also prints the CPU seconds of this process (the uploading side: staging,
+hashing, HTTP) and of the S3 server, which here shares the machine's cores with training
+(in production the store is elsewhere): on a small, busy machine they show where the
+difference goes.
 """
 
 from __future__ import annotations
