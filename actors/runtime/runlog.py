@@ -142,8 +142,10 @@ class RunLog:
             self._wake.clear()
             with self._lock:
                 idle = not self._lines and not self._dropped
+                full = len(self._lines) >= BATCH
             if idle:
                 await self._wake.wait()
+            if not full:
                 await asyncio.sleep(GATHER_S)
             if await self._flush_batch():
                 failures = 0
