@@ -3,11 +3,12 @@ process that reaches Redis serves it, wherever the run's actors ran.
 
 structlog processors are synchronous and may run in any thread, so the processor only
 queues the line (`RunLog.put`: a lock and a deque, never a wait); the runtime's flusher task
-(`RunLog.run`) writes what is queued in batches, one MULTI/EXEC of XADD MAXLEN ~ per line
-and an EXPIRE per run, and `drain` writes the rest when the runtime stops, so a clean stop
-loses no line. While Redis is unreachable the queue keeps at most `backlog_bytes` of the
-newest lines; the older ones are dropped and counted, and once Redis is back each run that
-lost lines gets a line saying how many, and the count is logged once.
+(`RunLog.run`) writes what is queued in batches, one script call per batch (XADD MAXLEN ~
+per line, EXPIRE per run, atomically: N commands from Python cost the event loop several
+times what one call with N arguments does), and `drain` writes the rest when the runtime
+stops, so a clean stop loses no line. While Redis is unreachable the queue keeps at most
+`backlog_bytes` of the newest lines; the older ones are dropped and counted, and once Redis
+is back each run that lost lines gets a line saying how many, and the count is logged once.
 """
 
 from __future__ import annotations
@@ -34,6 +35,21 @@ BACKLOG_BYTES = 4 * 1024 * 1024  # queued while Redis is unreachable, newest kep
 BATCH = 500  # lines per MULTI/EXEC
 DRAIN_S = 5.0  # at stop: how long to try to write what is queued
 RETRY_MAX_S = 5.0
+# A line waits this long for others to share its write: a busy actor costs Redis at most
+# ~20 writes a second, not one per line (a follower of the log sees it that much later).
+GATHER_S = 0.05
+
+
+# KEYS: the runs' log streams; ARGV: MAXLEN, TTL, the field, then (key index, line) pairs.
+_WRITE = """
+local i = 4
+while i <= #ARGV do
+  redis.call('XADD', KEYS[tonumber(ARGV[i])], 'MAXLEN', '~', ARGV[1], '*', ARGV[3], ARGV[i + 1])
+  i = i + 2
+end
+for _, key in ipairs(KEYS) do redis.call('EXPIRE', key, ARGV[2]) end
+return 1
+"""
 
 
 class _Note(msgspec.Struct):
@@ -69,8 +85,10 @@ class RunLog:
         self._dropped: dict[str, int] = {}  # per run, not yet reported
         self._writing = (0, 0)  # (lines, dropped) of the batch being written
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
         self._wake = asyncio.Event()
         self._down = False  # the last write failed: Redis unreachable
+        self._write = redis.register_script(_WRITE)
 
     def _log(self) -> structlog.stdlib.BoundLogger:
         # Made per use (rarely): a logger cached at import would miss a later configuration.
@@ -86,7 +104,11 @@ class RunLog:
             self._bytes += len(line)
             self._bound()
             loop = self._loop
-        if wake and loop is not None:
+        if not wake or loop is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            self._wake.set()
+        else:
             with contextlib.suppress(RuntimeError):  # its loop is closed: nobody flushes
                 loop.call_soon_threadsafe(self._wake.set)
 
@@ -114,13 +136,17 @@ class RunLog:
         """Write queued lines as they come, until cancelled (then `drain`)."""
         self._wake = asyncio.Event()  # of this loop (a runtime may be run again in another)
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         failures = 0
         while True:
             self._wake.clear()
             with self._lock:
                 idle = not self._lines and not self._dropped
+                full = len(self._lines) >= BATCH
             if idle:
                 await self._wake.wait()
+            if not full:
+                await asyncio.sleep(GATHER_S)
             if await self._flush_batch():
                 failures = 0
             else:
@@ -166,19 +192,13 @@ class RunLog:
             )
             for run_id, n in dropped.items()
         ]
+        index: dict[str, int] = {}  # run id -> its key's position in KEYS (1-based)
+        args: list[str | bytes] = [str(self.maxlen), str(self.ttl_s), FIELD]
+        for run_id, line in [*notes, *batch]:
+            args += [str(index.setdefault(run_id, len(index) + 1)), line]
         written = False
         try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for run_id, line in [*notes, *batch]:
-                    pipe.xadd(
-                        self.keys.logs(run_id),
-                        {FIELD: line},
-                        maxlen=self.maxlen,
-                        approximate=True,
-                    )
-                for run_id in {run_id for run_id, _ in [*notes, *batch]}:
-                    pipe.expire(self.keys.logs(run_id), self.ttl_s)
-                await pipe.execute()
+            await self._write(keys=[self.keys.logs(run_id) for run_id in index], args=args)
             written = True
         except (RedisConnectionError, RedisTimeoutError, OSError) as e:
             if not self._down:
