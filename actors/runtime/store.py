@@ -240,14 +240,20 @@ class Store:
         try:
             manifest = await self._manifest(pointer, tmp)
             await asyncio.to_thread(_make_dirs, {(tmp / f.path).parent for f in manifest.files})
-            await asyncio.gather(
+            # Every fetch runs to its end before the temp dir goes: a sibling cancelled on the
+            # first failure would go on writing from its thread into a dir being removed.
+            results = await asyncio.gather(
                 *(
                     self._fetch(
                         self._address(f"{pointer.key}/{f.path}", f.file_id), f.sha256, tmp / f.path
                     )
                     for f in manifest.files
-                )
+                ),
+                return_exceptions=True,
             )
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
             await asyncio.to_thread(_replace_dir, tmp, dest)
         finally:
             await asyncio.to_thread(shutil.rmtree, tmp, True)
