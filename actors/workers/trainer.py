@@ -116,15 +116,13 @@ class TrainJob:
 _STOP_SIGNALS = {-signal.SIGINT, -signal.SIGTERM, -signal.SIGHUP}
 
 
-def train_child(jobs: Queue[TrainJob | None], out: Queue[bytes], inductor_cache: str) -> None:
+def train_child(jobs: Queue[TrainJob | None], out: Queue[bytes]) -> None:
     """Entry point of the child process: started ahead of its job (see Spare), it imports
     the training code, then waits for one job (None: none will come) and runs it."""
     # Signals are the service's; and a child whose trainer died (SIGKILL) must not go on
     # writing the run dir that the next trainer resumes from: it exits at once.
     detach()
-    # torch.compile's cache inside the data dir: a later run of the same shape compiles fast.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", inductor_cache)
-
+    # torch.compile's cache (inside the data dir) is set by trainer.train from job.cache_dir.
     from trainer.evaluate import import_model_code
     from trainer.train import train
 
@@ -201,11 +199,11 @@ class Spare:
     out: Queue[bytes]
 
     @classmethod
-    def spawn(cls, inductor_cache: str) -> Spare:
+    def spawn(cls) -> Spare:
         mp = multiprocessing.get_context("spawn")
         jobs: Queue[TrainJob | None] = mp.Queue()
         out: Queue[bytes] = mp.Queue()
-        child = mp.Process(target=train_child, args=(jobs, out, inductor_cache), name="train")
+        child = mp.Process(target=train_child, args=(jobs, out), name="train")
         with signals_held():
             child.start()
         return cls(child, jobs, out)
@@ -496,9 +494,6 @@ class TrainerActor(Actor):
         self._spare: Spare | None = None
         self._store: Store | None = None
 
-    def _inductor_cache(self) -> str:
-        return str(self.settings.data_dir / "cache" / "inductor")  # as trainer.train sets it
-
     @property
     def store(self) -> Store:
         if self._store is None:
@@ -507,7 +502,7 @@ class TrainerActor(Actor):
 
     async def start(self) -> None:
         self._store = make_store(self.settings)
-        self._spare = Spare.spawn(self._inductor_cache())  # its imports run in the child
+        self._spare = Spare.spawn()  # its imports run in the child
 
     async def stop(self) -> None:
         if self._spare is not None:
@@ -528,7 +523,7 @@ class TrainerActor(Actor):
             return spare
         if spare is not None:
             spare.discard()
-        return Spare.spawn(self._inductor_cache())
+        return Spare.spawn()
 
     async def handle(self, cmd: Base, ctx: Context) -> Outcome | None:
         match cmd:
@@ -667,7 +662,7 @@ class TrainerActor(Actor):
             await _stop_child(child, stop)
             stop.clear()
             if self._spare is None and not ctx.runtime.stopping:
-                self._spare = Spare.spawn(self._inductor_cache())  # for the next run
+                self._spare = Spare.spawn()  # for the next run
         if result.status == "cancelled" and stopped and not cancel.is_set():
             raise Interrupted(f"stopped at step {result.steps}; checkpoint kept")
         await uploader.finish(result.steps)  # the last checkpoint, before the outcome
