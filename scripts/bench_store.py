@@ -228,7 +228,7 @@ async def _train_once(
         checkpoint_on_disk,
     )
 
-    spare = Spare.spawn(str(cache / "inductor"))
+    spare = Spare.spawn()
     stored = 0
     try:
         job = TrainJob(
