@@ -58,6 +58,12 @@ Every = Annotated[int, Meta(ge=1, le=1_000_000)]
 Patience = Annotated[
     int, Meta(ge=1, le=1000, description="stop after this many validations without gain")
 ]
+SampleCount = Annotated[
+    int, Meta(ge=0, le=8, description="samples the model writes at each validation; 0 = off")
+]
+SampleTokens = Annotated[
+    int, Meta(ge=1, le=256, description="tokens of each validation sample (sampling is seeded)")
+]
 NewTokens = Annotated[int, Meta(ge=1, le=2048, description="tokens to generate")]
 Temperature = Annotated[float, Meta(ge=0.0, le=5.0, description="0 = greedy")]
 TopK = Annotated[int, Meta(ge=0, le=100_000, description="sample from the k likeliest; 0 = off")]
@@ -137,6 +143,8 @@ class TrainSettings(msgspec.Struct, kw_only=True):
     eval_every: Annotated[Every, Meta(description="validate every N steps (and each epoch)")] = 100
     checkpoint_every: Annotated[Every, Meta(description="checkpoint every N steps")] = 100
     early_stopping_patience: Patience | None = None
+    sample_count: SampleCount = 2
+    sample_tokens: SampleTokens = 32
     pretrained_run_id: Annotated[OptId, Meta(description="fine-tune this run's model")] = ""
     pretrained_path: Annotated[
         PathText, Meta(description="fine-tune a local HF model folder under the data dir")

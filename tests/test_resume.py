@@ -31,6 +31,9 @@ CHANGES: dict[str, object] = {
     "checkpoint_every": 10,
     "keep_checkpoints": 10,
     "warmup_steps": 5,
+    # Samples at each validation (short: they only have to be there) must not change a thing.
+    "sample_count": 2,
+    "sample_tokens": 4,
 }
 FAMILIES: tuple[ModelFamily, ...] = ("gpt2", "llama", "char_lstm")
 

@@ -31,6 +31,7 @@ from actors.workers.trainer import (
     started_event,
 )
 from protocol.commands import ModelTrain
+from protocol.events import Sample
 from trainer.checkpoint import CheckpointMeta, TrainState, load_checkpoint, save_checkpoint
 from trainer.corpus import CorpusConfig, load_corpus_manifest, prepare_corpus
 from trainer.data import META_NAME, TOKENS_VERSION, TokenFiles, encode_splits, load_token_data
@@ -40,6 +41,7 @@ from trainer.model import MT_MODEL_FILE, ModelConfig, MtModelFile, build_model, 
 from trainer.model import save_model as save_model_dir
 from trainer.report import Progress, StartInfo, TrainResult
 from trainer.tokenizer import TokenizerConfig, read_tokenizer_manifest, train_tokenizer
+from trainer.tracking import TRACKING_NAME, TrackingRecord, read_record
 
 MAX = sys.float_info.max
 TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(40))
@@ -152,6 +154,13 @@ def mt_model_json(tmp: Path) -> Saved:
     return Saved(tmp / MT_MODEL_FILE, read, cfg, ("config", "family"), "bert", "$.config.family")
 
 
+def tracking_json(tmp: Path) -> Saved:
+    record = TrackingRecord(mlflow_run_id="0123abcd")
+    (tmp / TRACKING_NAME).write_text(dumps(record))
+    read = lambda: read_record(tmp)  # noqa: E731
+    return Saved(tmp / TRACKING_NAME, read, record, ("mlflow_run_id",), 12, "$.mlflow_run_id")
+
+
 FORMATS: dict[str, Callable[[Path], Saved]] = {
     "corpus.json": corpus_json,
     "mt_tokenizer.json": tokenizer_json,
@@ -160,6 +169,7 @@ FORMATS: dict[str, Callable[[Path], Saved]] = {
     "manifest.json": manifest_json,
     "char_lstm config.json": char_lstm_config_json,
     "mt_model.json": mt_model_json,
+    "tracking.json": tracking_json,
 }
 
 
@@ -251,6 +261,7 @@ PROGRESS = Progress(
     val_loss=math.nan,
     val_ppl=None,
     elapsed_s=1.5,
+    samples=[Sample(prompt="The river", text=" ran\npast"), Sample(prompt="In", text="")],
 )
 RESULT = TrainResult(
     status="early_stopped",
@@ -302,6 +313,7 @@ def test_events_clamp_what_json_cannot_hold() -> None:
     p = progress_event(PROGRESS)
     assert p.grad_norm == MAX and p.val_loss == MAX and p.val_ppl is None
     assert (p.step, p.loss, p.lr, p.tokens_per_s) == (3, 2.5, 1e-3, 100.0)
+    assert p.samples == PROGRESS.samples  # a validation's samples reach its event
     done = completed_event(RESULT)
     assert done.train_loss == MAX and done.tokens_per_s == -MAX
     assert (done.status, done.early_stopped, done.best_step, done.test_loss) == (

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from protocol.events import Sample
 from protocol.settings import Device
 from protocol.settings import Precision as SettingsPrecision
 from trainer.checkpoint import (
@@ -78,9 +79,12 @@ from trainer.recipe import (
 )
 from trainer.report import Progress, StartInfo, Status, TrainResult
 from trainer.tokenizer import load_tokenizer
+from trainer.tracking import Tracker
 
 # Config fields that may differ when a run is resumed: they do not change the maths.
-RESUMABLE_CHANGES = frozenset({"threads", "keep_checkpoints", "compile"})
+RESUMABLE_CHANGES = frozenset(
+    {"threads", "keep_checkpoints", "compile", "sample_count", "sample_tokens"}
+)
 METRICS_NAME = "metrics.jsonl"
 
 
@@ -501,11 +505,20 @@ def train(
         )
         return val
 
+    # Samples at each validation (trainer.samples; imported here: its generation code,
+    # trainer.evaluate, imports this module).
+    from trainer.samples import Sampler
+
+    sampler = Sampler.for_run(cfg, run_dir, data_dir, tok, model, model_cfg, device)
+
     # ---- the loop
     cancelled = False
     session_tokens, session_time = 0, 0.0
     last_saved = state.step if ckpt is not None else -1
-    with metrics_path.open("a", buffering=1) as metrics:
+    with (
+        metrics_path.open("a", buffering=1) as metrics,
+        Tracker(run_dir, cfg, resumed_from) as tracker,  # TensorBoard (and MLflow)
+    ):
         while state.step < total_steps and not state.early_stopped:
             if should_stop is not None and should_stop():
                 cancelled = True
@@ -569,26 +582,32 @@ def train(
 
             epoch_end = state.micro_step // bpe > (state.micro_step - accum) // bpe
             val: float | None = None
+            samples: list[Sample] = []
             if state.step % cfg.eval_every == 0 or epoch_end or state.step == total_steps:
                 val = validate(metrics)
+                samples = sampler.draw() if val is not None else []
+                if samples:
+                    rows = msgspec.to_builtins(samples)
+                    _log(metrics, {"kind": "samples", "step": state.step, "samples": rows})
+            progress = Progress(
+                step=state.step,
+                epoch=epoch_no,
+                total_epochs=total_epochs,
+                total_steps=total_steps,
+                loss=loss_v,
+                lr=step_lr,
+                grad_norm=norm_v,
+                tokens_per_s=tps,
+                samples_per_s=step_samples / dt if dt > 0 else 0.0,
+                val_loss=val,
+                val_ppl=perplexity(val),
+                elapsed_s=elapsed,
+                mfu=mfu(tps, per_token, peak),
+                samples=samples,
+            )
+            tracker.log(progress)
             if on_progress is not None:
-                on_progress(
-                    Progress(
-                        step=state.step,
-                        epoch=epoch_no,
-                        total_epochs=total_epochs,
-                        total_steps=total_steps,
-                        loss=loss_v,
-                        lr=step_lr,
-                        grad_norm=norm_v,
-                        tokens_per_s=tps,
-                        samples_per_s=step_samples / dt if dt > 0 else 0.0,
-                        val_loss=val,
-                        val_ppl=perplexity(val),
-                        elapsed_s=elapsed,
-                        mfu=mfu(tps, per_token, peak),
-                    )
-                )
+                on_progress(progress)
             if state.step % cfg.checkpoint_every == 0:
                 checkpoint()
                 last_saved = state.step
@@ -621,6 +640,7 @@ def train(
                     "test_ppl": perplexity(test_loss),
                 },
             )
+        tracker.finish(status, state.step, test_loss)
 
     tail = state.losses[-20:]
     train_loss = sum(tail) / len(tail) if tail else None

@@ -793,6 +793,7 @@ def progress_event(p: Progress) -> TrainProgress:
         val_loss=_opt_finite(p.val_loss),
         val_ppl=_opt_finite(p.val_ppl),
         mfu=_opt_finite(p.mfu),
+        samples=p.samples,
     )
 
 
