@@ -23,7 +23,7 @@ from actors.runtime.config import Settings
 from actors.web.app import bound_url, create_app
 from actors.web.curves import Curves
 from actors.web.dashboard import STATIC_DIR, STATIC_FILES, add_routes
-from protocol.events import AnyEvent
+from protocol.events import AnyEvent, Sample
 from protocol.keys import Keys
 from protocol.requests import HTTP_NAMES, GenerateRequest, TokenizerTrainRequest, TrainRequest
 from protocol.state import RunState, StepView
@@ -176,6 +176,8 @@ RUN_FIELDS = (
     "lr",
     "tokens_per_s",
     "mfu",
+    "samples",
+    "samples_step",
     "parameters",
     "device",
     "precision",
@@ -235,6 +237,7 @@ def test_the_event_fields_the_page_reads_exist() -> None:
     assert set(RUN_FIELDS) <= {f.name for f in msgspec.structs.fields(RunState)}
     assert set(STEP_FIELDS) <= {f.name for f in msgspec.structs.fields(StepView)}
     assert set(CURVES_FIELDS) <= {f.name for f in msgspec.structs.fields(Curves)}
+    assert {"prompt", "text"} <= {f.name for f in msgspec.structs.fields(Sample)}
 
 
 def test_the_page_reduces_no_events() -> None:

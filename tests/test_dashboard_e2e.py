@@ -412,6 +412,7 @@ def test_a_run_from_the_form_trains_live_completes_and_generates(
     assert float(stat.text) <= 320
     wait_for(driver, "the training summary", lambda: "30" in by_id(driver, "train-summary").text)
     _check_recipe_and_mfu(driver, server, run_id)
+    _check_samples(driver, server, run_id)
     wait_for(driver, "evaluation metrics", lambda: by_id(driver, "eval-metrics").text)
     assert driver.find_elements(By.CSS_SELECTOR, '[data-testid="eval-perplexity"]')
     if "uploader" in names:
@@ -478,6 +479,24 @@ def _check_recipe_and_mfu(browser: webdriver.Chrome, server: Background, run_id:
     assert isinstance(completed, dict)
     summary = browser.find_element(By.CSS_SELECTOR, '[data-testid="train-summary-mfu"] td')
     assert summary.text == _percent(completed["mfu"])
+
+
+def _check_samples(browser: webdriver.Chrome, server: Background, run_id: str) -> None:
+    """The samples panel shows what the model wrote at its last validation (step 30)."""
+    status, run = api(server, "GET", f"/runs/{run_id}")
+    assert status == 200 and run["samples_step"] == 30
+    samples = run["samples"]
+    assert isinstance(samples, list) and len(samples) == 2  # sample_count's default
+    shown = wait_for(
+        browser,
+        "the samples",
+        lambda: browser.find_elements(By.CSS_SELECTOR, '[data-testid="train-sample"]'),
+    )
+    assert by_id(browser, "train-samples-step").text == "(step 30)"
+    for element, sample in zip(shown, samples, strict=True):
+        assert isinstance(sample, dict)
+        assert element.find_element(By.CSS_SELECTOR, ".prompt").text == sample["prompt"]
+        assert element.text.split() == (sample["prompt"] + sample["text"]).split()
 
 
 def _step_state(browser: webdriver.Chrome, step: str) -> str:

@@ -660,6 +660,7 @@
       ]);
     }
     $("train-summary-empty").hidden = !!st.train_completed;
+    renderSamples(st);
     renderArtifact(model);
     const gen = $("generate-button");
     if (!gen.dataset.busy) {
@@ -667,6 +668,19 @@
       if (status !== "completed") $("generate-status").textContent = "Available once the run has completed.";
       else if ($("generate-status").textContent.startsWith("Available")) $("generate-status").textContent = "";
     }
+  }
+
+  // What the model wrote at its latest validation (the run state keeps the latest samples).
+  function renderSamples(st) {
+    const samples = st.samples || [];
+    const box = $("train-samples");
+    const key = JSON.stringify([st.samples_step, samples]);
+    if (box.dataset.key === key) return;
+    box.dataset.key = key;
+    box.replaceChildren(...samples.map((s) => el("div", { class: "sample", "data-testid": "train-sample" },
+      el("span", { class: "prompt", text: s.prompt }), document.createTextNode(s.text))));
+    $("train-samples-step").textContent = samples.length ? `(step ${fmtInt(st.samples_step)})` : "";
+    $("train-samples-empty").hidden = samples.length > 0;
   }
 
   function renderArtifact(model) {
@@ -862,6 +876,10 @@
     $("generate-status").textContent = "";
     delete $("generate-status").dataset.error;
     $("eval-empty").hidden = false;
+    delete $("train-samples").dataset.key;
+    $("train-samples").replaceChildren();
+    $("train-samples-step").textContent = "";
+    $("train-samples-empty").hidden = false;
     const art = $("artifact");
     delete art.dataset.raw;
     art.replaceChildren(el("p", { class: "muted", text: "Not stored yet." }));
