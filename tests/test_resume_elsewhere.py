@@ -48,6 +48,7 @@ from tests.test_service import (
     wait_for_end,
 )
 from trainer.corpus import CorpusConfig, prepare_corpus
+from trainer.tracking import TB_DIR, TRACKING_NAME
 from trainer.train import train
 
 pytestmark = pytest.mark.timeout(600)
@@ -269,7 +270,8 @@ async def test_a_store_outage_during_training_delays_the_checkpoints_and_fails_n
 
 
 def fake_checkpoint(run_dir: Path, step: int) -> None:
-    """What the training child leaves: a checkpoint folder, metrics.jsonl and best/."""
+    """What the training child leaves: a checkpoint folder, metrics.jsonl, best/, its
+    TensorBoard events and tracking.json."""
     folder = run_dir / "checkpoints" / checkpoint_name(step)
     folder.mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(os.urandom(50_000))
@@ -279,6 +281,9 @@ def fake_checkpoint(run_dir: Path, step: int) -> None:
     best = run_dir / "best"
     best.mkdir(exist_ok=True)
     (best / "model.safetensors").write_bytes(f"best at {step}".encode())
+    (run_dir / TB_DIR).mkdir(exist_ok=True)
+    (run_dir / TB_DIR / f"events.out.tfevents.{step}").write_bytes(b"events")
+    (run_dir / TRACKING_NAME).write_text(f'{{"mlflow_run_id": "m{step}"}}')
 
 
 async def test_the_uploader_retries_an_outage_keeps_the_newest_and_never_goes_back(
@@ -350,3 +355,7 @@ async def test_the_uploader_retries_an_outage_keeps_the_newest_and_never_goes_ba
         assert not (ckpt / checkpoint_name(50) / "_run").exists()
         assert (there / "metrics.jsonl").read_text() == (run_dir / "metrics.jsonl").read_text()
         assert (there / "best" / "model.safetensors").read_bytes() == b"best at 50"
+        assert sorted(p.name for p in (there / TB_DIR).iterdir()) == [
+            f"events.out.tfevents.{step}" for step in (10, 20, 30, 40, 50)
+        ]
+        assert (there / TRACKING_NAME).read_text() == '{"mlflow_run_id": "m50"}'

@@ -58,6 +58,7 @@ from protocol.keys import Keys
 from trainer.config import TrainConfig
 from trainer.errors import UserError
 from trainer.report import Progress, StartInfo, TrainResult
+from trainer.tracking import TB_DIR, TRACKING_NAME
 
 PROGRESS_EVERY_S = 1.0  # events; the notifier rate-limits further for chat clients
 CANCEL_CHECK_S = 0.5  # the child sees a cancel within this plus one training step
@@ -219,7 +220,9 @@ class Spare:
 # ---------------------------------------------------------------- checkpoints in the store
 
 CHECKPOINTS = "checkpoints"
-RUN_EXTRA = "_run"  # in a stored checkpoint: the run's metrics.jsonl and best/ of that moment
+# In a stored checkpoint: the run's metrics.jsonl, best/, TensorBoard events (tb/) and
+# tracking.json (its MLflow run) of that moment.
+RUN_EXTRA = "_run"
 RETRY_FIRST_S = 1.0  # backoff of a failed checkpoint upload (a store outage), doubling
 RETRY_MAX_S = 30.0
 FINAL_UPLOAD_S = 300.0  # the final checkpoint: past this outage the command is retried
@@ -282,7 +285,8 @@ def checkpoint_key(run_id: str, step: int) -> str:
 def stage_checkpoint(run_dir: Path, step: int) -> Path | None:
     """A folder to upload for checkpoint `step`: its files, and under _run/ the run's
     metrics.jsonl and best/ (a run resumed elsewhere needs its curve and its best model so
-    far). None when the child pruned the checkpoint already (a newer one is on disk)."""
+    far), its TensorBoard events and tracking.json. None when the child pruned the
+    checkpoint already (a newer one is on disk)."""
     ckpt_dir = run_dir / CHECKPOINTS
     dest = ckpt_dir / f".upload-{checkpoint_name(step)}-{secrets.token_hex(4)}"
     try:
@@ -298,6 +302,12 @@ def stage_checkpoint(run_dir: Path, step: int) -> Path | None:
     with contextlib.suppress(FileNotFoundError):
         # A copy: the child appends to it. A line cut short is dropped on resume.
         shutil.copyfile(metrics, extra / "metrics.jsonl")
+    # Copies too (the writer appends): a record cut short ends TensorBoard's reading of
+    # that file, and the resumed writer purges what came after the checkpoint anyway.
+    with contextlib.suppress(FileNotFoundError, shutil.Error):
+        shutil.copytree(run_dir / TB_DIR, extra / TB_DIR)
+    with contextlib.suppress(FileNotFoundError):
+        shutil.copyfile(run_dir / TRACKING_NAME, extra / TRACKING_NAME)
     best = run_dir / "best"
     for _ in range(20):  # best/ is swapped for a newer one now and then (rename, rename)
         try:
@@ -322,9 +332,12 @@ def place_checkpoint(run_dir: Path, name: str) -> None:
     extra = ckpt_dir / name / RUN_EXTRA
     if (extra / "metrics.jsonl").is_file():
         os.replace(extra / "metrics.jsonl", run_dir / "metrics.jsonl")
-    if (extra / "best").is_dir():
-        shutil.rmtree(run_dir / "best", ignore_errors=True)
-        os.replace(extra / "best", run_dir / "best")
+    for folder in ("best", TB_DIR):
+        if (extra / folder).is_dir():
+            shutil.rmtree(run_dir / folder, ignore_errors=True)
+            os.replace(extra / folder, run_dir / folder)
+    if (extra / TRACKING_NAME).is_file():
+        os.replace(extra / TRACKING_NAME, run_dir / TRACKING_NAME)
     shutil.rmtree(extra, ignore_errors=True)
     tmp = ckpt_dir / f".latest.tmp-{secrets.token_hex(4)}"
     tmp.write_text(name + "\n")
