@@ -131,6 +131,9 @@ def _progress_printer(log_every: int) -> Callable[[Progress], None]:
             line += f"  MFU {p.mfu:.1%}"
         if p.val_loss is not None:
             line += f"  val {p.val_loss:.4f} (ppl {p.val_ppl:.2f})"
+        for sample in p.samples:  # JSON-quoted: one line each, a newline shows as \n
+            quoted = [msgspec.json.encode(t).decode() for t in (sample.prompt, sample.text)]
+            line += f"\n    sample: {quoted[0]} → {quoted[1]}"
         print(line, flush=True)
 
     return show
