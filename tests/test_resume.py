@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from protocol.settings import ModelFamily
 from tests.helpers_ml import char_tokenizer, small_corpus, tiny_config
-from trainer.checkpoint import LATEST, checkpoint_name
+from trainer.checkpoint_names import LATEST, checkpoint_name
 from trainer.manifest import read_manifest
 from trainer.train import train
 

@@ -29,7 +29,6 @@ from actors.runtime.store_s3 import S3Objects
 from actors.workers.trainer import (
     CheckpointUploader,
     checkpoint_key,
-    checkpoint_name,
     local_checkpoint_step,
     restore_checkpoint,
     train_config,
@@ -48,6 +47,7 @@ from tests.test_service import (
     training_children,
     wait_for_end,
 )
+from trainer.checkpoint_names import checkpoint_name
 from trainer.corpus import CorpusConfig, prepare_corpus
 from trainer.train import train
 
