@@ -607,6 +607,7 @@
   // page's CSS variables, so a chart follows the light or dark theme it was drawn in.
   const PALETTE = ["#2563eb", "#dc2626", "#059669", "#7c3aed", "#d97706", "#0891b2", "#db2777", "#4b5563"];
   const charts = new Map(); // box id → { plot, shape, resize }
+  const STEP_INCRS = [1, 2, 5].flatMap((m) => [1, 10, 100, 1e3, 1e4, 1e5, 1e6, 1e7].map((p) => m * p)).sort((a, b) => a - b);
   const cssVar = (name) => getComputedStyle(document.documentElement).getPropertyValue(name).trim();
 
   // uPlot takes one x array for all series: the union of their steps, null where a series
@@ -629,7 +630,7 @@
       height: Number(box.dataset.height) || 220,
       scales: { x: { time: false } },
       axes: [
-        { ...axis, values: (u, ticks) => ticks.map((t) => fmtInt(t)) },
+        { ...axis, incrs: STEP_INCRS, values: (u, ticks) => ticks.map((t) => fmtInt(t)) },
         { ...axis, size: 64, values: (u, ticks) => ticks.map(fmtY) },
       ],
       series: [
@@ -665,7 +666,10 @@
       chart = { plot, shape, resize };
       charts.set(box.id, chart);
     } else {
-      chart.plot.setData(data);
+      // Zoomed in (dragged across steps): new points keep the zoom; else the axes follow them.
+      const { plot } = chart, xs = plot.data[0], x = plot.scales.x;
+      const zoomed = xs.length > 0 && (x.min > xs[0] || x.max < xs[xs.length - 1]);
+      plot.setData(data, !zoomed);
     }
     for (const s of series) if (s.key) box.dataset[`${s.key}Points`] = String(s.points.length);
     box.classList.toggle("empty", !series.some((s) => s.points.length));
