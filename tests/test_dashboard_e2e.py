@@ -516,6 +516,10 @@ def test_a_running_run_is_cancelled_from_its_page(
         "eval_every": 50,
         "checkpoint_every": 1000,
         "threads": 1,
+        # A long run would first probe its recipe (bf16? compile?), a minute of compiling on
+        # this CPU; cancelling needs none of it.
+        "precision": "fp32",
+        "compile": "off",
     }
     status, created = api(server, "POST", "/runs/train", body)
     assert status == 202
