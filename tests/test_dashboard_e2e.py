@@ -741,3 +741,36 @@ def test_runs_are_filtered_sorted_and_compared_on_one_chart(
         assert int_attr(by_id(driver, "tps-chart"), "data-tps-points") == 20
         shot(driver, "run-recorded")
         assert console_errors(driver) == []
+
+
+def test_at_most_eight_runs_are_compared_at_once(
+    driver: webdriver.Chrome, settings: Settings, redis_url: str, keys: Keys
+) -> None:
+    """Each compared run is one full curves read: the ninth tick is refused until one goes."""
+    ids = [f"many-{i}-{keys.prefix}" for i in range(9)]
+    runs = [recorded_run(run_id, "gpt2/tiny", [3.0, 2.0], 2) for run_id in ids]
+    asyncio.run(record(redis_url, keys, runs))
+    own = Settings(data_dir=settings.data_dir, corpus_root=settings.corpus_root, prefix=keys.prefix)
+    with Background(own, redis_url, []) as bg:
+        open_page(driver, f"{bg.url}/#/")
+        wait_for(driver, "the nine runs", lambda: len(listed(driver)) == 9 or None)
+        for i in range(8):  # the rows are redrawn on each tick: found again each time
+            driver.find_elements(By.CSS_SELECTOR, '[data-testid="run-pick"]')[i].click()
+        chart = by_id(driver, "compare-chart")
+        wait_for(
+            driver,
+            "eight runs on the chart",
+            lambda: len(json.loads(chart.get_attribute("data-points") or "{}")) == 16 or None,
+        )
+        picks = driver.find_elements(By.CSS_SELECTOR, '[data-testid="run-pick"]')
+        assert [p.is_enabled() for p in picks] == [True] * 8 + [False]
+        assert "at most 8" in by_id(driver, "compare-hint").text
+        picks[0].click()  # one less: the last can be ticked again
+        wait_for(
+            driver,
+            "the ninth tick allowed",
+            lambda: (
+                driver.find_elements(By.CSS_SELECTOR, '[data-testid="run-pick"]')[8].is_enabled()
+                or None
+            ),
+        )
