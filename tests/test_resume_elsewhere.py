@@ -10,7 +10,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -37,13 +36,12 @@ from protocol.codec import FIELD, encode
 from protocol.commands import ModelTrain
 from protocol.events import RunFailed, TrainStarted, event_kind
 from protocol.keys import Keys
-from tests.helpers_ml import TEXT, char_tokenizer
+from tests.helpers_ml import TEXT, char_tokenizer, same_weights, train_curve
 from tests.test_service import (
+    actor_process,
     alive,
     events_of,
     running,
-    same_weights,
-    train_curve,
     training_children,
     wait_for_end,
 )
@@ -113,29 +111,6 @@ def train_command(inputs: Inputs, **changes: object) -> ModelTrain:
     )
 
 
-def trainer_process(
-    settings: Settings, redis_url: str, consumer: str, log: Path, store_env: dict[str, str]
-) -> subprocess.Popen[bytes]:
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("MT_", "AWS_"))},
-        **store_env,
-        "REDIS_URL": redis_url,
-        "MT_PREFIX": settings.prefix,
-        "MT_DATA_DIR": str(settings.data_dir),
-        "MT_CONSUMER": consumer,
-        "MT_LEASE_S": str(settings.lease_s),
-        "OMP_NUM_THREADS": "1",
-    }
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "actors.cli.main", "actor", "trainer"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
 async def recorded_step(redis: aioredis.Redis, keys: Keys, run_id: str) -> int:
     raw = await redis.hget(keys.run(run_id), "checkpoint_step")
     return int(raw) if raw else 0
@@ -169,7 +144,7 @@ async def test_a_run_killed_on_one_machine_resumes_on_another_bit_for_bit(
     cmd = train_command(inputs)
     await redis.xadd(keys.cmd("trainer"), {FIELD: encode(cmd)})
 
-    first = trainer_process(b, redis_url, "b", tmp_path / "b.log", store_env)
+    first = actor_process(redis_url, b, "trainer", "b", store_env, tmp_path / "b.log")
     second: subprocess.Popen[bytes] | None = None
     try:
         # Past the first validation (step 40): best/ and the val line come along.
@@ -183,7 +158,7 @@ async def test_a_run_killed_on_one_machine_resumes_on_another_bit_for_bit(
             assert time.monotonic() < deadline, "B's training child lives on"
             await asyncio.sleep(0.05)
         assert not c.run_dir(cmd.run_id).exists() and not c.corpus_dir(cmd.corpus_id).exists()
-        second = trainer_process(c, redis_url, "c", tmp_path / "c.log", store_env)
+        second = actor_process(redis_url, c, "trainer", "c", store_env, tmp_path / "c.log")
         status = await wait_for_end(redis, keys, cmd.run_id, timeout=400)
         assert status == "completed", (tmp_path / "c.log").read_text()[-3000:]
     finally:
