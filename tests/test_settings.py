@@ -42,6 +42,8 @@ GIVEN: dict[str, object] = {
     "checkpoint_every": 5,
     "early_stopping_patience": 2,
     "freeze_embed": True,
+    "lora_alpha": 32,
+    "lora_dropout": 0.05,
     "precision": "fp32",
     "compile": "on",
     "seed": 7,
