@@ -20,7 +20,7 @@ from protocol.settings import ModelFamily, TrainSettings
 from tests.helpers_ml import char_tokenizer, lines, small_corpus, tiny_config, write_corpus
 from trainer.__main__ import _parser as trainer_parser
 from trainer.__main__ import train_config as trainer_train_config
-from trainer.checkpoint import checkpoint_name
+from trainer.checkpoint_names import checkpoint_name
 from trainer.config import TrainConfig
 from trainer.lora import ADAPTER_DIR
 from trainer.manifest import read_manifest
