@@ -275,8 +275,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     devices = ("auto", "cpu", "cuda")
 
-    c = sub.add_parser("corpus", help="normalize and split a text file/folder or named corpus")
-    c.add_argument("source", help="a file or folder of .txt/.md, or a named corpus (shakespeare)")
+    c = sub.add_parser("corpus", help="normalize and split a corpus file/folder or named corpus")
+    c.add_argument(
+        "source",
+        help="a file or folder (.txt .md .jsonl .json .csv .tsv .parquet, maybe .gz/.zst; a "
+        "datasets save_to_disk folder) or a named corpus (shakespeare)",
+    )
     c.add_argument("--out", type=Path, required=True, help="output folder")
     c.add_argument("--root", type=Path, help="only read below this folder (paths relative to it)")
     add_flags(c, CORPUS_FIELDS)
