@@ -24,9 +24,9 @@ from trainer.corpus import (
     resolve_corpus_path,
     shakespeare_files,
     split_path,
-    strip_markdown,
 )
 from trainer.errors import UserError
+from trainer.formats import strip_markdown
 
 
 def lines_of(out: Path, split: str) -> list[str]:

