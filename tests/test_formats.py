@@ -23,6 +23,7 @@ import zstandard
 from actors.workers.ingest import prepare
 from protocol.codec import decode_command
 from protocol.commands import CorpusIngest
+from trainer.__main__ import main as trainer_main
 from trainer.corpus import SPLITS, CorpusConfig, CorpusManifest, prepare_corpus, split_path
 from trainer.errors import FieldError, UserError
 from trainer.formats import json_array_items
@@ -198,6 +199,20 @@ def test_a_wrong_field_is_named_with_the_fields_there_are(
     assert f"{name!r} has no field 'body'" in str(caught.value)
     assert f"its fields: {fields}" in str(caught.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_python_m_trainer_reads_a_format_and_names_a_wrong_field(
+    reference: CorpusManifest, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "c.tsv.zst").write_bytes(_zstd(_table(csv.excel_tab)))
+    args = ["corpus", str(tmp_path / "c.tsv.zst"), "--seed", "3"]
+    assert trainer_main([*args, "--out", str(tmp_path / "o"), "--text-field", "text"]) == 0
+    m = msgspec.json.decode((tmp_path / "o" / "corpus.json").read_bytes(), type=CorpusManifest)
+    assert _split_hashes(m) == _split_hashes(reference)
+    assert trainer_main([*args, "--out", str(tmp_path / "p"), "--text-field", "body"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: text_field: corpus file 'c.tsv.zst' has no field 'body'")
+    assert "its fields: 'id', 'text'" in err and "Traceback" not in err
 
 
 def test_a_wrong_field_of_a_saved_dataset(hf_folders: dict[str, Path], tmp_path: Path) -> None:

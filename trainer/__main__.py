@@ -41,8 +41,7 @@ EXIT_USER_ERROR = 2
 def _cmd_corpus(args: argparse.Namespace) -> int:
     from trainer.corpus import SPLITS, prepare_corpus
 
-    cfg = _settings(CorpusConfig, given(args, CORPUS_FIELDS))
-    manifest = prepare_corpus(args.source, args.out, cfg, root=args.root)
+    manifest = prepare_corpus(args.source, args.out, corpus_config(args), root=args.root)
     print(
         f"corpus {manifest.source} ({manifest.source_kind}, {len(manifest.files)} file(s)) "
         f"-> {args.out}"
@@ -96,6 +95,11 @@ def _settings(typ: type[S], values: dict[str, object]) -> S:
         return msgspec.convert(values, typ)
     except msgspec.ValidationError as e:
         raise UserError(field_message(e, typ.__name__)) from None
+
+
+def corpus_config(args: argparse.Namespace) -> CorpusConfig:
+    """The corpus configuration the `corpus` flags ask for (defaults: the settings')."""
+    return _settings(CorpusConfig, given(args, CORPUS_FIELDS))
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
