@@ -184,7 +184,8 @@ class _ZstdReader(io.RawIOBase):
 
 def text_chunks(stream: Stream, name: str) -> Iterator[str]:
     """The stream's UTF-8 text in pieces of about CHUNK that end at a newline (but the
-    last); a BOM is dropped. NUL bytes or bad UTF-8 are a UserError naming the offset."""
+    last); a BOM is dropped. NUL bytes or bad UTF-8 are a UserError naming the offset.
+    A line is held whole, however long: the line is the unit that is split."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0  # bytes handed to the decoder so far
     carry = ""  # text after the last newline, kept for the next piece
