@@ -101,9 +101,10 @@ def read(fmt: Format, path: Path, name: str, options: ReadOptions) -> Iterator[s
         raise UserError(f"corpus file {name!r} is not valid gzip: {e}") from None
     except UserError:
         raise
-    except OSError as e:  # its message would name the path on this machine: not shown
-        msg = f"cannot read corpus file {name!r}: {e.strerror or type(e).__name__}"
-        raise UserError(msg) from None
+    except OSError as e:  # its message may name the path on this machine: not shown
+        if e.strerror:  # a system error: permissions, I/O
+            raise UserError(f"cannot read corpus file {name!r}: {e.strerror}") from None
+        raise UserError(f"corpus file {name!r} is not a valid {fmt} file") from None
     except Exception as e:
         if (what := _library_error(e, fmt)) is None:
             raise
