@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import get_args
 
 import msgspec
 import pyarrow as pa
@@ -23,10 +24,11 @@ import zstandard
 from actors.workers.ingest import prepare
 from protocol.codec import decode_command
 from protocol.commands import CorpusIngest
+from protocol.settings import CorpusFormat
 from trainer.__main__ import main as trainer_main
 from trainer.corpus import SPLITS, CorpusConfig, CorpusManifest, prepare_corpus, split_path
 from trainer.errors import FieldError, UserError
-from trainer.formats import json_array_items
+from trainer.formats import READERS, Format, json_array_items
 
 # Documents with what each format must carry through: commas, quotes, backslashes, brackets
 # inside strings, tabs, CRLF and lone newlines inside a record, non-ASCII, blank records.
@@ -289,6 +291,10 @@ def test_a_null_or_a_number_column_is_refused(tmp_path: Path) -> None:
     pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "i.parquet")
     with pytest.raises(UserError, match="column 'text' holds int64, not text"):
         prepare_corpus(tmp_path / "i.parquet", tmp_path / "o", CorpusConfig())
+
+
+def test_every_format_a_setting_names_has_a_reader() -> None:
+    assert set(get_args(CorpusFormat)) == {"auto", *READERS} == {"auto", *get_args(Format)}
 
 
 def test_the_json_array_is_cut_the_same_whatever_the_chunks() -> None:
