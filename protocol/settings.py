@@ -31,6 +31,10 @@ Optimizer = Literal["adamw", "adam", "sgd"]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Compile = Literal["auto", "on", "off"]
+# How a corpus file is read (trainer/formats.py); auto = from its name (a folder: its files',
+# or a Hugging Face `save_to_disk` folder by its state.json / dataset_info.json).
+CorpusFormat = Literal["auto", "text", "jsonl", "json", "csv", "tsv", "parquet", "hf"]
+FieldName = Annotated[str, Meta(min_length=1, max_length=256)]
 
 # Knobs that more than one group has (the flat HTTP body feeds one value to each).
 Seed = Annotated[int, Meta(ge=0, le=2**32 - 1, description="random seed")]
@@ -80,6 +84,13 @@ class CorpusSettings(msgspec.Struct, kw_only=True):
     validation_fraction: Annotated[Fraction, Meta(description="share of lines held out")] = 0.1
     test_fraction: Annotated[Fraction, Meta(description="share of lines for the test split")] = 0.1
     seed: Seed = DEFAULT_SEED
+    corpus_format: Annotated[
+        CorpusFormat,
+        Meta(description="how to read the corpus files; auto = from their names (.gz/.zst too)"),
+    ] = "auto"
+    text_field: Annotated[
+        FieldName, Meta(description="the field (jsonl/json/hf) or column (csv/tsv/parquet) of text")
+    ] = "text"
 
     def check(self) -> None:
         """The rules across fields (bounds are the types'); FieldError names the field."""

@@ -51,7 +51,8 @@ pytestmark = pytest.mark.timeout(600)
 
 def corpus_text() -> str:
     """A few hundred lines of real text: the start of a play from the demo corpus."""
-    from trainer.corpus import NAMED_CORPORA, strip_markdown
+    from trainer.corpus import NAMED_CORPORA
+    from trainer.formats import strip_markdown
 
     play = next(p for p in NAMED_CORPORA["shakespeare"]() if p.name == "macbeth.md")
     return strip_markdown(play.read_text(encoding="utf-8"))[:30_000]
