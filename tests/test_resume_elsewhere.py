@@ -249,6 +249,10 @@ def fake_checkpoint(run_dir: Path, step: int) -> None:
     (best / "model.safetensors").write_bytes(f"best at {step}".encode())
 
 
+async def stored_names(store: Store, run_id: str) -> list[str]:
+    return [k.rsplit("/", 1)[1] for k in await store.list(f"runs/{run_id}/checkpoints")]
+
+
 async def test_the_uploader_retries_an_outage_keeps_the_newest_and_never_goes_back(
     redis: aioredis.Redis, keys: Keys, s3_server: SeaweedS3, tmp_path: Path
 ) -> None:
@@ -296,10 +300,14 @@ async def test_the_uploader_retries_an_outage_keeps_the_newest_and_never_goes_ba
             up.offer(40)
             up.offer(50)
             await until_uploaded(up, 50)
+            # Pruning follows the upload's record: wait for it rather than cut it short.
+            kept = [checkpoint_name(30), checkpoint_name(50)]  # keep 2: 10, 20 pruned
+            deadline = time.monotonic() + 30
+            while (names := await stored_names(store, run_id)) != kept:
+                assert time.monotonic() < deadline, names
+                await asyncio.sleep(0.05)
         finally:
             await up.close()
-        names = [k.rsplit("/", 1)[1] for k in await store.list(f"runs/{run_id}/checkpoints")]
-        assert names == [checkpoint_name(30), checkpoint_name(50)]  # keep 2: 10, 20 pruned
 
         # A stale trainer storing an older checkpoint does not move the pointer back.
         stale = CheckpointUploader(store, redis, keys, run_id, run_dir, 2, log, 0)
