@@ -33,6 +33,7 @@ from actors.workers.trainer import (
 from protocol.commands import ModelTrain
 from protocol.events import Sample
 from trainer.checkpoint import CheckpointMeta, TrainState, load_checkpoint, save_checkpoint
+from trainer.corpus import MANIFEST_VERSION as CORPUS_VERSION
 from trainer.corpus import CorpusConfig, load_corpus_manifest, prepare_corpus
 from trainer.data import META_NAME, TOKENS_VERSION, TokenFiles, encode_splits, load_token_data
 from trainer.jsonfile import BadFile, dumps, read_json
@@ -55,6 +56,7 @@ class Saved:
     field: tuple[str, ...]  # a field to break, and its msgspec path
     bad: object  # a wrong-typed (or invalid) value for it
     where: str  # how the error names it (msgspec writes a dict key as [...])
+    version: int = 1  # the format's version now
 
 
 def _corpus(tmp: Path) -> Path:
@@ -82,6 +84,7 @@ def corpus_json(tmp: Path) -> Saved:
         ("splits", "train", "bytes"),
         "many",
         "$.splits[...].bytes",
+        CORPUS_VERSION,
     )
 
 
@@ -198,7 +201,7 @@ def saved(request: pytest.FixtureRequest, tmp_path: Path) -> Saved:
 def test_round_trips_and_starts_with_its_version(saved: Saved) -> None:
     assert saved.read() == saved.expected
     raw = json.loads(saved.path.read_text())
-    assert next(iter(raw)) == "version" and raw["version"] == 1
+    assert next(iter(raw)) == "version" and raw["version"] == saved.version
 
 
 def test_a_wrong_typed_field_is_named_with_the_file(saved: Saved) -> None:
@@ -218,7 +221,11 @@ def test_a_file_that_is_not_json_is_named(saved: Saved) -> None:
 
 def test_a_file_without_a_version_loads_as_version_1(saved: Saved) -> None:
     _edit(saved.path, lambda raw: raw.pop("version"))
-    assert saved.read() == saved.expected
+    if saved.version == 1:
+        assert saved.read() == saved.expected
+    else:  # a format past its first version refuses a file of its first
+        with pytest.raises(BadFile, match="format version 1; this trainer reads"):
+            saved.read()
 
 
 def test_another_version_is_refused(saved: Saved) -> None:

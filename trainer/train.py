@@ -36,6 +36,7 @@ from torch import nn
 from protocol.events import Sample
 from protocol.settings import Device
 from protocol.settings import Precision as SettingsPrecision
+from trainer import lora
 from trainer.checkpoint import (
     CheckpointMeta,
     TrainState,
@@ -58,7 +59,6 @@ from trainer.model import (
     load_model,
     logits,
     read_model_config,
-    save_model,
 )
 from trainer.recipe import (
     PROBE_MIN_STEPS,
@@ -219,7 +219,7 @@ def _save_model_dir(model: nn.Module, cfg: ModelConfig, out: Path) -> None:
     """save_model into a temp dir renamed over `out`."""
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        save_model(model, cfg, tmp)
+        lora.save(model, cfg, tmp)  # save_model, or a LoRA model merged + its adapter
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             out.rename(old)
@@ -340,6 +340,8 @@ def train(
         recipe = msgspec.structs.replace(kept, measured=False)
     else:
         shape = repr((model_cfg.to_dict(), cfg.batch_size, cfg.optimizer))
+        if cfg.lora_r:  # adapters alone train at another speed than the whole model
+            shape += repr(lora.describe(cfg))
         known = read_trials(cache_dir, machine, shape)
         probe_batches = [train_w.batch(0, i % bpe) for i in range(PROBE_STEPS)]
         held_out = (val_w, val_batches[:1]) if val_batches else (train_w, [])
@@ -357,6 +359,8 @@ def train(
     # ---- model and optimizer
     seed_everything(cfg.seed)
     model = build_model(model_cfg).to(device)
+    if cfg.lora_r:  # only the adapters train (trainer.lora)
+        model = lora.wrap(model, cfg)
     if cfg.pretrained is not None:  # what was loaded (its dims, its context length)
         model_cfg = replace(
             read_model_config(Path(cfg.pretrained)),
@@ -423,6 +427,7 @@ def train(
             **model_cfg.to_dict(),
             "parameters": n_params,
             "trainable_parameters": sum(p.numel() for p in trainable),
+            **lora.describe(cfg),
         },
         tokenizer=TokenizerRef(
             dir=str(tokenizer_dir.resolve()),
@@ -702,6 +707,8 @@ def _probe(
     loss they reach on a held-out batch (trainer.recipe decides from these)."""
     torch.manual_seed(cfg.seed)  # the same start for every candidate
     model = build_model(model_cfg).to(device)
+    if cfg.lora_r:  # the run's model: adapters on the frozen pretrained one
+        model = lora.wrap(model, cfg)
     model.train()
     fwd: nn.Module = model
     if compiled:
@@ -771,6 +778,7 @@ def _finalize(
     for src in sorted(best.iterdir()):
         if src.is_file():
             _copy_into(src, run_dir)
+    lora.copy_adapter(best, run_dir)
     for src in sorted(tokenizer_dir.iterdir()):
         if src.is_file() and src.name not in MODEL_FILES:
             _copy_into(src, run_dir)

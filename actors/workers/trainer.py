@@ -30,7 +30,6 @@ import math
 import multiprocessing
 import os
 import queue as queue_mod
-import re
 import secrets
 import shutil
 import signal
@@ -55,6 +54,7 @@ from actors.runtime.streams import Actor, Context, Interrupted
 from protocol.commands import Base, ModelTrain, check_command
 from protocol.events import TrainCompleted, TrainProgress, TrainStarted
 from protocol.keys import Keys
+from trainer.checkpoint_names import LATEST, checkpoint_name, latest_name, name_step
 from trainer.config import TrainConfig
 from trainer.errors import UserError
 from trainer.report import Progress, StartInfo, TrainResult
@@ -234,7 +234,6 @@ _MISSING = {
 # Not in the stored run folder: the checkpoints are stored one by one, and logs.jsonl grows
 # while the folder is uploaded (the run's log lives in Redis).
 RUN_EXCLUDE = (CHECKPOINTS, "logs.jsonl")
-_STEP_NAME = re.compile(r"^step-(\d{8,})$")
 
 # Move the run's `checkpoint` pointer forward only: a stale trainer (fenced out, or slower)
 # must never point the run back at an older checkpoint.
@@ -246,36 +245,10 @@ return 1
 """
 
 
-# trainer.checkpoint names and finds checkpoints the same way; it is not imported because it
-# imports torch, which the actor process never loads (the child does).
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def name_step(name: str) -> int | None:
-    m = _STEP_NAME.match(name)
-    return int(m.group(1)) if m else None
-
-
 def local_checkpoint_step(ckpt_dir: Path) -> int:
-    """The step of the checkpoint a run here would resume from (0: none), as
-    trainer.checkpoint.latest_checkpoint picks it."""
-    try:
-        name = (ckpt_dir / "latest").read_text().strip()
-    except OSError:
-        name = ""
-    if (
-        name
-        and (step := name_step(name)) is not None
-        and (ckpt_dir / name / "trainer.json").is_file()
-    ):
-        return step
-    found = [
-        step
-        for p in (ckpt_dir.iterdir() if ckpt_dir.is_dir() else [])
-        if (step := name_step(p.name)) is not None and (p / "trainer.json").is_file()
-    ]
-    return max(found, default=0)
+    """The step of the checkpoint a run here would resume from (0: none)."""
+    name = latest_name(ckpt_dir)
+    return (name_step(name) or 0) if name is not None else 0
 
 
 def checkpoint_key(run_id: str, step: int) -> str:
@@ -341,7 +314,7 @@ def place_checkpoint(run_dir: Path, name: str) -> None:
     shutil.rmtree(extra, ignore_errors=True)
     tmp = ckpt_dir / f".latest.tmp-{secrets.token_hex(4)}"
     tmp.write_text(name + "\n")
-    os.replace(tmp, ckpt_dir / "latest")
+    os.replace(tmp, ckpt_dir / LATEST)
 
 
 class CheckpointUploader:
