@@ -45,7 +45,7 @@ async def test_a_trainer_that_dies_after_a_new_checkpoint_is_resumed_past_the_li
     procs = []
     try:
         async with running(settings, redis_url, others):
-            info = await submit(redis, keys, plan_train(tiny(max_steps=200, checkpoint_every=5)))
+            info = await submit(redis, keys, plan_train(tiny(max_steps=60, checkpoint_every=5)))
             deadline = time.monotonic() + 120
             while not await redis.xlen(stream):
                 assert time.monotonic() < deadline, "the train command was never queued"

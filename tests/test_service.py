@@ -597,7 +597,7 @@ async def test_a_killed_trainer_is_taken_over_and_resumes_from_its_checkpoint(
     redis_url: str, redis: aioredis.Redis, keys: Keys, tmp_path: Path
 ) -> None:
     settings = make_settings(tmp_path, keys.prefix)
-    request = tiny(max_steps=300, checkpoint_every=10)
+    request = tiny(max_steps=100, checkpoint_every=10)
     first = actor_process(redis_url, settings, "trainer", "first")
     second: subprocess.Popen[bytes] | None = None
     try:
@@ -639,7 +639,7 @@ async def test_a_killed_trainer_is_taken_over_and_resumes_from_its_checkpoint(
     assert len(starts) == 2 and starts[1].resumed_from_step > 0
     assert [e.consumer.split("-")[0] for e in trainer_steps(events)] == ["first", "second"]
     done = next(e for e in events if isinstance(e, TrainCompleted))
-    assert done.steps == 300
+    assert done.steps == 100
     children = training_children(run_dir)
     assert len(children) == 2 and children[0] == orphan and not alive(orphan)
 
