@@ -179,7 +179,7 @@ def _launch(cfg: TrainConfig, args: argparse.Namespace, nproc: int) -> TrainResu
     # By its importable name: under `python -m trainer` this module is __main__, which the
     # spawned processes cannot unpickle a function from.
     from trainer.__main__ import _train_rank
-    from trainer.distributed import launch
+    from trainer.distributed import launch, start_method
 
     if cfg.nnodes > 1:
         raise UserError("nnodes > 1 trains through the service (model-trainer), not here")
@@ -197,6 +197,7 @@ def _launch(cfg: TrainConfig, args: argparse.Namespace, nproc: int) -> TrainResu
             ),
             nproc=nproc,
             run_id=uuid.uuid4().hex[:12],
+            method=start_method(cfg),
             max_restarts=cfg.max_restarts,
         )
     except ChildFailedError as e:  # past max_restarts: the launcher's account of it

@@ -18,7 +18,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -147,12 +147,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def start_method(cfg: TrainConfig) -> Literal["fork", "spawn"]:
+    """How the agent starts its ranks. fork on CPU: they inherit the training code this
+    process imported (seconds per rank, at every restart too), and nothing here has run a
+    torch kernel yet (a forked OpenMP pool could hang). spawn on CUDA: a forked process
+    cannot use CUDA."""
+    return "spawn" if uses_cuda(cfg) else "fork"
+
+
 def launch(
     entry: Callable[..., R],
     args: tuple[object, ...],
     *,
     nproc: int,
     run_id: str,
+    method: Literal["fork", "spawn"] = "spawn",
     nnodes: int = 1,
     max_restarts: int = 2,
     endpoint: str = "",
@@ -175,7 +184,7 @@ def launch(
         rdzv_configs={"timeout": RENDEZVOUS_TIMEOUT_S, "join_timeout": RENDEZVOUS_TIMEOUT_S},
         max_restarts=max_restarts,
         monitor_interval=0.2,
-        start_method="spawn",
+        start_method=method,
         logs_specs=DefaultLogsSpecs(),
         local_addr="127.0.0.1" if nnodes == 1 else None,
     )
@@ -186,13 +195,32 @@ def launch(
 def init_rank(cfg: TrainConfig) -> World:
     """First thing in a launched process: join the process group and take this rank's share
     of the machine (its GPU, its threads)."""
+    from torch._C._distributed_c10d import PrefixStore, TCPStore  # where their types live
+
     local_rank = int(os.environ["LOCAL_RANK"])
     local_size = int(os.environ["LOCAL_WORLD_SIZE"])
     torch.set_num_threads(rank_threads(cfg, local_size))
     backend = "nccl" if uses_cuda(cfg) else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+    # The agent's store outlives a restart of the group, and with it the addresses the dead
+    # group's ranks published: a key prefix per attempt keeps the new group off them.
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        size,
+        is_master=rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True",
+        timeout=COLLECTIVE_TIMEOUT,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(
+        backend,
+        store=PrefixStore(f"mt/attempt-{attempt}", store),
+        rank=rank,
+        world_size=size,
+        timeout=COLLECTIVE_TIMEOUT,
+    )
     return current()
 
 
