@@ -5,15 +5,19 @@ events in order; a cancel ends every rank within seconds and leaves no process b
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
 from actors.client.submit import plan_train, submit
+from actors.runtime.config import Settings
+from actors.runtime.seaweed import SeaweedS3
 from protocol.events import TrainCompleted, TrainProgress, TrainStarted, event_kind
 from protocol.keys import ActorName, Keys
 from tests.test_service import (
@@ -108,3 +112,46 @@ async def test_a_killed_rank_restarts_the_group_and_a_cancel_stops_every_rank(
     log = (run_dir / "logs.jsonl").read_text()
     assert "training processes restarted from the checkpoint" in log
     assert not alive(victim)
+
+
+def machine(root: Path, s3: SeaweedS3, keys: Keys) -> Settings:
+    """A machine of its own: its data dir; the store (S3) and Redis are shared."""
+    base = make_settings(root, keys.prefix)
+    return replace(
+        base,
+        store_url=s3.env(prefix=keys.prefix)["MT_STORE_URL"],
+        aws_endpoint_url=s3.endpoint,
+        aws_access_key_id=s3.access_key_id,
+        aws_secret_access_key=s3.secret_access_key,
+        aws_region=s3.region,
+        consumer=root.name,
+    )
+
+
+async def test_two_machines_train_one_run(
+    redis_url: str, redis: aioredis.Redis, keys: Keys, tmp_path: Path, s3_server: SeaweedS3
+) -> None:
+    """Two trainers with data dirs of their own: the one that takes the run is node 0 and
+    queues a join command, the other takes it, fetches the inputs from the store and trains
+    its share; node 0 reports the run."""
+    first, second = (
+        machine(tmp_path / "a", s3_server, keys),
+        machine(tmp_path / "b", s3_server, keys),
+    )
+    request = tiny(max_steps=12, nnodes=2, nproc_per_node=1, threads=1)
+    async with running(first, redis_url, ACTORS):
+        info = await submit(redis, keys, plan_train(request))
+        await wait_for_event(redis, keys, info.run_id, "step.started", at_least=3, timeout=120)
+        async with running(second, redis_url, ["trainer"]):
+            await wait_for_event(redis, keys, info.run_id, "train.completed", timeout=240)
+    events = await events_of(redis, keys, info.run_id)
+    [started] = [e for e in events if isinstance(e, TrainStarted)]
+    assert (started.world_size, started.backend) == (2, "gloo")
+    [done] = [e for e in events if isinstance(e, TrainCompleted)]
+    assert done.steps == 12
+    lines = (second.run_dir(info.run_id) / "logs.jsonl").read_text().splitlines()
+    joined = [json.loads(line) for line in lines]
+    assert any(r.get("node") == "joined" for r in joined)
+    assert any(r.get("event") == "this node's training processes ended" for r in joined)
+    assert (second.corpus_dir(info.corpus_id) / "train.txt").is_file()  # from the store
+    assert not (second.run_dir(info.run_id) / "manifest.json").exists()  # node 0 writes

@@ -165,10 +165,14 @@ def launch(
     nnodes: int = 1,
     max_restarts: int = 2,
     endpoint: str = "",
+    host: bool = True,
+    local_addr: str = "127.0.0.1",
 ) -> dict[int, R]:
     """Run entry(*args) in nproc processes here (one node of nnodes) under an elastic agent;
     the return values of this machine's ranks by rank. endpoint: the c10d rendezvous
-    (host:port; default a free port on loopback, for one node). Raises the launcher's
+    (host:port; default a free port on loopback, for one node), which node 0 hosts (host)
+    and the other nodes join; local_addr: where the other nodes reach this one. Nodes that
+    do not all arrive within RENDEZVOUS_TIMEOUT_S fail the launch. Raises the launcher's
     ChildFailedError when the group failed more than max_restarts times."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -181,12 +185,16 @@ def launch(
         role="trainer",
         rdzv_backend="c10d",
         rdzv_endpoint=endpoint or f"127.0.0.1:{free_port()}",
-        rdzv_configs={"timeout": RENDEZVOUS_TIMEOUT_S, "join_timeout": RENDEZVOUS_TIMEOUT_S},
+        rdzv_configs={
+            "is_host": host,
+            "timeout": RENDEZVOUS_TIMEOUT_S,
+            "join_timeout": RENDEZVOUS_TIMEOUT_S,
+        },
         max_restarts=max_restarts,
         monitor_interval=0.2,
         start_method=method,
         logs_specs=DefaultLogsSpecs(),
-        local_addr="127.0.0.1" if nnodes == 1 else None,
+        local_addr=local_addr,
     )
     results: dict[int, R] = elastic_launch(config, entry)(*args)
     return results

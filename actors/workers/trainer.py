@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import multiprocessing
 import os
@@ -34,6 +35,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -52,7 +54,7 @@ from actors.runtime.outcome import Cancelled, Outcome
 from actors.runtime.pool import CancelFlag, WorkerDied, detach, exit_with_parent, signals_held
 from actors.runtime.store import NotInStore, Pointer, Store, StoreError, make_store
 from actors.runtime.streams import Actor, Context, Interrupted
-from protocol.commands import Base, ModelTrain, check_command
+from protocol.commands import Base, ModelTrain, ModelTrainJoin, check_command
 from protocol.events import TrainCompleted, TrainProgress, TrainStarted
 from protocol.keys import Keys
 from trainer.config import TrainConfig
@@ -111,6 +113,11 @@ class TrainJob:
     stop_path: str
     cache_dir: str  # what was measured on this machine (recipes, peak FLOP/s, compiled code)
     run_id: str = ""  # names the process group of a run on several processes
+    # A run on several machines: node 0's c10d rendezvous (host:port), whether this machine
+    # is node 0 (it hosts the rendezvous), and where the other machines reach this one.
+    endpoint: str = ""
+    host: bool = True
+    advertise_host: str = "127.0.0.1"
 
 
 # A child ended by one of these was stopped, not broken: its command is resumed, not retried.
@@ -181,6 +188,9 @@ def launch_group(job: TrainJob, out: Queue[bytes], nproc: int) -> None:
             method=start_method(job.config),
             nnodes=job.config.nnodes,
             max_restarts=job.config.max_restarts,
+            endpoint=job.endpoint,
+            host=job.host,
+            local_addr=job.advertise_host,
         )
     except ChildFailedError as e:
         out.put(encode_message(ChildError(f"training processes failed: {e}", str(e))))
@@ -228,6 +238,14 @@ def _get(q: Queue[bytes], timeout: float) -> ChildMessage | None:
         return decode_message(q.get(timeout=timeout))
     except queue_mod.Empty:
         return None
+
+
+def free_port(host: str) -> int:
+    """A port nobody listens on now (node 0's rendezvous takes it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def _memory_mb() -> int:
@@ -599,6 +617,8 @@ class TrainerActor(Actor):
         match cmd:
             case ModelTrain():
                 return await self.train(cmd, ctx)
+            case ModelTrainJoin():
+                return await self.join(cmd, ctx)
             case _:
                 return None
 
@@ -633,6 +653,7 @@ class TrainerActor(Actor):
             stop_path=str(flags / f"{cmd.run_id}.{os.getpid()}.stop"),
             cache_dir=str(s.data_dir / "cache"),
             run_id=cmd.run_id,
+            advertise_host=s.advertise_host,
         )
 
     async def fetch_inputs(self, cmd: ModelTrain, ctx: Context) -> None:
@@ -695,8 +716,68 @@ class TrainerActor(Actor):
             recorded = await self.resume_point(cmd, ctx)
             return await self.run_training(cmd, ctx, recorded)
 
+    async def open_rendezvous(self, cmd: ModelTrain, ctx: Context) -> str:
+        """A run on several machines: this trainer is node 0. The rendezvous goes on a free
+        port of the advertised host (node 0's agent hosts it), and one join command per
+        other node goes on the trainer stream for the other trainers to take."""
+        host = self.settings.advertise_host
+        endpoint = f"{host}:{await asyncio.to_thread(free_port, host)}"
+        single = msgspec.structs.replace(cmd, rest=[])
+        joins: list[Base] = [
+            ModelTrainJoin(
+                command_id=f"{cmd.command_id}.join-{ctx.attempt}-{node}",
+                user_id=cmd.user_id,
+                requested_at=time.time(),
+                run_id=cmd.run_id,
+                train=single,
+                endpoint=endpoint,
+            )
+            for node in range(1, cmd.nnodes)
+        ]
+        await ctx.emit(send=joins)
+        ctx.log.info("rendezvous opened; join commands queued", endpoint=endpoint, nodes=cmd.nnodes)
+        return endpoint
+
+    async def join(self, cmd: ModelTrainJoin, ctx: Context) -> Outcome:
+        """One more machine of a run on several: fetch the run's inputs here, start this
+        machine's processes against node 0's rendezvous and wait for them. Node 0 reports
+        the run, so whatever happens here is logged, not made the run's outcome: a node
+        that cannot join or dies makes node 0's group restart or fail with its reason."""
+        train, s = cmd.train, self.settings
+        held = [s.corpus_dir(train.corpus_id), s.tokenizer_dir(train.tokenizer_id)]
+        try:
+            async with artifacts.hold(s, *held):
+                await self.fetch_inputs(train, ctx)
+                job = dataclasses.replace(self.job(train), endpoint=cmd.endpoint, host=False)
+                await self._run_joined(ctx, job)
+        except Exception as e:
+            ctx.log.warning("could not train as a joined node", error=f"{type(e).__name__}: {e}")
+        return Outcome()
+
+    async def _run_joined(self, ctx: Context, job: TrainJob) -> None:
+        spare = self._take_spare()
+        child = spare.process
+        spare.jobs.put(job)
+        ctx.log.info("training child started", pid=child.pid, endpoint=job.endpoint, node="joined")
+        try:
+            while child.is_alive() and not ctx.runtime.stopping:
+                msg = await asyncio.to_thread(_get, spare.out, CANCEL_CHECK_S)
+                if isinstance(msg, ChildError | ChildUserError):
+                    ctx.log.warning("this node's training processes failed", error=msg.message)
+            ctx.log.info("this node's training processes ended", exitcode=child.exitcode)
+        finally:
+            if child.is_alive():  # the service stops: its ranks go with it (node 0 restarts)
+                child.kill()
+            await asyncio.to_thread(child.join, 5.0)
+            with contextlib.suppress(ValueError):
+                child.close()
+            if self._spare is None and not ctx.runtime.stopping:
+                self._spare = Spare.spawn()
+
     async def run_training(self, cmd: ModelTrain, ctx: Context, recorded: int) -> Outcome:
         job = self.job(cmd)
+        if cmd.nnodes > 1:
+            job = dataclasses.replace(job, endpoint=await self.open_rendezvous(cmd, ctx))
         uploader = CheckpointUploader(
             self.store,
             ctx.redis,
