@@ -147,6 +147,8 @@ async def test_two_machines_train_one_run(
     events = await events_of(redis, keys, info.run_id)
     [started] = [e for e in events if isinstance(e, TrainStarted)]
     assert (started.world_size, started.backend) == (2, "gloo")
+    state = await redis.hmget(keys.run(info.run_id), ["world_size", "backend", "threads"])
+    assert state == [b"2", b"gloo", b"1"]  # what watch and the dashboard show
     [done] = [e for e in events if isinstance(e, TrainCompleted)]
     assert done.steps == 12
     lines = (second.run_dir(info.run_id) / "logs.jsonl").read_text().splitlines()
