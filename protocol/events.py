@@ -80,6 +80,14 @@ class TrainStarted(Event, kw_only=True, tag="train.started"):
     peak_flops: float = 0.0  # measured FLOP/s of the device in the chosen precision
 
 
+class Sample(msgspec.Struct, kw_only=True):
+    """What the model wrote from a fixed prompt at a validation (seeded: the same run writes
+    the same samples)."""
+
+    prompt: str
+    text: str  # the continuation, without the prompt
+
+
 class TrainProgress(Event, kw_only=True, tag="train.progress"):
     step: int
     epoch: int
@@ -93,6 +101,7 @@ class TrainProgress(Event, kw_only=True, tag="train.progress"):
     val_loss: float | None = None
     val_ppl: float | None = None
     mfu: float | None = None  # model FLOPs utilisation, 0..1
+    samples: list[Sample] = []  # on the steps that ran a validation (when samples are on)
 
 
 class TrainCompleted(Event, kw_only=True, tag="train.completed"):

@@ -31,6 +31,10 @@ Optimizer = Literal["adamw", "adam", "sgd"]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Compile = Literal["auto", "on", "off"]
+# How a corpus file is read (trainer/formats.py); auto = from its name (a folder: its files',
+# or a Hugging Face `save_to_disk` folder by its state.json / dataset_info.json).
+CorpusFormat = Literal["auto", "text", "jsonl", "json", "csv", "tsv", "parquet", "hf"]
+FieldName = Annotated[str, Meta(min_length=1, max_length=256)]
 
 # Knobs that more than one group has (the flat HTTP body feeds one value to each).
 Seed = Annotated[int, Meta(ge=0, le=2**32 - 1, description="random seed")]
@@ -70,11 +74,21 @@ Restarts = Annotated[
 Patience = Annotated[
     int, Meta(ge=1, le=1000, description="stop after this many validations without gain")
 ]
+SampleCount = Annotated[
+    int, Meta(ge=0, le=8, description="samples the model writes at each validation; 0 = off")
+]
+SampleTokens = Annotated[
+    int, Meta(ge=1, le=256, description="tokens of each validation sample (sampling is seeded)")
+]
 NewTokens = Annotated[int, Meta(ge=1, le=2048, description="tokens to generate")]
 Temperature = Annotated[float, Meta(ge=0.0, le=5.0, description="0 = greedy")]
 TopK = Annotated[int, Meta(ge=0, le=100_000, description="sample from the k likeliest; 0 = off")]
 TopP = Annotated[float, Meta(gt=0.0, le=1.0, description="nucleus sampling mass")]
 Sequences = Annotated[int, Meta(ge=1, le=8, description="how many continuations")]
+# A module's name, or the end of its dotted path (peft matches `c_proj` in `h.0.attn.c_proj`).
+ModuleName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$")]
+# The families LoRA can adapt (peft wraps the transformers models' linear layers).
+LORA_FAMILIES: tuple[ModelFamily, ...] = ("gpt2", "llama", "qwen")
 StopList = Annotated[
     list[Annotated[str, Meta(min_length=1, max_length=64)]],
     Meta(max_length=8, description="stop at any of these strings"),
@@ -88,6 +102,13 @@ class CorpusSettings(msgspec.Struct, kw_only=True):
     validation_fraction: Annotated[Fraction, Meta(description="share of lines held out")] = 0.1
     test_fraction: Annotated[Fraction, Meta(description="share of lines for the test split")] = 0.1
     seed: Seed = DEFAULT_SEED
+    corpus_format: Annotated[
+        CorpusFormat,
+        Meta(description="how to read the corpus files; auto = from their names (.gz/.zst too)"),
+    ] = "auto"
+    text_field: Annotated[
+        FieldName, Meta(description="the field (jsonl/json/hf) or column (csv/tsv/parquet) of text")
+    ] = "text"
 
     def check(self) -> None:
         """The rules across fields (bounds are the types'); FieldError names the field."""
@@ -149,12 +170,25 @@ class TrainSettings(msgspec.Struct, kw_only=True):
     eval_every: Annotated[Every, Meta(description="validate every N steps (and each epoch)")] = 100
     checkpoint_every: Annotated[Every, Meta(description="checkpoint every N steps")] = 100
     early_stopping_patience: Patience | None = None
+    sample_count: SampleCount = 2
+    sample_tokens: SampleTokens = 32
     pretrained_run_id: Annotated[OptId, Meta(description="fine-tune this run's model")] = ""
     pretrained_path: Annotated[
         PathText, Meta(description="fine-tune a local HF model folder under the data dir")
     ] = ""
     freeze_embed: Annotated[bool, Meta(description="keep the embeddings fixed")] = False
     finetune_lr_cap: Annotated[Rate, Meta(description="lr cap when fine-tuning")] | None = None
+    lora_r: Annotated[
+        int, Meta(ge=0, le=1024, description="LoRA rank when fine-tuning; 0 = train every weight")
+    ] = 0
+    lora_alpha: Annotated[
+        int, Meta(ge=1, le=4096, description="LoRA scale: updates are scaled by alpha / r")
+    ] = 16
+    lora_dropout: Annotated[Dropout, Meta(description="dropout on the LoRA path")] = 0.0
+    lora_target_modules: Annotated[
+        list[ModuleName],
+        Meta(max_length=32, description="modules given adapters; empty = the family's default"),
+    ] = []
     device: Device = "auto"
     precision: Annotated[
         Precision, Meta(description="auto = the faster of fp32/bf16, measured on this machine")
@@ -180,6 +214,25 @@ class TrainSettings(msgspec.Struct, kw_only=True):
             raise FieldError(
                 "precision", "fp16 needs a CUDA GPU; on CPU use fp32 (or bf16 where supported)"
             )
+        if self.lora_r:
+            if self.model_family not in LORA_FAMILIES:
+                raise FieldError(
+                    "lora_r",
+                    f"LoRA adapts {', '.join(LORA_FAMILIES)} models, not {self.model_family}; "
+                    "set lora_r to 0",
+                )
+            if not self.fine_tunes():
+                raise FieldError(
+                    "lora_r",
+                    "LoRA fine-tunes a trained model: give pretrained_run_id or pretrained_path "
+                    "(or set lora_r to 0)",
+                )
+        elif self.lora_target_modules:
+            raise FieldError("lora_target_modules", "target modules need LoRA on (lora_r > 0)")
+
+    def fine_tunes(self) -> bool:
+        """Whether the run starts from a trained model rather than from scratch."""
+        return bool(self.pretrained_run_id or self.pretrained_path)
 
 
 class SamplingSettings(msgspec.Struct, kw_only=True):

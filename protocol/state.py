@@ -33,6 +33,7 @@ from protocol.events import (
     RunFailed,
     RunQueued,
     RunStatus,
+    Sample,
     StepCompleted,
     StepStarted,
     TokenizerReady,
@@ -77,6 +78,8 @@ class RunState(msgspec.Struct, kw_only=True):
     test_loss: float | None = None
     test_ppl: float | None = None
     mfu: float | None = None  # model FLOPs utilisation, 0..1: the latest, then the run's
+    samples: list[Sample] = []  # what the model wrote at its latest validation
+    samples_step: int = 0  # the training step of those samples
     parameters: int = 0
     device: str = ""
     precision: str = ""
@@ -230,6 +233,8 @@ def changes(event: AnyEvent) -> dict[str, object]:
                 update["total_steps"] = event.total_steps
             if event.val_loss is not None:
                 update["val_loss"] = event.val_loss
+            if event.samples:
+                update["samples"], update["samples_step"] = event.samples, event.step
         case TrainCompleted():
             update = {"train_completed": event, "message": f"training {event.status}"}
             if event.steps:

@@ -15,6 +15,7 @@ from actors.runtime.connection import connect
 from actors.runtime.embedded import EmbeddedRedis
 from actors.runtime.seaweed import SeaweedS3
 from protocol.keys import Keys
+from tests.fake_services import FakeDataBank
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +43,28 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(params=["s3", "databank"])
+async def store_env(
+    request: pytest.FixtureRequest, tmp_path: Path, keys: Keys
+) -> AsyncIterator[dict[str, str]]:
+    """The environment of a shared artifact store, once per backend: the session's
+    SeaweedFS under this test's prefix, or a Data Bank server of the test's own."""
+    if request.param == "s3":
+        server: SeaweedS3 = request.getfixturevalue("s3_server")
+        yield server.env(prefix=keys.prefix)
+        return
+    bank = FakeDataBank(tmp_path / "bank")
+    await bank.start()
+    try:
+        yield {
+            "MT_STORE_URL": "databank:",
+            "MT_DATA_BANK_URL": bank.url,
+            "MT_DATA_BANK_KEY": bank.key,
+        }
+    finally:
+        await bank.stop()
 
 
 @pytest.fixture

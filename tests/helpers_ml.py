@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from protocol.settings import ModelFamily
@@ -80,3 +81,21 @@ def tiny_config(family: ModelFamily, **changes: object) -> TrainConfig:
     }
     base.update(changes)
     return load_config(base)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Two run folders hold bitwise the same weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def train_curve(run_dir: Path) -> list[tuple[str, int, float]]:
+    """(kind, step, loss) of every line of metrics.jsonl: what a stray writer would change."""
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out.append((r["kind"], r["step"], r.get("loss", r.get("val_loss", r.get("test_loss")))))
+    return out

@@ -14,6 +14,7 @@ import pytest
 
 from trainer.corpus import (
     MANIFEST_NAME,
+    MANIFEST_VERSION,
     NAMED_CORPORA,
     SPLITS,
     CorpusConfig,
@@ -23,9 +24,9 @@ from trainer.corpus import (
     resolve_corpus_path,
     shakespeare_files,
     split_path,
-    strip_markdown,
 )
 from trainer.errors import UserError
+from trainer.formats import strip_markdown
 
 
 def lines_of(out: Path, split: str) -> list[str]:
@@ -80,7 +81,7 @@ def test_single_file_gives_three_disjoint_nonempty_splits(
     assert m.source == "book.txt" and m.source_kind == "file"
     assert m.files[0].sha256 == hashlib.sha256(text_file.read_bytes()).hexdigest()
     raw = json.loads((out / MANIFEST_NAME).read_text())
-    assert next(iter(raw)) == "version" and raw["version"] == 1
+    assert next(iter(raw)) == "version" and raw["version"] == MANIFEST_VERSION == 2
     assert load_corpus_manifest(out) == m == msgspec.convert(raw, CorpusManifest)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
@@ -181,7 +182,7 @@ def test_empty_corpus(root: Path, tmp_path: Path) -> None:
             prepare_corpus(name, tmp_path / "o", CorpusConfig(), root=root)
     (root / "nothing").mkdir()
     (root / "nothing" / "image.png").write_bytes(b"\x89PNG")
-    with pytest.raises(UserError, match=re.escape("no .txt or .md files")):
+    with pytest.raises(UserError, match=re.escape("has no corpus files (.csv, .json")):
         prepare_corpus("nothing", tmp_path / "o", CorpusConfig(), root=root)
 
 

@@ -23,7 +23,7 @@ from actors.runtime.config import Settings
 from actors.web.app import bound_url, create_app
 from actors.web.curves import Curves
 from actors.web.dashboard import STATIC_DIR, STATIC_FILES, add_routes
-from protocol.events import AnyEvent
+from protocol.events import AnyEvent, Sample
 from protocol.keys import Keys
 from protocol.requests import HTTP_NAMES, GenerateRequest, TokenizerTrainRequest, TrainRequest
 from protocol.state import RunState, StepView
@@ -85,7 +85,14 @@ async def test_the_page_is_served_at_the_root(client: aiohttp.ClientSession) -> 
 
 @pytest.mark.parametrize(
     ("name", "content_type"),
-    [("app.js", "text/javascript"), ("app.css", "text/css"), ("index.html", "text/html")],
+    [
+        ("app.js", "text/javascript"),
+        ("app.css", "text/css"),
+        ("index.html", "text/html"),
+        ("uPlot.iife.min.js", "text/javascript"),
+        ("uPlot.min.css", "text/css"),
+        ("uPlot.LICENSE.txt", "text/plain"),
+    ],
 )
 async def test_static_files_have_their_content_types(
     client: aiohttp.ClientSession, name: str, content_type: str
@@ -116,6 +123,19 @@ def test_only_the_listed_files_exist_and_nothing_is_fetched_from_elsewhere() -> 
         ), name
 
 
+def test_the_vendored_chart_library_is_the_version_readme_names() -> None:
+    """uPlot ships as its npm package's files, unchanged: the script's banner names the
+    version, README says which one is vendored, and its MIT licence comes along."""
+    banner = (STATIC_DIR / "uPlot.iife.min.js").read_text(encoding="utf-8").splitlines()[0]
+    m = re.fullmatch(r"/\*! https://github\.com/leeoniya/uPlot \(v(\d+\.\d+\.\d+)\) \*/", banner)
+    assert m is not None, banner
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert f"uPlot {m[1]}" in readme
+    assert "The MIT License" in (STATIC_DIR / "uPlot.LICENSE.txt").read_text(encoding="utf-8")
+    assert '<script src="/static/uPlot.iife.min.js" defer></script>' in INDEX
+    assert '<link rel="stylesheet" href="/static/uPlot.min.css">' in INDEX
+
+
 def test_add_routes_is_idempotent() -> None:
     app = web.Application()
     add_routes(app)
@@ -126,7 +146,7 @@ def test_add_routes_is_idempotent() -> None:
 
 
 async def test_the_dashboard_needs_no_key_but_the_api_does(keyed: aiohttp.ClientSession) -> None:
-    for path in ("/", "/static/app.js", "/static/app.css"):
+    for path in ("/", "/static/app.js", "/static/app.css", "/static/uPlot.iife.min.js"):
         async with keyed.get(path) as resp:
             assert resp.status == 200, path
     async with keyed.get("/runs") as resp:  # the 401 that opens the page's key prompt
@@ -176,6 +196,8 @@ RUN_FIELDS = (
     "lr",
     "tokens_per_s",
     "mfu",
+    "samples",
+    "samples_step",
     "parameters",
     "device",
     "precision",
@@ -235,6 +257,7 @@ def test_the_event_fields_the_page_reads_exist() -> None:
     assert set(RUN_FIELDS) <= {f.name for f in msgspec.structs.fields(RunState)}
     assert set(STEP_FIELDS) <= {f.name for f in msgspec.structs.fields(StepView)}
     assert set(CURVES_FIELDS) <= {f.name for f in msgspec.structs.fields(Curves)}
+    assert {"prompt", "text"} <= {f.name for f in msgspec.structs.fields(Sample)}
 
 
 def test_the_page_reduces_no_events() -> None:

@@ -1,7 +1,8 @@
 """The dashboard in a real browser: headless Chromium (Debian's chromium + chromedriver,
 driven by selenium) against the whole service running in-process: a run submitted through
 the form trains while its curves fill in, completes, and generates text from the prompt box;
-a second run is cancelled from its page; an API key is asked for and used.
+a second run is cancelled from its page; an API key is asked for and used; recorded runs are
+filtered, sorted and ticked in the runs table, and their curves overlaid on one chart.
 
 Where the browser, its driver or selenium is missing (./scripts/ensure-chromium installs
 them), the tests are skipped with the reason, except under CI (CI=true), where they fail: a
@@ -15,8 +16,10 @@ import base64
 import json
 import os
 import random
+import re
 import shutil
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -29,10 +32,21 @@ from aiohttp import web
 
 from actors import service
 from actors.runtime.config import Settings
+from actors.runtime.connection import connect
+from actors.runtime.outcome import add_event
 from actors.runtime.streams import RuntimeConfig
 from actors.web.app import bound_url, create_app
 from actors.web.dashboard import add_routes
-from protocol.keys import COMMAND_ACTORS, ActorName
+from protocol.events import (
+    AnyEvent,
+    RunCompleted,
+    RunFailed,
+    RunQueued,
+    StepStarted,
+    TrainProgress,
+    TrainStarted,
+)
+from protocol.keys import COMMAND_ACTORS, ActorName, Keys
 
 IN_CI = os.environ.get("CI", "").lower() in {"true", "1"}
 
@@ -45,6 +59,7 @@ try:  # a dev dependency: missing, the tests skip (locally) or fail (under CI)
     )
     from selenium.webdriver.chrome.service import Service as ChromeService
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys as Key
     from selenium.webdriver.remote.webelement import WebElement
     from selenium.webdriver.support.ui import Select, WebDriverWait
 except ImportError:
@@ -199,6 +214,7 @@ def driver(browser: tuple[str, str]) -> Iterator[webdriver.Chrome]:
         "--no-first-run",
     ):
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, read back
     try:
         chrome = webdriver.Chrome(
             options=options, service=ChromeService(executable_path=chromedriver)
@@ -412,6 +428,7 @@ def test_a_run_from_the_form_trains_live_completes_and_generates(
     assert float(stat.text) <= 320
     wait_for(driver, "the training summary", lambda: "30" in by_id(driver, "train-summary").text)
     _check_recipe_and_mfu(driver, server, run_id)
+    _check_samples(driver, server, run_id)
     wait_for(driver, "evaluation metrics", lambda: by_id(driver, "eval-metrics").text)
     assert driver.find_elements(By.CSS_SELECTOR, '[data-testid="eval-perplexity"]')
     if "uploader" in names:
@@ -480,6 +497,24 @@ def _check_recipe_and_mfu(browser: webdriver.Chrome, server: Background, run_id:
     assert summary.text == _percent(completed["mfu"])
 
 
+def _check_samples(browser: webdriver.Chrome, server: Background, run_id: str) -> None:
+    """The samples panel shows what the model wrote at its last validation (step 30)."""
+    status, run = api(server, "GET", f"/runs/{run_id}")
+    assert status == 200 and run["samples_step"] == 30
+    samples = run["samples"]
+    assert isinstance(samples, list) and len(samples) == 2  # sample_count's default
+    shown = wait_for(
+        browser,
+        "the samples",
+        lambda: browser.find_elements(By.CSS_SELECTOR, '[data-testid="train-sample"]'),
+    )
+    assert by_id(browser, "train-samples-step").text == "(step 30)"
+    for element, sample in zip(shown, samples, strict=True):
+        assert isinstance(sample, dict)
+        assert element.find_element(By.CSS_SELECTOR, ".prompt").text == sample["prompt"]
+        assert element.text.split() == (sample["prompt"] + sample["text"]).split()
+
+
 def _step_state(browser: webdriver.Chrome, step: str) -> str:
     items = browser.find_elements(By.CSS_SELECTOR, f'#chain-steps li[data-step="{step}"]')
     return (items[0].get_attribute("data-state") or "") if items else ""
@@ -500,6 +535,10 @@ def test_a_running_run_is_cancelled_from_its_page(
         "eval_every": 50,
         "checkpoint_every": 1000,
         "threads": 1,
+        # A long run would first probe its recipe (bf16? compile?), a minute of compiling on
+        # this CPU; cancelling needs none of it.
+        "precision": "fp32",
+        "compile": "off",
     }
     status, created = api(server, "POST", "/runs/train", body)
     assert status == 202
@@ -572,3 +611,185 @@ def test_an_api_key_is_asked_for_and_used(
             lambda: "cancel requested" in by_id(driver, "run-message").text,
         )
         driver.execute_script("sessionStorage.clear()")
+
+
+# ------------------------------------------------------------------ comparing recorded runs
+
+
+def recorded_run(
+    run_id: str, model: str, losses: list[float], val_every: int, *, failed: bool = False
+) -> list[AnyEvent]:
+    """The events a finished run leaves (what the actors would emit), its curve given."""
+    family, size = model.split("/")
+    events: list[AnyEvent] = [
+        RunQueued(run_id=run_id, steps=["trainer"], model_family=family, model_size=size),
+        StepStarted(run_id=run_id, step="trainer", command_id=f"{run_id}.trainer"),
+    ]
+    if failed:
+        return [*events, RunFailed(run_id=run_id, step="trainer", error_kind="user", message="no")]
+    events.append(TrainStarted(run_id=run_id, model_family=family, model_size=size, total_epochs=1))
+    for step, loss in enumerate(losses, start=1):
+        val = loss + 0.25 if step % val_every == 0 else None
+        events.append(
+            TrainProgress(
+                run_id=run_id,
+                step=step,
+                epoch=1,
+                total_epochs=1,
+                total_steps=len(losses),
+                loss=loss,
+                lr=1e-3,
+                tokens_per_s=1000.0 + step,
+                val_loss=val,
+            )
+        )
+    return [*events, RunCompleted(run_id=run_id)]
+
+
+async def record(redis_url: str, keys: Keys, runs: list[list[AnyEvent]]) -> None:
+    redis = connect(redis_url)
+    try:
+        for i, events in enumerate(runs):
+            async with redis.pipeline(transaction=True) as pipe:
+                for event in events:
+                    add_event(pipe, keys, event)
+                pipe.zadd(keys.runs, {events[0].run_id: time.time() + i})  # listed newest first
+                await pipe.execute()
+    finally:
+        await redis.aclose()
+
+
+def console_errors(browser: webdriver.Chrome) -> list[str]:
+    """The page's errors (exceptions, console.error, failed loads) since the last call."""
+    # selenium leaves get_log untyped
+    entries: list[dict[str, object]] = browser.get_log("browser")  # type: ignore[no-untyped-call]
+    errors = [str(e["message"]) for e in entries if e["level"] == "SEVERE"]
+    # The one answer the page asks for knowing it may be 404: a run's evaluation, not yet made
+    # (it shows "No evaluation yet"); the browser logs the status all the same.
+    return [m for m in errors if not re.search(r"/runs/[^/ ]+/eval - .* status of 404", m)]
+
+
+def listed(browser: webdriver.Chrome) -> list[str]:
+    rows = browser.find_elements(By.CSS_SELECTOR, "#runs-body tr[data-run-id]")
+    return [row.get_attribute("data-run-id") or "" for row in rows]
+
+
+def sort_by(browser: webdriver.Chrome, column: str) -> None:
+    browser.find_element(By.CSS_SELECTOR, f'th[data-sort="{column}"] button').click()
+
+
+def test_runs_are_filtered_sorted_and_compared_on_one_chart(
+    driver: webdriver.Chrome, settings: Settings, redis_url: str, keys: Keys
+) -> None:
+    """Three recorded runs (two trained, one failed) behind a control endpoint of their own:
+    the table filters and sorts them, and ticking the two trained ones overlays their train
+    and validation curves on the compare chart, each series named after its run."""
+    a, b, c = (f"cmp-{x}-{keys.prefix}" for x in "abc")
+    runs = [
+        recorded_run(a, "gpt2/tiny", [4.0 - 0.1 * i for i in range(20)], 5),  # ends at 2.1
+        recorded_run(b, "llama/tiny", [3.5 - 0.15 * i for i in range(12)], 6),  # ends at 1.85
+        recorded_run(c, "qwen/tiny", [], 1, failed=True),
+    ]
+    asyncio.run(record(redis_url, keys, runs))
+    own = Settings(data_dir=settings.data_dir, corpus_root=settings.corpus_root, prefix=keys.prefix)
+    with Background(own, redis_url, []) as bg:
+        open_page(driver, f"{bg.url}/#/")
+        console_errors(driver)  # from here on, the console must stay clean
+        wait_for(driver, "the three runs", lambda: listed(driver) == [c, b, a] or None)
+
+        search = by_id(driver, "runs-filter")
+        search.send_keys("llama")
+        wait_for(driver, "the filter by model", lambda: listed(driver) == [b] or None)
+        search.send_keys(Key.CONTROL, "a")
+        search.send_keys("FAILED")  # the status, whatever the case
+        wait_for(driver, "the filter by status", lambda: listed(driver) == [c] or None)
+        search.send_keys(Key.CONTROL, "a")
+        search.send_keys(f"cmp-a-{keys.prefix[:4]}")  # part of an id
+        wait_for(driver, "the filter by id", lambda: listed(driver) == [a] or None)
+        search.send_keys(Key.CONTROL, "a")
+        search.send_keys("nothing-like-this")
+        wait_for(driver, "no match", lambda: by_id(driver, "runs-none-match").is_displayed())
+        search.send_keys(Key.CONTROL, "a", Key.BACKSPACE)
+        wait_for(driver, "the filter cleared", lambda: listed(driver) == [c, b, a] or None)
+
+        sort_by(driver, "loss")  # ascending; the failed run has no loss: last either way
+        wait_for(driver, "loss ascending", lambda: listed(driver) == [b, a, c] or None)
+        sort_by(driver, "loss")
+        wait_for(driver, "loss descending", lambda: listed(driver) == [a, b, c] or None)
+        header = driver.find_element(By.CSS_SELECTOR, 'th[data-sort="loss"]')
+        assert header.get_attribute("aria-sort") == "descending"
+        sort_by(driver, "run_id")
+        wait_for(driver, "ids ascending", lambda: listed(driver) == [a, b, c] or None)
+        assert header.get_attribute("aria-sort") is None
+
+        chart = by_id(driver, "compare-chart")
+        assert not chart.is_displayed()  # nothing ticked yet
+        for run_id in (a, b):
+            pick = f'tr[data-run-id="{run_id}"] input[data-testid="run-pick"]'
+            driver.find_element(By.CSS_SELECTOR, pick).click()
+        expected = {f"{a} train": 20, f"{a} val": 4, f"{b} train": 12, f"{b} val": 2}
+        wait_for(
+            driver,
+            "both runs on the compare chart",
+            lambda: json.loads(chart.get_attribute("data-points") or "{}") == expected or None,
+        )
+        legend = chart.find_elements(By.CSS_SELECTOR, ".u-legend .u-series .u-label")
+        assert [item.text for item in legend] == ["step", *expected]
+        assert chart.find_elements(By.CSS_SELECTOR, "canvas")
+        assert driver.current_url.endswith("#/")  # a tick is not a click on the row
+        shot(driver, "runs-compared")
+
+        driver.find_element(
+            By.CSS_SELECTOR, f'tr[data-run-id="{b}"] [data-testid="run-pick"]'
+        ).click()
+        only_a = {f"{a} train": 20, f"{a} val": 4}
+        wait_for(
+            driver,
+            "the unticked run to leave the chart",
+            lambda: json.loads(chart.get_attribute("data-points") or "{}") == only_a or None,
+        )
+
+        # The run's own page draws its curves with the same library.
+        open_page(driver, f"{bg.url}/#/runs/{a}")
+        loss = by_id(driver, "loss-chart")
+        wait_for(driver, "the run's curves", lambda: int_attr(loss, "data-train-points") == 20)
+        assert int_attr(loss, "data-val-points") == 4
+        labels = loss.find_elements(By.CSS_SELECTOR, ".u-legend .u-series .u-label")
+        assert [item.text for item in labels] == ["step", "train", "validation"]
+        assert int_attr(by_id(driver, "lr-chart"), "data-lr-points") == 20
+        assert int_attr(by_id(driver, "tps-chart"), "data-tps-points") == 20
+        shot(driver, "run-recorded")
+        assert console_errors(driver) == []
+
+
+def test_at_most_eight_runs_are_compared_at_once(
+    driver: webdriver.Chrome, settings: Settings, redis_url: str, keys: Keys
+) -> None:
+    """Each compared run is one full curves read: the ninth tick is refused until one goes."""
+    ids = [f"many-{i}-{keys.prefix}" for i in range(9)]
+    runs = [recorded_run(run_id, "gpt2/tiny", [3.0, 2.0], 2) for run_id in ids]
+    asyncio.run(record(redis_url, keys, runs))
+    own = Settings(data_dir=settings.data_dir, corpus_root=settings.corpus_root, prefix=keys.prefix)
+    with Background(own, redis_url, []) as bg:
+        open_page(driver, f"{bg.url}/#/")
+        wait_for(driver, "the nine runs", lambda: len(listed(driver)) == 9 or None)
+        for i in range(8):  # the rows are redrawn on each tick: found again each time
+            driver.find_elements(By.CSS_SELECTOR, '[data-testid="run-pick"]')[i].click()
+        chart = by_id(driver, "compare-chart")
+        wait_for(
+            driver,
+            "eight runs on the chart",
+            lambda: len(json.loads(chart.get_attribute("data-points") or "{}")) == 16 or None,
+        )
+        picks = driver.find_elements(By.CSS_SELECTOR, '[data-testid="run-pick"]')
+        assert [p.is_enabled() for p in picks] == [True] * 8 + [False]
+        assert "at most 8" in by_id(driver, "compare-hint").text
+        picks[0].click()  # one less: the last can be ticked again
+        wait_for(
+            driver,
+            "the ninth tick allowed",
+            lambda: (
+                driver.find_elements(By.CSS_SELECTOR, '[data-testid="run-pick"]')[8].is_enabled()
+                or None
+            ),
+        )

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers_ml import char_tokenizer, small_corpus, tiny_config
-from trainer.checkpoint import checkpoint_name, latest_checkpoint, read_meta
+from trainer.checkpoint import latest_checkpoint, read_meta
+from trainer.checkpoint_names import checkpoint_name
 from trainer.config import TrainConfig
 from trainer.distributed import World, check_world, close_rank, init_rank, launch
 from trainer.errors import UserError

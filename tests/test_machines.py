@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,12 +29,10 @@ import msgspec
 import pytest
 
 from actors.runtime.embedded import free_port
-from actors.runtime.seaweed import SeaweedS3
 from protocol.events import ArtifactPointer
 from protocol.keys import Keys
 from protocol.requests import RunCreated
 from protocol.state import RunState
-from tests.fake_services import FakeDataBank
 from tests.test_service import corpus_text
 
 pytestmark = pytest.mark.timeout(600)
@@ -110,26 +108,6 @@ def machine(
         if var not in store_env:
             env.pop(var, None)
     return Machine(name, root, env)
-
-
-@pytest.fixture(params=["s3", "databank"])
-async def store_env(
-    request: pytest.FixtureRequest, tmp_path: Path, keys: Keys
-) -> AsyncIterator[dict[str, str]]:
-    if request.param == "s3":
-        server: SeaweedS3 = request.getfixturevalue("s3_server")
-        yield server.env(prefix=keys.prefix)
-        return
-    bank = FakeDataBank(tmp_path / "bank")
-    await bank.start()
-    try:
-        yield {
-            "MT_STORE_URL": "databank:",
-            "MT_DATA_BANK_URL": bank.url,
-            "MT_DATA_BANK_KEY": bank.key,
-        }
-    finally:
-        await bank.stop()
 
 
 @pytest.fixture

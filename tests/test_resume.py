@@ -7,15 +7,15 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from protocol.settings import ModelFamily
-from tests.helpers_ml import char_tokenizer, small_corpus, tiny_config
-from trainer.checkpoint import LATEST, checkpoint_name
+from tests.helpers_ml import char_tokenizer, same_weights, small_corpus, tiny_config, train_curve
+from trainer.checkpoint_names import LATEST, checkpoint_name
 from trainer.manifest import read_manifest
 from trainer.train import train
 
@@ -31,21 +31,11 @@ CHANGES: dict[str, object] = {
     "checkpoint_every": 10,
     "keep_checkpoints": 10,
     "warmup_steps": 5,
+    # Samples at each validation (short: they only have to be there) must not change a thing.
+    "sample_count": 2,
+    "sample_tokens": 4,
 }
 FAMILIES: tuple[ModelFamily, ...] = ("gpt2", "llama", "char_lstm")
-
-
-def same_weights(a: Path, b: Path) -> bool:
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-def train_curve(run: Path) -> list[tuple[str, int, float]]:
-    out = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        out.append((r["kind"], r["step"], r.get("loss", r.get("val_loss", r.get("test_loss")))))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -55,63 +45,73 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return corpus, char_tokenizer(corpus, root / "tok")
 
 
+def stop_after(steps: int) -> Callable[[], bool]:
+    """A should_stop that cancels the run after this many steps (asked once a step)."""
+    calls = 0
+
+    def stop() -> bool:
+        nonlocal calls
+        calls += 1
+        return calls > steps
+
+    return stop
+
+
+# Runs, in a fresh process, each named config (tiny_config's family + overrides) on the
+# run folder tmp/<name>-b, and prints what each run reports.
+RESUME_SCRIPT = """
+import json, sys
+from pathlib import Path
+from tests.helpers_ml import tiny_config
+from trainer.train import train
+corpus, tok, tmp, configs, cache = sys.argv[1:6]
+out = {}
+for name, c in json.loads(configs).items():
+    r = train(tiny_config(c.pop("family"), **c), Path(corpus), Path(tok), Path(tmp) / f"{name}-b",
+              cache_dir=Path(cache) if cache else None)
+    out[name] = [r.status, r.resumed_from_step, r.losses, r.val_history, r.test_loss]
+print(json.dumps(out))
+"""
+
+
+def resume_in_new_process(
+    data: tuple[Path, Path],
+    tmp_path: Path,
+    configs: dict[str, dict[str, object]],
+    cache: Path | None = None,
+) -> dict[str, list[object]]:
+    corpus, tok_dir = data
+    args = [str(corpus), str(tok_dir), str(tmp_path), json.dumps(configs), str(cache or "")]
+    proc = subprocess.run(
+        [sys.executable, "-c", RESUME_SCRIPT, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out: dict[str, list[object]] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
 def test_resume_in_a_new_process_is_exact(data: tuple[Path, Path], tmp_path: Path) -> None:
     corpus, tok_dir = data
     uninterrupted = {
         f: train(tiny_config(f, **CHANGES), corpus, tok_dir, tmp_path / f"{f}-a") for f in FAMILIES
     }
     for family in FAMILIES:
-        calls = 0
-
-        def stop() -> bool:
-            nonlocal calls
-            calls += 1
-            return calls > 13  # between checkpoints: cancel saves its own at step 13
-
-        first = train(
-            tiny_config(family, **CHANGES),
-            corpus,
-            tok_dir,
-            tmp_path / f"{family}-b",
-            should_stop=stop,
-        )
+        cfg = tiny_config(family, **CHANGES)
+        first = train(cfg, corpus, tok_dir, tmp_path / f"{family}-b", should_stop=stop_after(13))
         assert first.status == "cancelled" and first.steps == 13
 
-    script = (
-        "import json, sys\n"
-        "from pathlib import Path\n"
-        "from tests.helpers_ml import tiny_config\n"
-        "from trainer.train import train\n"
-        "corpus, tok, tmp, changes = sys.argv[1:5]\n"
-        "out = {}\n"
-        f"for f in {list(FAMILIES)!r}:\n"
-        "    r = train(tiny_config(f, **json.loads(changes)), Path(corpus), Path(tok),\n"
-        "              Path(tmp) / f'{f}-b')\n"
-        "    out[f] = [r.status, r.resumed_from_step, r.losses, r.val_history, r.test_loss]\n"
-        "print(json.dumps(out))\n"
-    )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            script,
-            str(corpus),
-            str(tok_dir),
-            str(tmp_path),
-            json.dumps(CHANGES),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    resumed = json.loads(proc.stdout.strip().splitlines()[-1])
+    configs: dict[str, dict[str, object]] = {f: {"family": f, **CHANGES} for f in FAMILIES}
+    resumed = resume_in_new_process(data, tmp_path, configs)
     for family, a in uninterrupted.items():
         status, from_step, losses, val_history, test_loss = resumed[family]
         assert (status, from_step) == ("completed", 13)
-        assert losses == a.losses and len(losses) == 40  # the whole curve, bit for bit
+        assert losses == a.losses and len(a.losses) == 40  # the whole curve, bit for bit
+        assert isinstance(val_history, list)
         assert [tuple(v) for v in val_history] == a.val_history
         assert test_loss == a.test_loss
         run_a, run_b = tmp_path / f"{family}-a", tmp_path / f"{family}-b"
@@ -168,57 +168,19 @@ def test_resume_is_exact_in_bf16_and_compiled(data: tuple[Path, Path], tmp_path:
         for name, r in RECIPES.items()
     }
     for name, r in RECIPES.items():
-        calls = 0
-
-        def stop() -> bool:
-            nonlocal calls
-            calls += 1
-            return calls > 13
-
         first = train(
             tiny_config("gpt2", **CHANGES, **r),
             corpus,
             tok_dir,
             tmp_path / f"{name}-b",
-            should_stop=stop,
+            should_stop=stop_after(13),
             cache_dir=cache,
         )
         assert first.status == "cancelled" and first.steps == 13
-    script = (
-        "import json, sys\n"
-        "from pathlib import Path\n"
-        "from tests.helpers_ml import tiny_config\n"
-        "from trainer.train import train\n"
-        "corpus, tok, tmp, changes, recipes = sys.argv[1:6]\n"
-        "out = {}\n"
-        "for name, r in json.loads(recipes).items():\n"
-        "    cfg = tiny_config('gpt2', **json.loads(changes), **r)\n"
-        "    res = train(cfg, Path(corpus), Path(tok), Path(tmp) / f'{name}-b',\n"
-        "                cache_dir=Path(tmp) / 'cache')\n"
-        "    out[name] = [res.status, res.resumed_from_step, res.losses]\n"
-        "print(json.dumps(out))\n"
-    )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            script,
-            str(corpus),
-            str(tok_dir),
-            str(tmp_path),
-            json.dumps(CHANGES),
-            json.dumps(RECIPES),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    resumed = json.loads(proc.stdout.strip().splitlines()[-1])
+    configs = {name: {"family": "gpt2", **CHANGES, **r} for name, r in RECIPES.items()}
+    resumed = resume_in_new_process(data, tmp_path, configs, cache)
     for name, a in uninterrupted.items():
-        status, from_step, losses = resumed[name]
+        status, from_step, losses, *_ = resumed[name]
         assert (status, from_step) == ("completed", 13)
         assert losses == a.losses
         assert same_weights(tmp_path / f"{name}-a", tmp_path / f"{name}-b")

@@ -112,7 +112,7 @@ def read_pid(path: Path) -> int:
 
 
 async def eventually(
-    check: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = 15.0
+    check: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = 45.0
 ) -> None:
     deadline = time.monotonic() + timeout
     while True:

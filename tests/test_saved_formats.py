@@ -31,7 +31,9 @@ from actors.workers.trainer import (
     started_event,
 )
 from protocol.commands import ModelTrain
+from protocol.events import Sample
 from trainer.checkpoint import CheckpointMeta, TrainState, load_checkpoint, save_checkpoint
+from trainer.corpus import MANIFEST_VERSION as CORPUS_VERSION
 from trainer.corpus import CorpusConfig, load_corpus_manifest, prepare_corpus
 from trainer.data import META_NAME, TOKENS_VERSION, TokenFiles, encode_splits, load_token_data
 from trainer.jsonfile import BadFile, dumps, read_json
@@ -40,6 +42,7 @@ from trainer.model import MT_MODEL_FILE, ModelConfig, MtModelFile, build_model, 
 from trainer.model import save_model as save_model_dir
 from trainer.report import Progress, StartInfo, TrainResult
 from trainer.tokenizer import TokenizerConfig, read_tokenizer_manifest, train_tokenizer
+from trainer.tracking import TRACKING_NAME, TrackingRecord, read_record
 
 MAX = sys.float_info.max
 TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(40))
@@ -53,6 +56,7 @@ class Saved:
     field: tuple[str, ...]  # a field to break, and its msgspec path
     bad: object  # a wrong-typed (or invalid) value for it
     where: str  # how the error names it (msgspec writes a dict key as [...])
+    version: int = 1  # the format's version now
 
 
 def _corpus(tmp: Path) -> Path:
@@ -80,6 +84,7 @@ def corpus_json(tmp: Path) -> Saved:
         ("splits", "train", "bytes"),
         "many",
         "$.splits[...].bytes",
+        CORPUS_VERSION,
     )
 
 
@@ -152,6 +157,13 @@ def mt_model_json(tmp: Path) -> Saved:
     return Saved(tmp / MT_MODEL_FILE, read, cfg, ("config", "family"), "bert", "$.config.family")
 
 
+def tracking_json(tmp: Path) -> Saved:
+    record = TrackingRecord(mlflow_run_id="0123abcd")
+    (tmp / TRACKING_NAME).write_text(dumps(record))
+    read = lambda: read_record(tmp)  # noqa: E731
+    return Saved(tmp / TRACKING_NAME, read, record, ("mlflow_run_id",), 12, "$.mlflow_run_id")
+
+
 FORMATS: dict[str, Callable[[Path], Saved]] = {
     "corpus.json": corpus_json,
     "mt_tokenizer.json": tokenizer_json,
@@ -160,6 +172,7 @@ FORMATS: dict[str, Callable[[Path], Saved]] = {
     "manifest.json": manifest_json,
     "char_lstm config.json": char_lstm_config_json,
     "mt_model.json": mt_model_json,
+    "tracking.json": tracking_json,
 }
 
 
@@ -188,7 +201,7 @@ def saved(request: pytest.FixtureRequest, tmp_path: Path) -> Saved:
 def test_round_trips_and_starts_with_its_version(saved: Saved) -> None:
     assert saved.read() == saved.expected
     raw = json.loads(saved.path.read_text())
-    assert next(iter(raw)) == "version" and raw["version"] == 1
+    assert next(iter(raw)) == "version" and raw["version"] == saved.version
 
 
 def test_a_wrong_typed_field_is_named_with_the_file(saved: Saved) -> None:
@@ -208,7 +221,11 @@ def test_a_file_that_is_not_json_is_named(saved: Saved) -> None:
 
 def test_a_file_without_a_version_loads_as_version_1(saved: Saved) -> None:
     _edit(saved.path, lambda raw: raw.pop("version"))
-    assert saved.read() == saved.expected
+    if saved.version == 1:
+        assert saved.read() == saved.expected
+    else:  # a format past its first version refuses a file of its first
+        with pytest.raises(BadFile, match="format version 1; this trainer reads"):
+            saved.read()
 
 
 def test_another_version_is_refused(saved: Saved) -> None:
@@ -251,6 +268,7 @@ PROGRESS = Progress(
     val_loss=math.nan,
     val_ppl=None,
     elapsed_s=1.5,
+    samples=[Sample(prompt="The river", text=" ran\npast"), Sample(prompt="In", text="")],
 )
 RESULT = TrainResult(
     status="early_stopped",
@@ -302,6 +320,7 @@ def test_events_clamp_what_json_cannot_hold() -> None:
     p = progress_event(PROGRESS)
     assert p.grad_norm == MAX and p.val_loss == MAX and p.val_ppl is None
     assert (p.step, p.loss, p.lr, p.tokens_per_s) == (3, 2.5, 1e-3, 100.0)
+    assert p.samples == PROGRESS.samples  # a validation's samples reach its event
     done = completed_event(RESULT)
     assert done.train_loss == MAX and done.tokens_per_s == -MAX
     assert (done.status, done.early_stopped, done.best_step, done.test_loss) == (

@@ -26,6 +26,7 @@ from protocol.requests import TrainRequest, decode_flat, encode_flat, flat_field
 from protocol.settings import CorpusSettings, TokenizerSettings, TrainSettings
 from tests.http_helpers import start_app
 from trainer.__main__ import _parser as trainer_parser
+from trainer.__main__ import corpus_config as trainer_corpus_config
 from trainer.__main__ import train_config as trainer_train_config
 from trainer.config import TrainConfig
 from trainer.tokenizer import TokenizerConfig
@@ -42,6 +43,8 @@ GIVEN: dict[str, object] = {
     "checkpoint_every": 5,
     "early_stopping_patience": 2,
     "freeze_embed": True,
+    "lora_alpha": 32,
+    "lora_dropout": 0.05,
     "precision": "fp32",
     "compile": "on",
     "seed": 7,
@@ -143,6 +146,56 @@ async def test_every_entry_point_resolves_the_same_training_config(
             assert getattr(first, name) == value, name
     if not values:
         assert first == TrainConfig()  # nothing given: the settings' own defaults
+
+
+# The corpus's knobs, read by ingest: how the files are read and what is done to the text.
+CORPUS_GIVEN: dict[str, object] = {
+    "corpus_format": "parquet",
+    "text_field": "body",
+    "lowercase": True,
+    "seed": 7,
+}
+
+
+async def test_every_entry_point_gives_ingest_the_same_corpus_settings(
+    redis_url: str, redis: aioredis.Redis, keys: Keys, tmp_path: Path
+) -> None:
+    expected = CorpusSettings(corpus_format="parquet", text_field="body", lowercase=True, seed=7)
+    settings = Settings(data_dir=tmp_path, corpus_root=tmp_path / "corpus", prefix=keys.prefix)
+    async with start_app(settings, redis_url) as http:
+        body = {"corpus_name": "shakespeare", **CORPUS_GIVEN}
+        resp = await http.session.post("/runs/train", json=body)
+        assert resp.status == 202, await resp.text()
+    [(_id, fields)] = stream_entries(await redis.xrange(keys.cmd("ingest")))
+    queued = decode_command("ingest", fields[FIELD.encode()])
+    xadd = decode_command(
+        "ingest",
+        json.dumps(
+            {"kind": "corpus.ingest", "command_id": "r1.ingest", "run_id": "r1"}
+            | {"corpus_id": "r1-corpus", "named": "shakespeare", **CORPUS_GIVEN}
+        ),
+    )
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        'corpus_name = "shakespeare"\n'
+        + "".join(f"{k} = {json.dumps(v)}\n" for k, v in CORPUS_GIVEN.items())
+    )
+    flags = _flag_args(CORPUS_GIVEN)
+    resolved = {
+        "http": queued,
+        "cli flags": request_from(
+            parser().parse_args(["train", "--corpus-name", "shakespeare", *flags]), TrainRequest
+        ).corpus,
+        "toml": request_from(
+            parser().parse_args(["train", "--config", str(toml)]), TrainRequest
+        ).corpus,
+        "xadd": xadd,
+        "python -m trainer": trainer_corpus_config(
+            trainer_parser().parse_args(["corpus", "src", "--out", "o", *flags])
+        ),
+    }
+    for name, got in resolved.items():
+        assert msgspec.convert(got, CorpusSettings, from_attributes=True) == expected, name
 
 
 def test_the_tokenizer_and_corpus_settings_reach_their_configs_unchanged() -> None:

@@ -100,6 +100,15 @@ def test_cli_end_to_end(prepared: Path) -> None:
         )
     )
     assert "step      2/6" in out and "val " in out
+    # The samples of each validation (steps 3 and 6), under its line, the prompts quoted.
+    shown = [line for line in out.splitlines() if line.startswith("    sample: ")]
+    logged = [json.loads(r) for r in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    prompts = [s["prompt"] for r in logged if r["kind"] == "samples" for s in r["samples"]]
+    assert len(shown) == len(prompts) == 4
+    assert all(
+        line.startswith(f"    sample: {json.dumps(p, ensure_ascii=False)} → ")
+        for line, p in zip(shown, prompts, strict=True)
+    )
     assert "completed: 6/6 steps" in out
     assert (work / "run" / "model.safetensors").is_file()
 

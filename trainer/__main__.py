@@ -41,8 +41,7 @@ EXIT_USER_ERROR = 2
 def _cmd_corpus(args: argparse.Namespace) -> int:
     from trainer.corpus import SPLITS, prepare_corpus
 
-    cfg = _settings(CorpusConfig, given(args, CORPUS_FIELDS))
-    manifest = prepare_corpus(args.source, args.out, cfg, root=args.root)
+    manifest = prepare_corpus(args.source, args.out, corpus_config(args), root=args.root)
     print(
         f"corpus {manifest.source} ({manifest.source_kind}, {len(manifest.files)} file(s)) "
         f"-> {args.out}"
@@ -98,6 +97,11 @@ def _settings(typ: type[S], values: dict[str, object]) -> S:
         raise UserError(field_message(e, typ.__name__)) from None
 
 
+def corpus_config(args: argparse.Namespace) -> CorpusConfig:
+    """The corpus configuration the `corpus` flags ask for (defaults: the settings')."""
+    return _settings(CorpusConfig, given(args, CORPUS_FIELDS))
+
+
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The training configuration the `train` flags ask for (defaults: the settings')."""
     values = given(args, TRAIN_FIELDS)
@@ -131,6 +135,9 @@ def _progress_printer(log_every: int) -> Callable[[Progress], None]:
             line += f"  MFU {p.mfu:.1%}"
         if p.val_loss is not None:
             line += f"  val {p.val_loss:.4f} (ppl {p.val_ppl:.2f})"
+        for sample in p.samples:  # JSON-quoted: one line each, a newline shows as \n
+            quoted = [msgspec.json.encode(t).decode() for t in (sample.prompt, sample.text)]
+            line += f"\n    sample: {quoted[0]} → {quoted[1]}"
         print(line, flush=True)
 
     return show
@@ -353,8 +360,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     devices = ("auto", "cpu", "cuda")
 
-    c = sub.add_parser("corpus", help="normalize and split a text file/folder or named corpus")
-    c.add_argument("source", help="a file or folder of .txt/.md, or a named corpus (shakespeare)")
+    c = sub.add_parser("corpus", help="normalize and split a corpus file/folder or named corpus")
+    c.add_argument(
+        "source",
+        help="a file or folder (.txt .md .jsonl .json .csv .tsv .parquet, maybe .gz/.zst; a "
+        "datasets save_to_disk folder) or a named corpus (shakespeare)",
+    )
     c.add_argument("--out", type=Path, required=True, help="output folder")
     c.add_argument("--root", type=Path, help="only read below this folder (paths relative to it)")
     add_flags(c, CORPUS_FIELDS)

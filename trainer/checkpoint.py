@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -29,12 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainer.checkpoint_names import LATEST, META, checkpoint_name, latest_name, name_step
 from trainer.jsonfile import dumps, read_json
 from trainer.recipe import Recipe
 
 CHECKPOINT_VERSION = 1
-LATEST = "latest"
-_NAME = re.compile(r"^step-(\d{8,})$")
 
 
 class TrainState(msgspec.Struct, kw_only=True):
@@ -101,13 +99,8 @@ def set_rng_state(state: dict[str, object]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
 def checkpoint_step(path: Path) -> int | None:
-    m = _NAME.match(path.name)
-    return int(m.group(1)) if m else None
+    return name_step(path.name)
 
 
 def save_checkpoint(
@@ -130,7 +123,7 @@ def save_checkpoint(
     try:
         save_model(model, str(tmp / "model.safetensors"))
         torch.save({**states, "rng": rng_state()}, tmp / "state.pt")
-        (tmp / "trainer.json").write_text(dumps(meta, indent=1))
+        (tmp / META).write_text(dumps(meta, indent=1))
         if final.exists():  # the same step saved before (e.g. cancelled, then resumed)
             old = ckpt_dir / f".{name}.old-{uuid.uuid4().hex[:8]}"
             final.rename(old)
@@ -153,14 +146,8 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    try:
-        name = (ckpt_dir / LATEST).read_text().strip()
-    except OSError:
-        name = ""
-    if name and (ckpt_dir / name / "trainer.json").is_file():
-        return ckpt_dir / name
-    found = [p for p in list_checkpoints(ckpt_dir) if (p / "trainer.json").is_file()]
-    return found[-1] if found else None
+    name = latest_name(ckpt_dir)
+    return ckpt_dir / name if name is not None else None
 
 
 @dataclass
@@ -172,7 +159,7 @@ class LoadedCheckpoint:
 
 def read_meta(path: Path) -> CheckpointMeta:
     """A checkpoint's trainer.json alone (what the run decided, where its data stood)."""
-    return read_json(path / "trainer.json", CheckpointMeta, CHECKPOINT_VERSION)
+    return read_json(path / META, CheckpointMeta, CHECKPOINT_VERSION)
 
 
 def load_checkpoint(path: Path, model: nn.Module) -> LoadedCheckpoint:

@@ -29,6 +29,9 @@ class TrainConfig(TrainSettings, kw_only=True, forbid_unknown_fields=True):
     eval_batches: Annotated[int, Meta(ge=1)] = 8
     keep_checkpoints: Annotated[int, Meta(ge=1)] = 2
 
+    def fine_tunes(self) -> bool:
+        return self.pretrained is not None or super().fine_tunes()
+
     def validate(self) -> None:
         """Bounds are checked when a config is decoded, not when it is built in code: check
         them here, then what the types cannot say."""
@@ -36,6 +39,7 @@ class TrainConfig(TrainSettings, kw_only=True, forbid_unknown_fields=True):
             checked(self)
         except msgspec.ValidationError as e:
             raise UserError(f"bad training option: {e}") from None
+        self.check()  # the settings' rules across fields (FieldError names the field)
         if self.pretrained is None:  # a size the family lacks, a bad override: fail early
             from trainer.model import ModelConfig, model_dims
 

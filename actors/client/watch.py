@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Protocol, TextIO
 
+import msgspec
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 
@@ -27,6 +28,7 @@ from protocol.events import (
     RunCompleted,
     RunFailed,
     RunQueued,
+    Sample,
     StepCompleted,
     StepStarted,
     TokenizerReady,
@@ -54,6 +56,13 @@ async def watch(client: ServiceClient, run_id: str, renderer: Renderer) -> RunSt
 
 
 # ------------------------------------------------------------------- what a terminal shows
+def sample_line(sample: Sample) -> str:
+    """A validation sample on one line: the prompt, then what the model wrote, both quoted
+    (JSON's escapes: a newline shows as \\n)."""
+    quote = msgspec.json.encode
+    return f"sample: {quote(sample.prompt).decode()} → {quote(sample.text).decode()}"
+
+
 def duration(seconds: float) -> str:
     s = round(seconds)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -148,7 +157,8 @@ class RunView:
             case TrainProgress():
                 if event.val_loss is not None:
                     ppl = f" (ppl {event.val_ppl:.2f})" if event.val_ppl is not None else ""
-                    return f"validation at step {event.step}: val_loss {event.val_loss:.4f}{ppl}"
+                    line = f"validation at step {event.step}: val_loss {event.val_loss:.4f}{ppl}"
+                    return "\n  ".join([line, *(sample_line(s) for s in event.samples)])
                 return None
             case TrainCompleted():
                 done = f"training {event.status}: {event.steps} steps"

@@ -1,8 +1,11 @@
-"""The web dashboard: one page at `/` and its three static files under `/static/`.
+"""The web dashboard: one page at `/` and its static files under `/static/`.
 
 The page is plain HTML/JS/CSS (no build step, no network fetches) that talks to the control
-endpoint's JSON and SSE routes like any other client. The page itself needs no API key; the
-calls it makes send the key the user typed (kept in sessionStorage).
+endpoint's JSON and SSE routes like any other client. Its charts are drawn by uPlot, shipped
+here as the npm package's own files (dist/uPlot.iife.min.js, dist/uPlot.min.css and its
+LICENSE, unchanged; the version is in the script's first line and in README). The page
+itself needs no API key; the calls it makes send the key the user typed (kept in
+sessionStorage).
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ STATIC_FILES: dict[str, str] = {
     "index.html": "text/html",
     "app.js": "text/javascript",
     "app.css": "text/css",
+    "uPlot.iife.min.js": "text/javascript",  # uPlot 1.6.32 (MIT), vendored
+    "uPlot.min.css": "text/css",
+    "uPlot.LICENSE.txt": "text/plain",
 }
 _HEADERS = {
     "Cache-Control": "no-cache",  # revalidate: a new version shows up on the next reload

@@ -7,7 +7,8 @@ are ints). No NaN or Infinity ever leaves: a required float that is not finite i
 one (val_loss, val_ppl) is left out.
 
 The contract's shapes are kept as they are (the bot's decoder knows their keys): what it
-has no field for — the recipe, MFU — is said in the progress message's text.
+has no field for — the recipe, MFU, the model's latest validation sample — is said in the
+progress message's text.
 
 Progress is a percentage of the whole run: each step of the chain owns a share — ingest
 0-5, tokenizer 5-15, trainer 15-90 (by step/total_steps), evaluator 90-97, uploader 97-100.
@@ -69,6 +70,7 @@ PROGRESS_SHARE: dict[str, tuple[int, int]] = {
     "uploader": (97, 100),
 }
 MAX_RUNS = 10_000  # runs remembered at once; the oldest are forgotten first
+SAMPLE_CHARS = 160  # of the sample quoted in a progress message
 _BIG = sys.float_info.max
 
 
@@ -166,6 +168,18 @@ def mfu_text(mfu: float | None) -> str:
     """The suffix ' MFU 12.3%' of a message when the MFU (a fraction) is known, else ''."""
     value = finite_or_none(mfu)
     return "" if value is None else f" MFU {value:.1%}"
+
+
+def sample_text(state: RunState) -> str:
+    """The suffix ' | sample (step N): prompt → text' of a progress message: the first sample
+    of the run's latest validation on one line (a newline shows as ⏎), or ''."""
+    if not state.samples:
+        return ""
+    first = state.samples[0]
+    text = f"{first.prompt} → {first.text}".replace("\n", "⏎")
+    if len(text) > SAMPLE_CHARS:
+        text = text[: SAMPLE_CHARS - 1] + "…"
+    return f" | sample (step {state.samples_step}): {text}"
 
 
 def recipe_label(state: RunState) -> str:
@@ -414,6 +428,7 @@ class Translator:
         if event.val_loss is not None:
             view.message += f" val {event.val_loss:.4f}"
         view.message += mfu_text(event.mfu)
+        view.message += sample_text(state)
         now = event.at or time.time()
         validated = event.val_loss is not None
         last = view.last_progress_at

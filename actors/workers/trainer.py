@@ -31,7 +31,6 @@ import math
 import multiprocessing
 import os
 import queue as queue_mod
-import re
 import secrets
 import shutil
 import signal
@@ -57,9 +56,11 @@ from actors.runtime.streams import Actor, Context, Interrupted
 from protocol.commands import Base, ModelTrain, ModelTrainJoin, check_command
 from protocol.events import TrainCompleted, TrainProgress, TrainStarted
 from protocol.keys import Keys
+from trainer.checkpoint_names import LATEST, checkpoint_name, latest_name, name_step
 from trainer.config import TrainConfig
 from trainer.errors import UserError
 from trainer.report import Progress, StartInfo, TrainResult
+from trainer.tracking import TB_DIR, TRACKING_NAME
 
 PROGRESS_EVERY_S = 1.0  # events; the notifier rate-limits further for chat clients
 CANCEL_CHECK_S = 0.5  # the child sees a cancel within this plus one training step
@@ -307,7 +308,9 @@ class Spare:
 # ---------------------------------------------------------------- checkpoints in the store
 
 CHECKPOINTS = "checkpoints"
-RUN_EXTRA = "_run"  # in a stored checkpoint: the run's metrics.jsonl and best/ of that moment
+# In a stored checkpoint: the run's metrics.jsonl, best/, TensorBoard events (tb/) and
+# tracking.json (its MLflow run) of that moment.
+RUN_EXTRA = "_run"
 RETRY_FIRST_S = 1.0  # backoff of a failed checkpoint upload (a store outage), doubling
 RETRY_MAX_S = 30.0
 FINAL_UPLOAD_S = 300.0  # the final checkpoint: past this outage the command is retried
@@ -319,7 +322,6 @@ _MISSING = {
 # Not in the stored run folder: the checkpoints are stored one by one, and logs.jsonl grows
 # while the folder is uploaded (the run's log lives in Redis).
 RUN_EXCLUDE = (CHECKPOINTS, "logs.jsonl")
-_STEP_NAME = re.compile(r"^step-(\d{8,})$")
 
 # Move the run's `checkpoint` pointer forward only: a stale trainer (fenced out, or slower)
 # must never point the run back at an older checkpoint.
@@ -331,36 +333,10 @@ return 1
 """
 
 
-# trainer.checkpoint names and finds checkpoints the same way; it is not imported because it
-# imports torch, which the actor process never loads (the child does).
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def name_step(name: str) -> int | None:
-    m = _STEP_NAME.match(name)
-    return int(m.group(1)) if m else None
-
-
 def local_checkpoint_step(ckpt_dir: Path) -> int:
-    """The step of the checkpoint a run here would resume from (0: none), as
-    trainer.checkpoint.latest_checkpoint picks it."""
-    try:
-        name = (ckpt_dir / "latest").read_text().strip()
-    except OSError:
-        name = ""
-    if (
-        name
-        and (step := name_step(name)) is not None
-        and (ckpt_dir / name / "trainer.json").is_file()
-    ):
-        return step
-    found = [
-        step
-        for p in (ckpt_dir.iterdir() if ckpt_dir.is_dir() else [])
-        if (step := name_step(p.name)) is not None and (p / "trainer.json").is_file()
-    ]
-    return max(found, default=0)
+    """The step of the checkpoint a run here would resume from (0: none)."""
+    name = latest_name(ckpt_dir)
+    return (name_step(name) or 0) if name is not None else 0
 
 
 def checkpoint_key(run_id: str, step: int) -> str:
@@ -370,7 +346,8 @@ def checkpoint_key(run_id: str, step: int) -> str:
 def stage_checkpoint(run_dir: Path, step: int) -> Path | None:
     """A folder to upload for checkpoint `step`: its files, and under _run/ the run's
     metrics.jsonl and best/ (a run resumed elsewhere needs its curve and its best model so
-    far). None when the child pruned the checkpoint already (a newer one is on disk)."""
+    far), its TensorBoard events and tracking.json. None when the child pruned the
+    checkpoint already (a newer one is on disk)."""
     ckpt_dir = run_dir / CHECKPOINTS
     dest = ckpt_dir / f".upload-{checkpoint_name(step)}-{secrets.token_hex(4)}"
     try:
@@ -386,6 +363,12 @@ def stage_checkpoint(run_dir: Path, step: int) -> Path | None:
     with contextlib.suppress(FileNotFoundError):
         # A copy: the child appends to it. A line cut short is dropped on resume.
         shutil.copyfile(metrics, extra / "metrics.jsonl")
+    # Copies too (the writer appends): a record cut short ends TensorBoard's reading of
+    # that file, and the resumed writer purges what came after the checkpoint anyway.
+    with contextlib.suppress(FileNotFoundError, shutil.Error):
+        shutil.copytree(run_dir / TB_DIR, extra / TB_DIR)
+    with contextlib.suppress(FileNotFoundError):
+        shutil.copyfile(run_dir / TRACKING_NAME, extra / TRACKING_NAME)
     best = run_dir / "best"
     for _ in range(20):  # best/ is swapped for a newer one now and then (rename, rename)
         try:
@@ -410,13 +393,16 @@ def place_checkpoint(run_dir: Path, name: str) -> None:
     extra = ckpt_dir / name / RUN_EXTRA
     if (extra / "metrics.jsonl").is_file():
         os.replace(extra / "metrics.jsonl", run_dir / "metrics.jsonl")
-    if (extra / "best").is_dir():
-        shutil.rmtree(run_dir / "best", ignore_errors=True)
-        os.replace(extra / "best", run_dir / "best")
+    for folder in ("best", TB_DIR):
+        if (extra / folder).is_dir():
+            shutil.rmtree(run_dir / folder, ignore_errors=True)
+            os.replace(extra / folder, run_dir / folder)
+    if (extra / TRACKING_NAME).is_file():
+        os.replace(extra / TRACKING_NAME, run_dir / TRACKING_NAME)
     shutil.rmtree(extra, ignore_errors=True)
     tmp = ckpt_dir / f".latest.tmp-{secrets.token_hex(4)}"
     tmp.write_text(name + "\n")
-    os.replace(tmp, ckpt_dir / "latest")
+    os.replace(tmp, ckpt_dir / LATEST)
 
 
 class CheckpointUploader:
@@ -963,6 +949,7 @@ def progress_event(p: Progress) -> TrainProgress:
         val_loss=_opt_finite(p.val_loss),
         val_ppl=_opt_finite(p.val_ppl),
         mfu=_opt_finite(p.mfu),
+        samples=p.samples,
     )
 
 

@@ -21,7 +21,6 @@
   ];
 
   const $ = (id) => document.getElementById(id);
-  const SVG_NS = "http://www.w3.org/2000/svg";
 
   // ------------------------------------------------------------------ formatting
   const pad = (n) => String(n).padStart(2, "0");
@@ -236,19 +235,51 @@
   }
 
   // ------------------------------------------------------------------ runs list
+  // The list's filter, sort and the runs ticked for comparison live here, not in the view:
+  // they survive a visit to a run's page.
+  const MAX_COMPARE = 8; // runs overlaid at once: each is one full curves read
+  const list = { runs: [], filter: "", sortKey: "", sortDir: 1, picked: new Set(), drawn: "" };
+  const modelOf = (r) => (r.model_family ? `${r.model_family} / ${r.model_size}` : "tokenizer job");
+  // What each sortable column sorts by (null: unknown, always last).
+  const SORT_KEYS = {
+    run_id: (r) => r.run_id,
+    status: (r) => r.status,
+    model: modelOf,
+    corpus: (r) => r.corpus || null,
+    step: (r) => r.step || null,
+    train_step: (r) => r.train_step || null,
+    loss: (r) => r.loss,
+    val_loss: (r) => r.val_loss,
+    tokens_per_s: (r) => r.tokens_per_s || null,
+    mfu: (r) => r.mfu,
+    started: (r) => r.started_at ?? r.created_at,
+    ended: (r) => r.ended_at,
+  };
+
   function statusBadge(status) {
     return el("span", { class: `badge ${status}`, "data-testid": "run-row-status", text: status });
   }
 
   function runRow(r) {
     const link = el("a", { href: `#/runs/${encodeURIComponent(r.run_id)}`, text: r.run_id });
-    const model = r.model_family ? `${r.model_family} / ${r.model_size}` : "tokenizer job";
     const train = r.total_steps ? `${r.train_step}/${r.total_steps}` : (r.train_step ? String(r.train_step) : "–");
     const td = (text, cls, testid) => el("td", { class: cls, "data-testid": testid, text });
-    const tr = el("tr", { "data-testid": "run-row", "data-run-id": r.run_id, "data-status": r.status },
+    const picked = list.picked.has(r.run_id);
+    const pick = el("input", { type: "checkbox", "data-testid": "run-pick", "aria-label": `compare ${r.run_id}` });
+    pick.checked = picked;
+    pick.disabled = !picked && list.picked.size >= MAX_COMPARE;
+    pick.addEventListener("change", () => {
+      if (pick.checked) list.picked.add(r.run_id);
+      else list.picked.delete(r.run_id);
+      list.drawn = ""; // the rows' ticks and the limit change
+      renderRuns();
+      compareSoon();
+    });
+    const tr = el("tr", { "data-testid": "run-row", "data-run-id": r.run_id, "data-status": r.status, class: picked ? "picked" : "" },
+      el("td", { class: "pick" }, pick),
       el("td", {}, link),
       el("td", {}, statusBadge(r.status)),
-      td(model, "", "run-model"),
+      td(modelOf(r), "", "run-model"),
       td(r.corpus || "–", "ellipsis"),
       td(r.step || "–", "", "run-step"),
       td(train, "num", "run-train-step"),
@@ -260,20 +291,155 @@
       td(fmtTime(r.ended_at)));
     tr.title = r.message || "";
     tr.addEventListener("click", (ev) => {
-      if (ev.target.tagName !== "A") location.hash = `#/runs/${encodeURIComponent(r.run_id)}`;
+      if (!ev.target.closest("a, .pick")) location.hash = `#/runs/${encodeURIComponent(r.run_id)}`;
     });
     return tr;
   }
 
+  // Every word of the filter must be in the run's id, status or model.
+  function matches(r, words) {
+    const text = `${r.run_id} ${r.status} ${modelOf(r)}`.toLowerCase();
+    return words.every((w) => text.includes(w));
+  }
+
+  function compareRuns(a, b) {
+    const key = SORT_KEYS[list.sortKey];
+    const x = key(a), y = key(b);
+    const xNone = x === null || x === undefined, yNone = y === null || y === undefined;
+    if (xNone || yNone) return xNone === yNone ? 0 : xNone ? 1 : -1;
+    const order = typeof x === "number" && typeof y === "number" ? x - y : String(x).localeCompare(String(y));
+    return order * list.sortDir;
+  }
+
+  // The table from the last read of /runs: filtered, then sorted (else the server's order,
+  // newest first). Not redrawn when nothing it shows changed, so a tick is not lost to a
+  // poll that replaces the row under the pointer.
+  function renderRuns() {
+    const words = list.filter.toLowerCase().split(/\s+/).filter(Boolean);
+    let rows = list.runs.filter((r) => matches(r, words));
+    if (list.sortKey) rows = [...rows].sort(compareRuns);
+    const drawn = JSON.stringify([rows, list.sortKey, list.sortDir, [...list.picked]]);
+    if (drawn !== list.drawn) {
+      list.drawn = drawn;
+      $("runs-body").replaceChildren(...rows.map(runRow));
+    }
+    for (const th of document.querySelectorAll("#runs-table th[data-sort]")) {
+      if (th.dataset.sort === list.sortKey) th.setAttribute("aria-sort", list.sortDir > 0 ? "ascending" : "descending");
+      else th.removeAttribute("aria-sort");
+    }
+    $("runs-empty").hidden = list.runs.length > 0;
+    $("runs-table").hidden = list.runs.length === 0;
+    $("runs-none-match").hidden = list.runs.length === 0 || rows.length > 0;
+  }
+
+  function bindRunsTable() {
+    const filter = $("runs-filter");
+    filter.value = list.filter;
+    if (filter.dataset.bound) return;
+    filter.dataset.bound = "1";
+    filter.addEventListener("input", () => { list.filter = filter.value; renderRuns(); });
+    for (const th of document.querySelectorAll("#runs-table th[data-sort]")) {
+      th.querySelector("button").addEventListener("click", () => {
+        // First click: ascending; again: descending; a third: back to the server's order.
+        if (list.sortKey !== th.dataset.sort) { list.sortKey = th.dataset.sort; list.sortDir = 1; }
+        else if (list.sortDir > 0) list.sortDir = -1;
+        else list.sortKey = "";
+        renderRuns();
+      });
+    }
+    $("compare-clear").addEventListener("click", () => {
+      list.picked.clear();
+      list.drawn = "";
+      renderRuns();
+      compareSoon();
+    });
+  }
+
   function showRuns() {
     showView("runs");
+    bindRunsTable();
+    list.drawn = "";
+    const token = viewToken;
+    compareSoon = () => { if (token === viewToken) updateCompare(token).catch((e) => globalError(e)); };
+    onLeave(() => { compareSoon = () => {}; });
+    renderCompare();
     every(POLL_MS, async () => {
       const { data } = await api("GET", "/runs?limit=50");
-      const runs = data.runs || [];
-      $("runs-body").replaceChildren(...runs.map(runRow));
-      $("runs-empty").hidden = runs.length > 0;
-      $("runs-table").hidden = runs.length === 0;
+      if (token !== viewToken) return;
+      list.runs = data.runs || [];
+      renderRuns();
+      await updateCompare(token);
     });
+  }
+
+  // ------------------------------------------------------------------ compare
+  // The loss and validation curves of the ticked runs on one chart, one colour per run
+  // (train: solid, validation: dashed with dots), each read from GET /runs/{id}/curves: the
+  // whole curve once, then only newer points (`after`) while the run goes on.
+  const compared = new Map(); // run id → { train: Map, val: Map, last, final }
+  let compareSoon = () => {};
+  let compareBusy = false; // one read at a time; one asked for meanwhile runs after it
+  let compareAgain = false;
+
+  async function updateCompare(token) {
+    if (compareBusy) { compareAgain = true; return; }
+    compareBusy = true;
+    try {
+      do {
+        compareAgain = false;
+        await readCompared(token);
+      } while (compareAgain && token === viewToken);
+    } finally {
+      compareBusy = false;
+    }
+    if (token === viewToken) renderCompare();
+  }
+
+  async function readCompared(token) {
+    for (const id of [...compared.keys()]) if (!list.picked.has(id)) compared.delete(id);
+    for (const id of [...list.picked]) {
+      const c = compared.get(id) || { train: new Map(), val: new Map(), last: "", final: false };
+      if (c.final) continue;
+      const row = list.runs.find((r) => r.run_id === id);
+      const over = !!row && isOver(row); // read once more after its end: then it is whole
+      const after = c.last ? `?after=${encodeURIComponent(c.last)}` : "";
+      let data;
+      try {
+        ({ data } = await api("GET", `/runs/${encodeURIComponent(id)}/curves${after}`));
+      } catch (e) {
+        if (e.status !== 404) throw e;
+        list.picked.delete(id); // gone (expired): nothing to draw
+        list.drawn = "";
+        renderRuns();
+        continue;
+      }
+      if (token !== viewToken) return;
+      for (const [x, y] of data.train_loss || []) c.train.set(x, y);
+      for (const [x, y] of data.val_loss || []) c.val.set(x, y);
+      if (data.last) c.last = data.last;
+      c.final = over;
+      compared.set(id, c);
+    }
+  }
+
+  function renderCompare() {
+    const ids = [...list.picked].filter((id) => compared.has(id));
+    const box = $("compare-chart");
+    $("compare-hint").textContent = list.picked.size
+      ? `${list.picked.size} run${list.picked.size === 1 ? "" : "s"}: train loss solid, validation dashed${list.picked.size >= MAX_COMPARE ? ` (at most ${MAX_COMPARE})` : ""}`
+      : "Tick runs in the table to overlay their loss and validation curves.";
+    $("compare-clear").hidden = list.picked.size === 0;
+    box.hidden = ids.length === 0;
+    if (!ids.length) { dropChart(box); return; }
+    const series = ids.flatMap((id, i) => {
+      const c = compared.get(id), color = PALETTE[i % PALETTE.length];
+      return [
+        { label: `${id} train`, color, points: points(c.train) },
+        { label: `${id} val`, color, dash: [6, 4], dots: true, points: points(c.val) },
+      ];
+    });
+    drawChart(box, series, (y) => fmtNum(y, 3));
+    box.dataset.points = JSON.stringify(Object.fromEntries(series.map((s) => [s.label, s.points.length])));
   }
 
   // ------------------------------------------------------------------ forms
@@ -441,102 +607,90 @@
     });
   }
 
-  // ------------------------------------------------------------------ charts (inline SVG)
-  function svgEl(tag, attrs = {}, text) {
-    const node = document.createElementNS(SVG_NS, tag);
-    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
-    if (text !== undefined) node.textContent = text;
-    return node;
+  // ------------------------------------------------------------------ charts (uPlot)
+  // uPlot (vendored, static/uPlot.iife.min.js) draws on a canvas: its colours come from the
+  // page's CSS variables, so a chart follows the light or dark theme it was drawn in.
+  const PALETTE = ["#2563eb", "#dc2626", "#059669", "#7c3aed", "#d97706", "#0891b2", "#db2777", "#4b5563"];
+  const charts = new Map(); // box id → { plot, shape, resize }
+  const STEP_INCRS = [1, 2, 5].flatMap((m) => [1, 10, 100, 1e3, 1e4, 1e5, 1e6, 1e7].map((p) => m * p)).sort((a, b) => a - b);
+  const cssVar = (name) => getComputedStyle(document.documentElement).getPropertyValue(name).trim();
+
+  // uPlot takes one x array for all series: the union of their steps, null where a series
+  // has no point (spanGaps draws its line across those).
+  function aligned(series) {
+    const xs = [...new Set(series.flatMap((s) => s.points.map((p) => p[0])))].sort((a, b) => a - b);
+    const at = new Map(xs.map((x, i) => [x, i]));
+    return [xs, ...series.map((s) => {
+      const ys = new Array(xs.length).fill(null);
+      for (const [x, y] of s.points) ys[at.get(x)] = y;
+      return ys;
+    })];
   }
 
-  function niceTicks(lo, hi, count, integer) {
-    const span = hi - lo;
-    if (!(span > 0)) return [lo];
-    const raw = span / count;
-    const mag = 10 ** Math.floor(Math.log10(raw));
-    const norm = raw / mag;
-    let step = (norm < 1.5 ? 1 : norm < 3 ? 2 : norm < 7 ? 5 : 10) * mag;
-    if (integer) step = Math.max(1, Math.round(step));
-    const ticks = [];
-    for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) {
-      ticks.push(Number(v.toPrecision(12)));
-    }
-    return ticks;
-  }
-
-  // series: [{key, label, color, points: [[x, y], ...] sorted by x, dots}]
-  function drawChart(svg, series, fmtY) {
-    const [, , W, H] = svg.getAttribute("viewBox").split(" ").map(Number);
-    const m = { l: 62, r: 14, t: 22, b: 26 };
-    svg.replaceChildren();
-    for (const s of series) svg.dataset[`${s.key}Points`] = String(s.points.length);
-    const all = series.flatMap((s) => s.points).filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y));
-    if (!all.length) {
-      svg.append(svgEl("text", { x: W / 2, y: H / 2, class: "empty", "text-anchor": "middle" }, "no data yet"));
-      return;
-    }
-    let x0 = Math.min(...all.map((p) => p[0])), x1 = Math.max(...all.map((p) => p[0]));
-    let y0 = Math.min(...all.map((p) => p[1])), y1 = Math.max(...all.map((p) => p[1]));
-    if (x1 === x0) { x0 -= 1; x1 += 1; }
-    if (y1 === y0) { const d = Math.abs(y0) * 0.1 || 1; y0 -= d; y1 += d; }
-    const padY = (y1 - y0) * 0.06;
-    y0 -= padY; y1 += padY;
-    const px = (x) => m.l + ((x - x0) / (x1 - x0)) * (W - m.l - m.r);
-    const py = (y) => H - m.b - ((y - y0) / (y1 - y0)) * (H - m.t - m.b);
-
-    const grid = svgEl("g", { class: "grid" });
-    for (const t of niceTicks(y0, y1, 4, false)) {
-      grid.append(svgEl("line", { x1: m.l, x2: W - m.r, y1: py(t), y2: py(t) }));
-      grid.append(svgEl("text", { x: m.l - 6, y: py(t) + 4, "text-anchor": "end" }, fmtY(t)));
-    }
-    for (const t of niceTicks(x0, x1, 6, true)) {
-      grid.append(svgEl("line", { x1: px(t), x2: px(t), y1: m.t, y2: H - m.b, class: "v" }));
-      grid.append(svgEl("text", { x: px(t), y: H - m.b + 16, "text-anchor": "middle" }, String(t)));
-    }
-    svg.append(grid);
-    svg.append(svgEl("rect", { x: m.l, y: m.t, width: W - m.l - m.r, height: H - m.t - m.b, class: "frame" }));
-
-    let legendX = m.l + 4;
-    for (const s of series) {
-      const pts = s.points.filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y));
-      if (pts.length) {
-        const d = pts.map(([x, y], i) => `${i ? "L" : "M"}${px(x).toFixed(1)},${py(y).toFixed(1)}`).join("");
-        svg.append(svgEl("path", { d, class: `line ${s.key}`, stroke: s.color, "data-series": s.key }));
-      }
-      if (s.dots) {
-        for (const [x, y] of pts) {
-          const dot = svgEl("circle", { cx: px(x), cy: py(y), r: 3.5, fill: s.color, class: `dot ${s.key}` });
-          dot.append(svgEl("title", {}, `step ${x}: ${fmtY(y)}`));
-          svg.append(dot);
-        }
-      }
-      const last = pts[pts.length - 1];
-      const label = `${s.label}${last ? ` ${fmtY(last[1])}` : ""}`;
-      svg.append(svgEl("rect", { x: legendX, y: 6, width: 10, height: 10, fill: s.color }));
-      const text = svgEl("text", { x: legendX + 14, y: 15, class: "legend" }, label);
-      svg.append(text);
-      legendX += 24 + label.length * 7;
-    }
-    // Hover read-out: the nearest step of each series.
-    const readout = svgEl("text", { x: W - m.r - 4, y: 15, class: "legend readout", "text-anchor": "end" }, "");
-    const cursor = svgEl("line", { y1: m.t, y2: H - m.b, class: "cursor", visibility: "hidden" });
-    svg.append(cursor, readout);
-    svg.onmousemove = (ev) => {
-      const box = svg.getBoundingClientRect();
-      const x = x0 + (((ev.clientX - box.left) / box.width) * W - m.l) / (W - m.l - m.r) * (x1 - x0);
-      const parts = [];
-      let snapped = null;
-      for (const s of series) {
-        let best = null;
-        for (const p of s.points) if (!best || Math.abs(p[0] - x) < Math.abs(best[0] - x)) best = p;
-        if (best) { parts.push(`${s.label} ${fmtY(best[1])}`); snapped = snapped ?? best[0]; }
-      }
-      if (snapped === null) return;
-      cursor.setAttribute("x1", px(snapped)); cursor.setAttribute("x2", px(snapped));
-      cursor.setAttribute("visibility", "visible");
-      readout.textContent = `step ${snapped} · ${parts.join(" · ")}`;
+  function chartOptions(box, series, fmtY) {
+    const muted = cssVar("--muted"), line = cssVar("--line");
+    const axis = { stroke: muted, font: "11px system-ui, sans-serif", grid: { stroke: line, width: 1 }, ticks: { stroke: line, width: 1 } };
+    return {
+      width: box.clientWidth || 600,
+      height: Number(box.dataset.height) || 220,
+      scales: { x: { time: false } },
+      axes: [
+        { ...axis, incrs: STEP_INCRS, values: (u, ticks) => ticks.map((t) => fmtInt(t)) },
+        { ...axis, size: 64, values: (u, ticks) => ticks.map(fmtY) },
+      ],
+      series: [
+        { label: "step", value: (u, v) => (v === null || v === undefined ? "–" : fmtInt(v)) },
+        ...series.map((s) => ({
+          label: s.label,
+          stroke: s.color,
+          width: 2,
+          dash: s.dash,
+          spanGaps: true,
+          points: s.dots ? { show: true, size: 6, fill: s.color } : {},
+          value: (u, v) => (v === null || v === undefined ? "–" : fmtY(v)),
+        })),
+      ],
+      cursor: { drag: { x: true, y: false } }, // drag to zoom on steps; double-click resets
     };
-    svg.onmouseleave = () => { cursor.setAttribute("visibility", "hidden"); readout.textContent = ""; };
+  }
+
+  // series: [{key, label, color, dash, dots, points: [[x, y], ...] sorted by x}]. The chart
+  // is made once per set of series and fed new data after that (live updates); the box
+  // carries each series' point count (data-<key>-points) for the browser tests.
+  function drawChart(box, series, fmtY) {
+    const shape = JSON.stringify(series.map((s) => [s.label, s.color, s.dash || null, !!s.dots]));
+    let chart = charts.get(box.id);
+    if (chart && chart.shape !== shape) { dropChart(box); chart = null; }
+    const data = aligned(series);
+    if (!chart) {
+      const plot = new uPlot(chartOptions(box, series, fmtY), data, box);
+      const resize = new ResizeObserver(() => {
+        if (box.clientWidth && box.clientWidth !== plot.width) plot.setSize({ width: box.clientWidth, height: plot.height });
+      });
+      resize.observe(box);
+      chart = { plot, shape, resize };
+      charts.set(box.id, chart);
+    } else {
+      // Zoomed in (dragged across steps): new points keep the zoom; else the axes follow them.
+      const { plot } = chart, xs = plot.data[0], x = plot.scales.x;
+      const zoomed = xs.length > 0 && (x.min > xs[0] || x.max < xs[xs.length - 1]);
+      plot.setData(data, !zoomed);
+    }
+    for (const s of series) if (s.key) box.dataset[`${s.key}Points`] = String(s.points.length);
+    box.classList.toggle("empty", !series.some((s) => s.points.length));
+    return chart.plot;
+  }
+
+  function dropChart(box) {
+    const chart = charts.get(box.id);
+    if (chart) {
+      chart.resize.disconnect();
+      chart.plot.destroy();
+      charts.delete(box.id);
+    }
+    box.replaceChildren();
+    box.classList.add("empty");
+    for (const k of Object.keys(box.dataset)) if (k !== "height") delete box.dataset[k];
   }
 
   // ------------------------------------------------------------------ one run
@@ -666,6 +820,7 @@
       ]);
     }
     $("train-summary-empty").hidden = !!st.train_completed;
+    renderSamples(st);
     renderArtifact(model);
     const gen = $("generate-button");
     if (!gen.dataset.busy) {
@@ -673,6 +828,19 @@
       if (status !== "completed") $("generate-status").textContent = "Available once the run has completed.";
       else if ($("generate-status").textContent.startsWith("Available")) $("generate-status").textContent = "";
     }
+  }
+
+  // What the model wrote at its latest validation (the run state keeps the latest samples).
+  function renderSamples(st) {
+    const samples = st.samples || [];
+    const box = $("train-samples");
+    const key = JSON.stringify([st.samples_step, samples]);
+    if (box.dataset.key === key) return;
+    box.dataset.key = key;
+    box.replaceChildren(...samples.map((s) => el("div", { class: "sample", "data-testid": "train-sample" },
+      el("span", { class: "prompt", text: s.prompt }), document.createTextNode(s.text))));
+    $("train-samples-step").textContent = samples.length ? `(step ${fmtInt(st.samples_step)})` : "";
+    $("train-samples-empty").hidden = samples.length > 0;
   }
 
   function renderArtifact(model) {
@@ -860,14 +1028,14 @@
     for (const t of ["corpus-stats", "tokenizer-stats", "train-summary", "eval-metrics", "eval-samples", "log-tail", "chain-steps", "run-facts", "generate-output"]) {
       $(t).replaceChildren();
     }
-    for (const chart of ["loss-chart", "lr-chart", "tps-chart"]) {
-      const svg = $(chart);
-      svg.replaceChildren();
-      for (const k of Object.keys(svg.dataset)) delete svg.dataset[k];
-    }
+    for (const chart of ["loss-chart", "lr-chart", "tps-chart"]) dropChart($(chart));
     $("generate-status").textContent = "";
     delete $("generate-status").dataset.error;
     $("eval-empty").hidden = false;
+    delete $("train-samples").dataset.key;
+    $("train-samples").replaceChildren();
+    $("train-samples-step").textContent = "";
+    $("train-samples-empty").hidden = false;
     const art = $("artifact");
     delete art.dataset.raw;
     art.replaceChildren(el("p", { class: "muted", text: "Not stored yet." }));
