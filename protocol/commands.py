@@ -8,9 +8,10 @@ command declares its header (command_id, user_id, requested_at) itself.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import msgspec
+from msgspec import Meta
 
 from protocol.errors import FieldError
 from protocol.keys import ActorName
@@ -35,6 +36,8 @@ from protocol.settings import (
     TrainSettings,
     check,
 )
+
+Endpoint = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.:\[\]-]{1,250}:[0-9]{1,5}$")]  # host:port
 
 
 class Base(msgspec.Struct, kw_only=True, tag_field="kind", forbid_unknown_fields=False):
@@ -137,6 +140,20 @@ class ArtifactUpload(Base, kw_only=True, tag="artifact.upload"):
     rest: list[ChainCommand] = []
 
 
+class ModelTrainJoin(Base, kw_only=True, tag="model.train.join"):
+    """Train a run on several machines (nnodes > 1) as one more of them: queued by the
+    trainer that took the run's model.train (it is node 0 and hosts the rendezvous), one per
+    other node; another trainer takes it, fetches the run's inputs and starts its processes
+    against the rendezvous. Node 0 alone reports the run."""
+
+    command_id: Id
+    user_id: UserId = 0
+    requested_at: float = 0.0
+    run_id: Id
+    train: ModelTrain  # the run's training command (without the rest of its chain)
+    endpoint: Endpoint  # node 0's c10d rendezvous
+
+
 class RunCancel(Base, kw_only=True, tag="run.cancel"):
     """Accepted on every command stream: sets the run's cancel flag."""
 
@@ -148,7 +165,7 @@ class RunCancel(Base, kw_only=True, tag="run.cancel"):
 
 # Steps of a run's chain: each carries the rest of the chain and starts the next one itself.
 ChainCommand = CorpusIngest | TokenizerTrain | ModelTrain | ModelEvaluate | ArtifactUpload
-Command = ChainCommand | ModelScore | ModelGenerate | ModelChat | RunCancel
+Command = ChainCommand | ModelScore | ModelGenerate | ModelChat | ModelTrainJoin | RunCancel
 # Commands that answer under a request id (model.evaluate does when it has one).
 RequestCommand = ModelEvaluate | ModelScore | ModelGenerate | ModelChat
 
@@ -157,6 +174,7 @@ ACTOR_OF: dict[type[Base], ActorName] = {
     CorpusIngest: "ingest",
     TokenizerTrain: "tokenizer",
     ModelTrain: "trainer",
+    ModelTrainJoin: "trainer",
     ModelEvaluate: "evaluator",
     ModelScore: "evaluator",
     ModelGenerate: "evaluator",
@@ -169,7 +187,7 @@ ACTOR_OF: dict[type[Base], ActorName] = {
 ACCEPTS: dict[ActorName, tuple[type[Base], ...]] = {
     "ingest": (CorpusIngest, RunCancel),
     "tokenizer": (TokenizerTrain, RunCancel),
-    "trainer": (ModelTrain, RunCancel),
+    "trainer": (ModelTrain, ModelTrainJoin, RunCancel),
     "evaluator": (ModelEvaluate, ModelScore, ModelGenerate, ModelChat, RunCancel),
     "uploader": (ArtifactUpload, RunCancel),
     "notifier": (),

@@ -65,7 +65,9 @@ class TrainStarted(Event, kw_only=True, tag="train.started"):
     total_steps: int = 0
     batch_size: int = 0
     learning_rate: float = 0.0
-    threads: int = 0
+    threads: int = 0  # of each training process
+    world_size: int = 1  # training processes (DDP), all machines together
+    backend: str = ""  # their torch.distributed backend: gloo (CPU), nccl (CUDA); "": one
     cpu_cores: int = 0
     memory_mb: int = 0
     device: str = ""

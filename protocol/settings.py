@@ -59,6 +59,18 @@ Clip = Annotated[float, Meta(ge=0.0, le=1000.0, description="max gradient norm; 
 Accum = Annotated[int, Meta(ge=1, le=1024, description="micro-batches per optimizer step")]
 Dropout = Annotated[float, Meta(ge=0.0, le=0.9, description="dropout; 0 suits pre-training")]
 Every = Annotated[int, Meta(ge=1, le=1_000_000)]
+Procs = Annotated[
+    int,
+    Meta(
+        ge=0,
+        le=1024,
+        description="training processes per machine (DDP); 0 = auto: one per GPU, else 1",
+    ),
+]
+Nodes = Annotated[int, Meta(ge=1, le=1024, description="machines that train the run together")]
+Restarts = Annotated[
+    int, Meta(ge=0, le=100, description="restarts of a failed process group from its checkpoint")
+]
 Patience = Annotated[
     int, Meta(ge=1, le=1000, description="stop after this many validations without gain")
 ]
@@ -185,6 +197,11 @@ class TrainSettings(msgspec.Struct, kw_only=True):
         Compile, Meta(description="torch.compile; auto = when measured to pay back in this run")
     ] = "auto"
     threads: Threads = 0
+    # One run on several processes or machines: DDP through torch.distributed's elastic
+    # launcher; threads are shared out among the processes of a machine.
+    nproc_per_node: Procs = 0
+    nnodes: Nodes = 1
+    max_restarts: Restarts = 2
     seed: Seed = DEFAULT_SEED
 
     def check(self) -> None:

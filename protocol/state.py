@@ -85,6 +85,9 @@ class RunState(msgspec.Struct, kw_only=True):
     precision: str = ""
     compile: bool = False
     recipe: str = ""  # why this precision and compile, with the measured figures
+    threads: int = 0  # of each training process
+    world_size: int = 1  # training processes (DDP), all machines together
+    backend: str = ""  # their torch.distributed backend (gloo, nccl); "" for one
     flops_per_token: float = 0.0
     peak_flops: float = 0.0  # measured FLOP/s in the chosen precision (MFU's base)
     message: str = ""
@@ -204,6 +207,9 @@ def changes(event: AnyEvent) -> dict[str, object]:
                 "precision": event.precision,
                 "compile": event.compile,
                 "recipe": event.recipe,
+                "threads": event.threads,
+                "world_size": event.world_size,
+                "backend": event.backend,
                 "flops_per_token": event.flops_per_token,
                 "peak_flops": event.peak_flops,
                 "last_heartbeat_ts": at,

@@ -453,6 +453,13 @@ def bench_train(args: argparse.Namespace) -> None:
     work.mkdir(parents=True, exist_ok=True)
     corpus = _prepare_corpus(work)
     tok = _prepare_tokenizer(corpus, work, int(args.vocab_size))
+    if int(args.nproc) > 1:  # DDP against threads instead (scripts/bench_ddp.py)
+        from scripts.bench_ddp import bench_ddp
+
+        steps = short_steps or 30
+        batch, seq = int(args.batch_size), int(args.seq_len)
+        bench_ddp(int(args.nproc), corpus, tok, work / "runs", steps, warmup, batch, seq)
+        return
     t = load_tokenizer(tok)
     setup = Setup(
         corpus=corpus,
@@ -517,6 +524,13 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
         "or none; the short run always has fp32 (today's default)",
     )
     p.add_argument("--warmup", type=int, default=5, help="steps the loop-vs-bare rates leave out")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="instead: N processes x 1 thread (DDP) against 1 process x N threads, "
+        "--short-steps steps each, and the communication share of a step",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--vocab-size", type=int, default=4096)

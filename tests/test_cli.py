@@ -498,6 +498,8 @@ def test_watch_shows_the_recipe_and_mfu() -> None:
         )
     renderer.update(TrainCompleted(run_id="r", steps=10, train_loss=1.5, mfu=0.125, at=30.0))
     renderer.update(msgspec.structs.replace(started, precision="fp32", compile=False, recipe=""))
+    ddp = msgspec.structs.replace(started, recipe="", threads=1, world_size=2, backend="gloo")
+    renderer.update(ddp)
     lines = out.getvalue().splitlines()
     assert lines[0] == (
         f"[r] training gpt2/tiny: 1 epochs, 10 steps, cpu bf16, compile on, 2 threads ({recipe})"
@@ -506,6 +508,7 @@ def test_watch_shows_the_recipe_and_mfu() -> None:
     assert lines[2].startswith("[r] step 2/10 | epoch 1/1 | loss 2.0000 | 1,000 tok/s | MFU 12.3%")
     assert lines[3] == "[r] training completed: 10 steps, train_loss 1.5000, MFU 12.5%"
     assert lines[4].endswith("10 steps, cpu fp32, compile off, 2 threads")  # no recipe told
+    assert lines[5].endswith("compile on, 2 processes (gloo) x 1 threads")  # DDP
 
 
 def test_rich_renderer_draws_bars_and_notable_lines() -> None:

@@ -30,6 +30,7 @@ from protocol.commands import (
     ModelGenerate,
     ModelScore,
     ModelTrain,
+    ModelTrainJoin,
     RunCancel,
     TokenizerTrain,
     actor_of,
@@ -88,6 +89,12 @@ COMMANDS: list[Base] = [
     ModelChat(command_id="c7", run_id="r1", request_id="q4", session_id="s1", message="hi"),
     ArtifactUpload(command_id="c8", run_id="r1", target="tokenizer", tokenizer_id="t1"),
     RunCancel(command_id="c9", run_id="r1"),
+    ModelTrainJoin(
+        command_id="c3.join-1-1",
+        run_id="r1",
+        train=ModelTrain(command_id="c3", run_id="r1", corpus_id="k1", tokenizer_id="t1", nnodes=2),
+        endpoint="10.0.0.5:29400",
+    ),
 ]
 
 EVENTS: list[AnyEvent] = [

@@ -220,3 +220,28 @@ def test_cli_errors_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str
     with pytest.raises(SystemExit) as exc:  # argparse: usage error
         main(["generate"])
     assert exc.value.code == 2
+
+
+def test_cli_trains_on_two_processes(prepared: Path) -> None:
+    """--nproc-per-node 2: DDP through the elastic launcher; rank 0 alone prints."""
+    args = [*TINY_LSTM[:-1], "2"]  # --threads 2: the machine's, one per process
+    out = ok(
+        cli(
+            *["train", "--corpus", "corpus", "--tokenizer", "tok", "--out", "ddp", *args],
+            *["--nproc-per-node", "2", "--max-steps", "4", "--log-every", "1"],
+            cwd=prepared,
+        )
+    )
+    assert "2 processes (gloo) x 1 threads" in out
+    assert out.count("step      4/4") == 1 and "completed: 4/4 steps" in out
+    manifest = json.loads((prepared / "ddp" / "manifest.json").read_text())
+    assert (manifest["world_size"], manifest["threads"]) == (2, 1)
+
+
+def test_cli_refuses_a_batch_the_processes_cannot_share(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["train", "--corpus", str(tmp_path), "--tokenizer", str(tmp_path)]
+    argv += ["--out", str(tmp_path / "run"), "--nnodes", "2", "--batch-size", "3"]
+    assert main(argv) == 2
+    assert "batch_size 3 must be a multiple of the world size 2" in capsys.readouterr().err

@@ -33,7 +33,7 @@ from trainer.errors import UserError
 from trainer.tokenizer import TokenizerConfig
 
 if TYPE_CHECKING:
-    from trainer.report import Progress
+    from trainer.report import Progress, StartInfo, TrainResult
 
 EXIT_USER_ERROR = 2
 
@@ -143,10 +143,88 @@ def _progress_printer(log_every: int) -> Callable[[Progress], None]:
     return show
 
 
+def _train_rank(
+    cfg: TrainConfig, corpus: Path, tokenizer: Path, out: Path, log_every: int, cache_dir: Path
+) -> TrainResult | str:
+    """One process of a DDP run (trainer.distributed.launch): rank 0 prints. A user error is
+    returned, not raised: the launcher would restart the group for it."""
+    from trainer.distributed import close_rank, init_rank
+    from trainer.train import train
+
+    world = init_rank(cfg)
+    try:
+        return train(
+            cfg,
+            corpus,
+            tokenizer,
+            out,
+            on_progress=_progress_printer(log_every),
+            on_start=_print_start,
+            cache_dir=cache_dir,
+        )
+    except UserError as e:
+        return str(e) if world.leader else ""
+    finally:
+        close_rank()
+
+
+def _print_start(info: StartInfo) -> None:
+    ranks = f", {info.world_size} processes ({info.backend}) x" if info.world_size > 1 else ","
+    print(
+        f"{info.device} {info.precision}{' compiled' if info.compile else ''}{ranks} "
+        f"{info.threads} threads: {info.recipe}",
+        flush=True,
+    )
+
+
+def _launch(cfg: TrainConfig, args: argparse.Namespace, nproc: int) -> TrainResult:
+    """The run on nproc processes of this machine, through the elastic launcher."""
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    # By its importable name: under `python -m trainer` this module is __main__, which the
+    # spawned processes cannot unpickle a function from.
+    from trainer.__main__ import _train_rank
+    from trainer.distributed import launch, start_method
+
+    if cfg.nnodes > 1:
+        raise UserError("nnodes > 1 trains through the service (model-trainer), not here")
+    print(f"training on {nproc} processes (DDP)", flush=True)
+    try:
+        results = launch(
+            _train_rank,
+            (
+                cfg,
+                args.corpus.resolve(),
+                args.tokenizer.resolve(),
+                args.out.resolve(),
+                max(1, args.log_every),
+                args.cache_dir.resolve(),
+            ),
+            nproc=nproc,
+            run_id=uuid.uuid4().hex[:12],
+            method=start_method(cfg),
+            max_restarts=cfg.max_restarts,
+        )
+    except ChildFailedError as e:  # past max_restarts: the launcher's account of it
+        print(f"error: training failed: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    outcome = results[0]
+    if isinstance(outcome, str):
+        raise UserError(outcome)
+    return outcome
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    from trainer.distributed import check_world, procs_per_node
     from trainer.train import train
 
     cfg = train_config(args)
+    nproc = procs_per_node(cfg)
+    check_world(cfg, nproc * cfg.nnodes)
+    if nproc * cfg.nnodes > 1:
+        return _report(_launch(cfg, args, nproc))
 
     # First Ctrl-C: stop after the current step with a checkpoint; second: abort at once.
     stop = {"asked": False}
@@ -167,15 +245,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
             args.out,
             on_progress=_progress_printer(max(1, args.log_every)),
             should_stop=lambda: stop["asked"],
-            on_start=lambda info: print(
-                f"{info.device} {info.precision}{' compiled' if info.compile else ''}, "
-                f"{info.threads} threads: {info.recipe}",
-                flush=True,
-            ),
+            on_start=_print_start,
             cache_dir=args.cache_dir,
         )
     finally:
         signal.signal(signal.SIGINT, previous)
+    return _report(result)
+
+
+def _report(result: TrainResult) -> int:
     print(
         f"{result.status}: {result.steps}/{result.total_steps} steps, {result.tokens:,} tokens, "
         f"{result.tokens_per_s:,.0f} tok/s, {result.elapsed_s:.1f}s"

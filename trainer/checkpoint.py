@@ -60,6 +60,10 @@ class CheckpointMeta(msgspec.Struct, kw_only=True):
     # The precision and compile the run chose at its start: a resumed run keeps them, since
     # its maths must not change halfway (None: saved before recipes were recorded).
     recipe: Recipe | None = None
+    # The processes that trained it (DDP). TrainState's data position counts global batches,
+    # so a run resumes on any number of them from the same step; with as many as saved it
+    # continues bit for bit (state.pt holds every rank's RNG under "rng_ranks").
+    world_size: int = 1
 
 
 def rng_state() -> dict[str, object]:

@@ -352,6 +352,7 @@ def logits(
     LSTM reads left to right, so padding at the end cannot change the real positions.
     """
     base = getattr(model, "_orig_mod", model)  # torch.compile wraps the module
+    base = getattr(base, "module", base)  # and DDP (trainer.distributed) too
     out: torch.Tensor
     if isinstance(base, CharLSTM):
         out = model(input_ids)

@@ -25,7 +25,9 @@ class StartInfo(msgspec.Struct, kw_only=True):
     resumed_from_step: int
     compile: bool = False
     recipe: str = ""  # why this precision and compile: the measured figures, in one line
-    threads: int = 0  # torch threads the run uses
+    threads: int = 0  # torch threads of each process
+    world_size: int = 1  # processes training the run together (DDP)
+    backend: str = ""  # their torch.distributed backend: gloo (CPU), nccl (CUDA); "": one
     flops_per_token: float = 0.0  # 6 x parameters + attention, forward and backward
     peak_flops: float = 0.0  # FLOP/s of a GEMM probe in the chosen precision (MFU's base)
 

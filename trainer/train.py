@@ -32,6 +32,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from protocol.events import Sample
 from protocol.settings import Device
@@ -44,11 +45,13 @@ from trainer.checkpoint import (
     load_checkpoint,
     prune_checkpoints,
     read_meta,
+    rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from trainer.config import TrainConfig
 from trainer.data import IGNORE_INDEX, TokenDataInfo, TokenWindows, dir_sha256, encode_splits
+from trainer.distributed import World, check_world, current, rank_threads
 from trainer.errors import UserError
 from trainer.manifest import DataRef, RunManifest, TokenizerRef, write_manifest
 from trainer.model import (
@@ -65,6 +68,7 @@ from trainer.recipe import (
     PROBE_STEPS,
     PROBE_WARMUP,
     Precision,
+    Recipe,
     Trial,
     cpu_flags,
     decide,
@@ -73,7 +77,6 @@ from trainer.recipe import (
     median,
     mfu,
     peak_flops,
-    physical_cores,
     read_trials,
     write_trials,
 )
@@ -82,10 +85,22 @@ from trainer.tokenizer import load_tokenizer
 from trainer.tracking import Tracker
 
 # Config fields that may differ when a run is resumed: they do not change the maths.
+# The world size too: a run resumed on more or fewer processes continues from the same global
+# step (the data position counts global batches), though not bit for bit.
 RESUMABLE_CHANGES = frozenset(
-    {"threads", "keep_checkpoints", "compile", "sample_count", "sample_tokens"}
+    {
+        "threads",
+        "keep_checkpoints",
+        "compile",
+        "sample_count",
+        "sample_tokens",
+        "nproc_per_node",
+        "nnodes",
+        "max_restarts",
+    }
 )
 METRICS_NAME = "metrics.jsonl"
+ONE = World()  # a run on one process
 
 
 def perplexity(loss: float | None) -> float | None:
@@ -158,13 +173,39 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> torch.optim
 
 
 def next_token_loss(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy over the unmasked targets (y = -100 at padding)."""
+    """Mean cross-entropy over the unmasked targets (y = -100 at padding); with scale, their
+    sum times scale (a rank's share of a global batch's mean: see shard)."""
     out = logits(model, x, mask)
-    return F.cross_entropy(
-        out.float().view(-1, out.size(-1)), y.view(-1), ignore_index=IGNORE_INDEX
+    if scale is None:
+        return F.cross_entropy(
+            out.float().view(-1, out.size(-1)), y.view(-1), ignore_index=IGNORE_INDEX
+        )
+    total = F.cross_entropy(
+        out.float().view(-1, out.size(-1)), y.view(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
+    return total * scale
+
+
+def shard(
+    x: torch.Tensor, y: torch.Tensor, world: World, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """This rank's rows of a global micro-batch (batch_size / world size of them), and the
+    scale of its summed loss that makes it its share of the global batch's mean loss: DDP's
+    average of the ranks' gradients, times the world size, is then the gradient of that mean,
+    as on one process. A rank left without rows (the short last batch of an epoch) runs one
+    row at scale 0, so that it still joins the gradient all-reduce."""
+    per = batch_size // world.size
+    lo, hi = world.rank * per, min((world.rank + 1) * per, x.size(0))
+    targets = int((y != IGNORE_INDEX).sum())  # of the whole global batch: every rank agrees
+    if lo >= hi:
+        return x[:1], y[:1], 0.0
+    return x[lo:hi], y[lo:hi], 1.0 / targets
 
 
 def padding_mask(y: torch.Tensor) -> torch.Tensor | None:
@@ -183,8 +224,10 @@ def evaluate_loss(
     batches: list[npt.NDArray[np.int64]],
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager[object]],
+    world: World = ONE,
 ) -> float | None:
-    """Mean next-token loss per target token over the given window batches."""
+    """Mean next-token loss per target token over the given window batches (shared out among
+    the ranks of world, every rank gets the whole's mean)."""
     if not batches:
         return None
     was_training = model.training
@@ -192,7 +235,7 @@ def evaluate_loss(
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     with torch.no_grad():
-        for idx in batches:
+        for idx in batches[world.rank :: world.size]:
             x, y = windows.windows(idx)
             mask = padding_mask(y)
             count += int((y != IGNORE_INDEX).sum())  # on the CPU: no device sync
@@ -206,6 +249,9 @@ def evaluate_loss(
                 reduction="sum",
             ).double()
     model.train(was_training)
+    if world.size > 1:
+        both = world.sum(torch.stack([total, torch.tensor(float(count), device=device).double()]))
+        total, count = both[0], int(both[1].item())
     return float(total.item()) / count
 
 
@@ -280,14 +326,23 @@ def train(
     (default data_dir/tokens/<tokenizer hash>). should_stop is checked between steps: when
     it answers True a checkpoint is saved and the result has status "cancelled". cache_dir
     keeps what was measured on this machine (the recipe probe, the peak FLOP/s).
+
+    Under a process group (trainer.distributed: every rank calls train) the run is DDP: each
+    rank takes its share of every global batch, so the batches, their order and the epochs
+    are those of one process; rank 0 alone decides the recipe, reads and writes checkpoints
+    and the run's files and calls on_start/on_progress; any rank's should_stop stops all.
     """
     cfg.validate()
+    world = current()
+    check_world(cfg, world.size)
     t_start = time.perf_counter()
     started_at = _now()
     run_dir.mkdir(parents=True, exist_ok=True)
-    threads = cfg.threads or physical_cores()
+    threads = rank_threads(cfg, world.local_size)
     torch.set_num_threads(threads)
     device = resolve_device(cfg.device)
+    if world.backend == "nccl":
+        device = torch.device("cuda", world.local_rank)
     candidates = precision_candidates(cfg.precision, device)
 
     # ---- data
@@ -301,7 +356,11 @@ def train(
         )
     if token_dir is None:
         token_dir = data_dir / "tokens" / dir_sha256(tokenizer_dir)[:16]
+    if world.local_rank:  # one encoder per machine; the others read what it wrote
+        world.barrier()
     info = encode_splits(data_dir, tokenizer_dir, token_dir, threads=cfg.threads)
+    if not world.local_rank:
+        world.barrier()
     seq = cfg.max_seq_len
     train_w = TokenWindows(
         info.path("train"), info.meta.dtype, seq, cfg.batch_size, tok.pad_id, seed=cfg.seed
@@ -331,12 +390,17 @@ def train(
         overrides=dict(cfg.model_overrides),
     )
 
-    # ---- the recipe: measured before the run's RNG is seeded; a resumed run keeps its own
+    # ---- the recipe: measured before the run's RNG is seeded; a resumed run keeps its own.
+    # Rank 0 decides (probing with its share of the machine) and tells the others: every
+    # rank must train in the same precision.
     ckpt_dir = run_dir / "checkpoints"
-    ckpt = latest_checkpoint(ckpt_dir)
+    ckpt = latest_checkpoint(ckpt_dir) if world.leader else None
     machine = machine_id(str(device), threads)
     kept = read_meta(ckpt).recipe if ckpt is not None else None
-    if kept is not None:
+    recipe: Recipe | None = None
+    if not world.leader:
+        pass
+    elif kept is not None:
         recipe = msgspec.structs.replace(kept, measured=False)
     else:
         shape = repr((model_cfg.to_dict(), cfg.batch_size, cfg.optimizer))
@@ -354,6 +418,8 @@ def train(
         recipe = msgspec.structs.replace(recipe, machine=machine, shape=shape)
         if recipe.measured:
             write_trials(cache_dir, machine, shape, recipe.trials)
+    recipe = world.broadcast(recipe)
+    assert recipe is not None
     precision = recipe.precision
 
     # ---- model and optimizer
@@ -361,6 +427,8 @@ def train(
     model = build_model(model_cfg).to(device)
     if cfg.lora_r:  # only the adapters train (trainer.lora)
         model = lora.wrap(model, cfg)
+    if world.rank:  # the same weights (DDP copies rank 0's), but dropout masks of its own
+        torch.manual_seed(cfg.seed + world.rank)
     if cfg.pretrained is not None:  # what was loaded (its dims, its context length)
         model_cfg = replace(
             read_model_config(Path(cfg.pretrained)),
@@ -372,13 +440,6 @@ def train(
             freeze_embed=cfg.freeze_embed,
         )
     model.train()
-    fwd: nn.Module = model
-    if recipe.compile:
-        if cache_dir is not None:  # a later run of the same shape compiles in seconds
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
-        compiled = torch.compile(model)
-        assert isinstance(compiled, nn.Module)
-        fwd = compiled
     lr = cfg.learning_rate
     if cfg.pretrained is not None and cfg.finetune_lr_cap is not None:
         lr = min(lr, cfg.finetune_lr_cap)
@@ -403,23 +464,60 @@ def train(
     config_dict: dict[str, object] = msgspec.to_builtins(cfg)
     state = TrainState()
     resumed_from: int | None = None
+    # Rank 0 reads the checkpoint and sends it to the others (a machine of a multi-node run
+    # need not have it); DDP copies rank 0's weights to every rank when it wraps the model.
+    saved: tuple[CheckpointMeta, dict[str, object]] | None = None
+    refused = ""
     if ckpt is not None:
         loaded = load_checkpoint(ckpt, model)
-        _check_resumable(loaded.meta, config_dict, info)
-        optimizer.load_state_dict(_state_dict(loaded.states, "optimizer"))
-        scheduler.load_state_dict(_state_dict(loaded.states, "scheduler"))
-        if scaler.is_enabled() and "scaler" in loaded.states:
-            scaler.load_state_dict(_state_dict(loaded.states, "scaler"))
-        state = loaded.meta.state
+        saved = (loaded.meta, loaded.states)
+        try:
+            _check_resumable(loaded.meta, config_dict, info)
+        except UserError as e:
+            refused = str(e)
+    saved, refused = world.broadcast((saved, refused))
+    if refused:
+        raise UserError(refused)
+    if saved is not None:
+        meta, states = saved
+        optimizer.load_state_dict(_state_dict(states, "optimizer"))
+        scheduler.load_state_dict(_state_dict(states, "scheduler"))
+        if scaler.is_enabled() and "scaler" in states:
+            scaler.load_state_dict(_state_dict(states, "scaler"))
+        state = meta.state
         resumed_from = state.step
-        set_rng_state(_state_dict(loaded.states, "rng"))  # last: building the model drew numbers
-        _trim_metrics(metrics_path, state.step)
-    else:
+        # Last: building the model drew numbers. Each rank's own generators when the world
+        # size is the one saved; otherwise rank 0's (the run goes on, not bit for bit).
+        ranks = states.get("rng_ranks")
+        same_world = isinstance(ranks, list) and len(ranks) == world.size
+        rng = ranks[world.rank] if same_world and isinstance(ranks, list) else states["rng"]
+        set_rng_state(_state_dict({"rng": rng}, "rng"))
+        if world.leader:
+            _trim_metrics(metrics_path, state.step)
+    elif world.leader:
         metrics_path.unlink(missing_ok=True)  # left by a run that died before its 1st checkpoint
+
+    ddp: DistributedDataParallel | None = None
+    fwd: nn.Module = model
+    if world.size > 1:
+        ids = [world.local_rank] if device.type == "cuda" else None
+        # Buffers synced at the start only: ours are constants (no batch norm).
+        ddp = DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+        fwd = ddp
+    if recipe.compile:
+        if cache_dir is not None:  # a later run of the same shape compiles in seconds
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
+        compiled = torch.compile(fwd)
+        assert isinstance(compiled, nn.Module)
+        fwd = compiled
 
     n_params = count_parameters(model)
     per_token = flops_per_token(n_params, *_attention_dims(model), seq)
-    peak = peak_flops(str(device), precision, machine, cache_dir)
+    # The group's peak: one device's (measured by rank 0) times the ranks, as tokens/s counts
+    # every rank's tokens.
+    peak = (
+        peak_flops(str(device), precision, machine, cache_dir) * world.size if world.leader else 0.0
+    )
     manifest = RunManifest(
         status="running",
         config=config_dict,
@@ -448,11 +546,14 @@ def train(
         compile=recipe.compile,
         recipe=recipe,
         threads=threads,
+        world_size=world.size,
+        backend=world.backend,
         flops_per_token=per_token,
         peak_flops=peak,
     )
-    write_manifest(run_dir, manifest)
-    if on_start is not None:
+    if world.leader:
+        write_manifest(run_dir, manifest)
+    if on_start is not None and world.leader:
         on_start(
             StartInfo(
                 device=str(device),
@@ -464,20 +565,33 @@ def train(
                 compile=recipe.compile,
                 recipe=recipe.reason,
                 threads=threads,
+                world_size=world.size,
+                backend=world.backend,
                 flops_per_token=per_token,
                 peak_flops=peak,
             )
         )
 
     def checkpoint() -> None:
+        # Every rank's generators (their dropout masks differ), so that a resume on as many
+        # ranks is exact; rank 0 writes.
+        rng_ranks = world.gather(rng_state()) if world.size > 1 else None
+        if not world.leader:
+            return
         states: dict[str, object] = {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
         }
         if scaler.is_enabled():
             states["scaler"] = scaler.state_dict()
+        if rng_ranks is not None:
+            states["rng_ranks"] = rng_ranks
         meta = CheckpointMeta(
-            state=state, config=config_dict, data_fingerprint=info.fingerprint, recipe=recipe
+            state=state,
+            config=config_dict,
+            data_fingerprint=info.fingerprint,
+            recipe=recipe,
+            world_size=world.size,
         )
         save_checkpoint(ckpt_dir, model, states, meta)
         protect = {state.best_step} if state.best_step is not None else set()
@@ -486,14 +600,15 @@ def train(
     def validate(metrics: IO[str]) -> float | None:
         # The eager model: a compiled one would compile a second (no-grad) graph to save
         # less than it costs at the validation cadence.
-        val = evaluate_loss(model, val_w, val_batches, device, autocast)
+        val = evaluate_loss(model, val_w, val_batches, device, autocast, world)
         if val is None:
             return None
         state.val_history.append((state.step, val))
         improved = val < state.best_val_loss  # NaN never improves
         if improved:
             state.best_val_loss, state.best_step, state.bad_evals = val, state.step, 0
-            _save_model_dir(model, model_cfg, run_dir / "best")
+            if world.leader:
+                _save_model_dir(model, model_cfg, run_dir / "best")
         else:
             state.bad_evals += 1
             patience = cfg.early_stopping_patience
@@ -519,32 +634,44 @@ def train(
     # ---- the loop
     cancelled = False
     session_tokens, session_time = 0, 0.0
-    last_saved = state.step if ckpt is not None else -1
+    last_saved = state.step if resumed_from is not None else -1
+    metrics_file = metrics_path if world.leader else Path(os.devnull)
     with (
-        metrics_path.open("a", buffering=1) as metrics,
-        Tracker(run_dir, cfg, resumed_from) as tracker,  # TensorBoard (and MLflow)
+        metrics_file.open("a", buffering=1) as metrics,
+        # TensorBoard (and MLflow), rank 0's
+        Tracker(run_dir, cfg, resumed_from)
+        if world.leader
+        else contextlib.nullcontext() as tracker,
     ):
         while state.step < total_steps and not state.early_stopped:
-            if should_stop is not None and should_stop():
+            if world.any(should_stop is not None and should_stop()):
                 cancelled = True
                 break
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             step_tokens = step_samples = 0
-            for _ in range(accum):
+            for i in range(accum):
                 epoch, index = divmod(state.micro_step, bpe)
                 x, y = train_w.batch(epoch, index)
+                step_tokens += x.numel()  # of the global batch: tokens/s counts every rank
+                step_samples += x.size(0)
+                scale: float | None = None
+                if world.size > 1:
+                    x, y, scale = shard(x, y, world, cfg.batch_size)
                 mask = padding_mask(y)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if mask is not None:
                     mask = mask.to(device, non_blocking=True)
-                with autocast():
-                    loss = next_token_loss(fwd, x, y, mask)
-                torch.autograd.backward(scaler.scale(loss / accum))
+                # DDP all-reduces the gradients on the last micro-batch of a step only.
+                inner = i < accum - 1
+                with ddp.no_sync() if ddp is not None and inner else contextlib.nullcontext():
+                    with autocast():
+                        loss = next_token_loss(fwd, x, y, mask, scale)
+                    # DDP averages the ranks' gradients: times world.size, they sum.
+                    torch.autograd.backward(scaler.scale(loss * world.size / accum))
                 loss_sum += loss.detach()
                 state.micro_step += 1
-                step_tokens += x.numel()
-                step_samples += x.size(0)
+            world.sum(loss_sum)  # the ranks' shares of the global mean losses
             scaler.unscale_(optimizer)  # no-op unless fp16: clip the true gradients
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
             scaler.step(optimizer)
@@ -590,7 +717,7 @@ def train(
             samples: list[Sample] = []
             if state.step % cfg.eval_every == 0 or epoch_end or state.step == total_steps:
                 val = validate(metrics)
-                samples = sampler.draw() if val is not None else []
+                samples = sampler.draw() if val is not None and world.leader else []
                 if samples:
                     rows = msgspec.to_builtins(samples)
                     _log(metrics, {"kind": "samples", "step": state.step, "samples": rows})
@@ -610,8 +737,9 @@ def train(
                 mfu=mfu(tps, per_token, peak),
                 samples=samples,
             )
-            tracker.log(progress)
-            if on_progress is not None:
+            if tracker is not None:
+                tracker.log(progress)
+            if on_progress is not None and world.leader:
                 on_progress(progress)
             if state.step % cfg.checkpoint_every == 0:
                 checkpoint()
@@ -624,7 +752,7 @@ def train(
             "cancelled" if cancelled else "early_stopped" if state.early_stopped else "completed"
         )
         test_loss: float | None = None
-        if not cancelled:
+        if not cancelled and world.leader:
             test_loss = _finalize(
                 model,
                 model_cfg,
@@ -645,7 +773,8 @@ def train(
                     "test_ppl": perplexity(test_loss),
                 },
             )
-        tracker.finish(status, state.step, test_loss)
+        if tracker is not None:
+            tracker.finish(status, state.step, test_loss)
 
     tail = state.losses[-20:]
     train_loss = sum(tail) / len(tail) if tail else None
@@ -664,7 +793,8 @@ def train(
     manifest.early_stopped = state.early_stopped
     run_mfu = mfu(tokens_per_s, per_token, peak)
     manifest.mfu = run_mfu
-    write_manifest(run_dir, manifest)
+    if world.leader:
+        write_manifest(run_dir, manifest)
     return TrainResult(
         status=status,
         steps=state.step,

@@ -137,6 +137,9 @@ class RunView:
                 stats = ", ".join(f"{k} {v:g}" for k, v in sorted(event.stats.items())[:6])
                 return f"tokenizer ready: {event.tokenizer_kind} {event.tokenizer_id} {stats}"
             case TrainStarted():
+                threads = f"{event.threads} threads" if event.threads else ""
+                if event.world_size > 1:  # DDP: the threads are each process's
+                    threads = f"{event.world_size} processes ({event.backend}) x {threads}"
                 facts = [
                     f"{event.parameters:,} parameters" if event.parameters else "",
                     f"{event.total_epochs} epochs",
@@ -144,7 +147,7 @@ class RunView:
                     f"batch {event.batch_size}" if event.batch_size else "",
                     " ".join(v for v in (event.device, event.precision) if v and v != "auto"),
                     f"compile {'on' if event.compile else 'off'}",
-                    f"{event.threads} threads" if event.threads else "",
+                    threads,
                     f"resumed at step {event.resumed_from_step}" if event.resumed_from_step else "",
                 ]
                 started = f"training {event.model_family}/{event.model_size}: " + ", ".join(

@@ -34,6 +34,9 @@ class Settings:
     aws_secret_access_key: str | None = field(default=None, repr=False)
     aws_region: str | None = None
     cache_gb: float = 20.0  # size limit of the local cache of what is in the store
+    # The address other machines reach this one at: a run on several machines (nnodes > 1)
+    # whose model.train this trainer takes opens its rendezvous there.
+    advertise_host: str = "127.0.0.1"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -62,6 +65,7 @@ class Settings:
             aws_secret_access_key=e.get("AWS_SECRET_ACCESS_KEY") or None,
             aws_region=e.get("AWS_REGION") or e.get("AWS_DEFAULT_REGION") or None,
             cache_gb=float(e.get("MT_CACHE_GB") or 20.0),
+            advertise_host=e.get("MT_ADVERTISE_HOST") or "127.0.0.1",
         )
 
     def consumer_name(self, actor: str, index: int = 0) -> str:

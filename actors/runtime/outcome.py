@@ -25,6 +25,7 @@ from protocol.commands import (
     ModelGenerate,
     ModelScore,
     ModelTrain,
+    ModelTrainJoin,
     RequestCommand,
     RunCancel,
     TokenizerTrain,
@@ -68,6 +69,7 @@ def run_id_of(cmd: Base) -> str:
         CorpusIngest
         | TokenizerTrain
         | ModelTrain
+        | ModelTrainJoin
         | ModelEvaluate
         | ModelScore
         | ModelGenerate

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import multiprocessing
 import os
@@ -33,6 +34,7 @@ import queue as queue_mod
 import secrets
 import shutil
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -48,10 +50,10 @@ from actors.runtime import artifacts
 from actors.runtime.config import Settings
 from actors.runtime.connection import Redis
 from actors.runtime.outcome import Cancelled, Outcome
-from actors.runtime.pool import CancelFlag, WorkerDied, detach, signals_held
+from actors.runtime.pool import CancelFlag, WorkerDied, detach, exit_with_parent, signals_held
 from actors.runtime.store import NotInStore, Pointer, Store, StoreError, make_store
 from actors.runtime.streams import Actor, Context, Interrupted
-from protocol.commands import Base, ModelTrain, check_command
+from protocol.commands import Base, ModelTrain, ModelTrainJoin, check_command
 from protocol.events import TrainCompleted, TrainProgress, TrainStarted
 from protocol.keys import Keys
 from trainer.checkpoint_names import LATEST, checkpoint_name, latest_name, name_step
@@ -111,6 +113,12 @@ class TrainJob:
     cancel_path: str
     stop_path: str
     cache_dir: str  # what was measured on this machine (recipes, peak FLOP/s, compiled code)
+    run_id: str = ""  # names the process group of a run on several processes
+    # A run on several machines: node 0's c10d rendezvous (host:port), whether this machine
+    # is node 0 (it hosts the rendezvous), and where the other machines reach this one.
+    endpoint: str = ""
+    host: bool = True
+    advertise_host: str = "127.0.0.1"
 
 
 # A child ended by one of these was stopped, not broken: its command is resumed, not retried.
@@ -124,6 +132,7 @@ def train_child(jobs: Queue[TrainJob | None], out: Queue[bytes]) -> None:
     # writing the run dir that the next trainer resumes from: it exits at once.
     detach()
     # torch.compile's cache (inside the data dir) is set by trainer.train from job.cache_dir.
+    from trainer.distributed import check_world, procs_per_node
     from trainer.evaluate import import_model_code
     from trainer.train import train
 
@@ -131,11 +140,20 @@ def train_child(jobs: Queue[TrainJob | None], out: Queue[bytes]) -> None:
     job = jobs.get()
     if job is None:
         return
-    cancel, stop = CancelFlag(Path(job.cancel_path)), CancelFlag(Path(job.stop_path))
 
     def send(msg: ChildMessage) -> None:
         out.put(encode_message(msg))
 
+    try:
+        nproc = procs_per_node(job.config)
+        check_world(job.config, nproc * job.config.nnodes)
+    except UserError as e:
+        send(ChildUserError(str(e)))
+        return
+    if nproc * job.config.nnodes > 1:
+        launch_group(job, out, nproc)
+        return
+    cancel, stop = CancelFlag(Path(job.cancel_path)), CancelFlag(Path(job.stop_path))
     try:
         result = train(
             job.config,
@@ -154,11 +172,81 @@ def train_child(jobs: Queue[TrainJob | None], out: Queue[bytes]) -> None:
         send(ChildError(f"{type(e).__name__}: {e}", traceback.format_exc()))
 
 
+def launch_group(job: TrainJob, out: Queue[bytes], nproc: int) -> None:
+    """A run on several processes: this child becomes the elastic agent of nproc ranks
+    (train_rank), which restarts the group from the latest checkpoint when one fails, up to
+    max_restarts times; past them, the launcher's account of the failure is the error."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from trainer.distributed import launch, start_method
+
+    try:
+        launch(
+            train_rank,
+            (job, out),
+            nproc=nproc,
+            run_id=job.run_id or "run",
+            method=start_method(job.config),
+            nnodes=job.config.nnodes,
+            max_restarts=job.config.max_restarts,
+            endpoint=job.endpoint,
+            host=job.host,
+            local_addr=job.advertise_host,
+        )
+    except ChildFailedError as e:
+        out.put(encode_message(ChildError(f"training processes failed: {e}", str(e))))
+    except BaseException as e:
+        out.put(encode_message(ChildError(f"{type(e).__name__}: {e}", traceback.format_exc())))
+
+
+def train_rank(job: TrainJob, out: Queue[bytes]) -> None:
+    """One process of a DDP run, started by the elastic agent (launch_group). Rank 0 alone
+    reports, on the queue of the agent's own child; every rank reads the cancel and stop
+    flags (trainer.train agrees on them between steps). A user error is reported, not
+    raised: the agent would restart the group for it; any other error fails this rank, and
+    the agent restarts the group."""
+    exit_with_parent()  # the agent is gone: nobody would stop this rank
+    from trainer.distributed import close_rank, init_rank
+    from trainer.train import train
+
+    world = init_rank(job.config)
+    cancel, stop = CancelFlag(Path(job.cancel_path)), CancelFlag(Path(job.stop_path))
+
+    def send(msg: ChildMessage) -> None:
+        if world.leader:
+            out.put(encode_message(msg))
+
+    try:
+        result = train(
+            job.config,
+            Path(job.corpus_dir),
+            Path(job.tokenizer_dir),
+            Path(job.run_dir),
+            on_progress=lambda p: send(ChildProgress(p)),
+            on_start=lambda info: send(ChildStarted(info)),
+            should_stop=lambda: cancel.is_set() or stop.is_set(),
+            cache_dir=Path(job.cache_dir),
+        )
+        send(ChildResult(msgspec.structs.replace(result, losses=[], val_history=[])))
+    except UserError as e:
+        send(ChildUserError(str(e)))
+    finally:
+        close_rank()
+
+
 def _get(q: Queue[bytes], timeout: float) -> ChildMessage | None:
     try:
         return decode_message(q.get(timeout=timeout))
     except queue_mod.Empty:
         return None
+
+
+def free_port(host: str) -> int:
+    """A port nobody listens on now (node 0's rendezvous takes it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def _memory_mb() -> int:
@@ -515,6 +603,8 @@ class TrainerActor(Actor):
         match cmd:
             case ModelTrain():
                 return await self.train(cmd, ctx)
+            case ModelTrainJoin():
+                return await self.join(cmd, ctx)
             case _:
                 return None
 
@@ -548,6 +638,8 @@ class TrainerActor(Actor):
             cancel_path=str(flags / f"{cmd.run_id}.cancel"),
             stop_path=str(flags / f"{cmd.run_id}.{os.getpid()}.stop"),
             cache_dir=str(s.data_dir / "cache"),
+            run_id=cmd.run_id,
+            advertise_host=s.advertise_host,
         )
 
     async def fetch_inputs(self, cmd: ModelTrain, ctx: Context) -> None:
@@ -610,8 +702,68 @@ class TrainerActor(Actor):
             recorded = await self.resume_point(cmd, ctx)
             return await self.run_training(cmd, ctx, recorded)
 
+    async def open_rendezvous(self, cmd: ModelTrain, ctx: Context) -> str:
+        """A run on several machines: this trainer is node 0. The rendezvous goes on a free
+        port of the advertised host (node 0's agent hosts it), and one join command per
+        other node goes on the trainer stream for the other trainers to take."""
+        host = self.settings.advertise_host
+        endpoint = f"{host}:{await asyncio.to_thread(free_port, host)}"
+        single = msgspec.structs.replace(cmd, rest=[])
+        joins: list[Base] = [
+            ModelTrainJoin(
+                command_id=f"{cmd.command_id}.join-{ctx.attempt}-{node}",
+                user_id=cmd.user_id,
+                requested_at=time.time(),
+                run_id=cmd.run_id,
+                train=single,
+                endpoint=endpoint,
+            )
+            for node in range(1, cmd.nnodes)
+        ]
+        await ctx.emit(send=joins)
+        ctx.log.info("rendezvous opened; join commands queued", endpoint=endpoint, nodes=cmd.nnodes)
+        return endpoint
+
+    async def join(self, cmd: ModelTrainJoin, ctx: Context) -> Outcome:
+        """One more machine of a run on several: fetch the run's inputs here, start this
+        machine's processes against node 0's rendezvous and wait for them. Node 0 reports
+        the run, so whatever happens here is logged, not made the run's outcome: a node
+        that cannot join or dies makes node 0's group restart or fail with its reason."""
+        train, s = cmd.train, self.settings
+        held = [s.corpus_dir(train.corpus_id), s.tokenizer_dir(train.tokenizer_id)]
+        try:
+            async with artifacts.hold(s, *held):
+                await self.fetch_inputs(train, ctx)
+                job = dataclasses.replace(self.job(train), endpoint=cmd.endpoint, host=False)
+                await self._run_joined(ctx, job)
+        except Exception as e:
+            ctx.log.warning("could not train as a joined node", error=f"{type(e).__name__}: {e}")
+        return Outcome()
+
+    async def _run_joined(self, ctx: Context, job: TrainJob) -> None:
+        spare = self._take_spare()
+        child = spare.process
+        spare.jobs.put(job)
+        ctx.log.info("training child started", pid=child.pid, endpoint=job.endpoint, node="joined")
+        try:
+            while child.is_alive() and not ctx.runtime.stopping:
+                msg = await asyncio.to_thread(_get, spare.out, CANCEL_CHECK_S)
+                if isinstance(msg, ChildError | ChildUserError):
+                    ctx.log.warning("this node's training processes failed", error=msg.message)
+            ctx.log.info("this node's training processes ended", exitcode=child.exitcode)
+        finally:
+            if child.is_alive():  # the service stops: its ranks go with it (node 0 restarts)
+                child.kill()
+            await asyncio.to_thread(child.join, 5.0)
+            with contextlib.suppress(ValueError):
+                child.close()
+            if self._spare is None and not ctx.runtime.stopping:
+                self._spare = Spare.spawn()
+
     async def run_training(self, cmd: ModelTrain, ctx: Context, recorded: int) -> Outcome:
         job = self.job(cmd)
+        if cmd.nnodes > 1:
+            job = dataclasses.replace(job, endpoint=await self.open_rendezvous(cmd, ctx))
         uploader = CheckpointUploader(
             self.store,
             ctx.redis,
@@ -679,10 +831,16 @@ class TrainerActor(Actor):
         cancel: CancelFlag,
         uploader: CheckpointUploader | None = None,
     ) -> TrainResult:
-        """Forward progress until the child reports its result; watch the cancel flag."""
+        """Forward progress until the child reports its result; watch the cancel flag.
+
+        A run on several processes whose group the elastic agent restarted starts again from
+        its checkpoint: its second start and the steps it redoes are logged, not emitted
+        again (the run's events go on from where they were)."""
         last_emit = last_cancel_check = 0.0
         pending: Progress | None = None
         saved = 0  # the newest checkpoint this delivery is known to have written
+        started = False
+        reported = 0  # the newest step reported
         while True:
             msg = await asyncio.to_thread(_get, out, CANCEL_CHECK_S)
             # The flag is polled on a clock, not per message: progress arrives every step.
@@ -704,14 +862,24 @@ class TrainerActor(Actor):
                 else:
                     continue
             match msg:
+                case ChildStarted(info=info) if started:
+                    ctx.log.warning(
+                        "training processes restarted from the checkpoint",
+                        step=info.resumed_from_step,
+                        reported_step=reported,
+                    )
                 case ChildStarted(info=info):
+                    started = True
                     saved = info.resumed_from_step
                     if uploader is not None:  # a local checkpoint the store may lack
                         uploader.offer(saved)
                     await ctx.emit(started_event(cmd, info))
                     if info.resumed_from_step:
                         ctx.log.info("resumed from checkpoint", step=info.resumed_from_step)
+                case ChildProgress(progress=p) if p.step <= reported:
+                    pass  # redone after a restart of the group: reported already
                 case ChildProgress(progress=p):
+                    reported = p.step
                     # A new checkpoint is progress a kill cannot undo: the runtime stops
                     # counting earlier deliveries toward the poison limit.
                     if (newest := checkpoint_on_disk(p.step, cmd.checkpoint_every)) > saved:
@@ -752,6 +920,8 @@ def started_event(cmd: ModelTrain, info: StartInfo) -> TrainStarted:
         batch_size=cmd.batch_size,
         learning_rate=cmd.learning_rate,
         threads=info.threads or cmd.threads or (os.cpu_count() or 1),
+        world_size=info.world_size,
+        backend=info.backend,
         cpu_cores=os.cpu_count() or 1,
         memory_mb=_memory_mb(),
         device=info.device,

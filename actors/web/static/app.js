@@ -61,6 +61,11 @@
     return `${Number(v.toPrecision(3))} ${units[i]}FLOP`;
   }
   // The recipe the run trains with: precision · compile (the reason is its title).
+  // DDP: processes (all machines) × each one's threads, and their backend.
+  const processesOf = (st) => {
+    const threads = st.threads ? ` × ${st.threads} threads` : "";
+    return (st.world_size || 1) > 1 ? `${st.world_size} (${st.backend})${threads}` : `1${threads}`;
+  };
   const recipeOf = (st) => `${st.precision || "?"} · compile ${st.compile ? "on" : "off"}`;
   function fmtBytes(n) {
     if (!Number.isFinite(n)) return "–";
@@ -765,6 +770,7 @@
       ["duration", ended && st.created_at ? fmtDuration(ended - st.created_at) : "–"],
       ["attempt", st.attempt ? String(st.attempt) : "–"],
       ["device", trainingStarted ? `${st.device} · ${st.precision}` : "–"],
+      ["processes", trainingStarted ? processesOf(st) : "–", "fact-processes"],
       ["recipe", trainingStarted ? recipeOf(st) + (st.recipe ? `: ${st.recipe}` : "") : "–", "fact-recipe"],
       ["FLOPs per token", fmtFlops(st.flops_per_token)],
       ["measured peak", st.peak_flops ? `${fmtFlops(st.peak_flops)}/s` : "–"],
