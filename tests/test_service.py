@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import msgspec
 import pytest
 import redis.asyncio as aioredis
 
@@ -29,7 +28,9 @@ from actors.client.submit import plan_train, submit
 from actors.runtime.config import Settings
 from actors.runtime.connection import connect
 from actors.runtime.streams import RuntimeConfig
+from actors.workers.trainer import train_config
 from protocol.codec import FIELD, decode_event
+from protocol.commands import ModelTrain
 from protocol.events import (
     AnyEvent,
     CorpusReady,
@@ -45,6 +46,7 @@ from protocol.keys import ACTOR_NAMES, ActorName, Keys
 from protocol.requests import TrainRequest, decode_flat
 from tests.helpers_ml import same_weights, train_curve
 from tests.http_helpers import read_sse, start_app
+from trainer.train import train
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -621,12 +623,6 @@ async def test_a_killed_trainer_is_taken_over_and_resumes_from_its_checkpoint(
                 await asyncio.sleep(0.05)
             assert len(trainer_steps(await events_of(redis, keys, info.run_id))) == 1
             assert await wait_for_end(redis, keys, info.run_id, timeout=300) == "completed"
-
-            # The same run, never interrupted: same request, same corpus, same tokenizer.
-            chain = msgspec.structs.replace(request.chain, tokenizer_id=info.tokenizer_id)
-            same = msgspec.structs.replace(request, chain=chain)
-            clean = await submit(redis, keys, plan_train(same))
-            assert await wait_for_end(redis, keys, clean.run_id, timeout=300) == "completed"
     finally:
         for proc in (first, second):
             if proc is not None and proc.poll() is None:
@@ -643,11 +639,18 @@ async def test_a_killed_trainer_is_taken_over_and_resumes_from_its_checkpoint(
     children = training_children(run_dir)
     assert len(children) == 2 and children[0] == orphan and not alive(orphan)
 
-    clean_dir = settings.run_dir(clean.run_id)
-    clean_starts = [
-        e for e in await events_of(redis, keys, clean.run_id) if isinstance(e, TrainStarted)
-    ]
-    assert [e.resumed_from_step for e in clean_starts] == [0]
+    # The same run, never interrupted, in this process on the same corpus and tokenizer.
+    [cmd] = [c for c in plan_train(request, info.run_id) if isinstance(c, ModelTrain)]
+    assert cmd.tokenizer_id == info.tokenizer_id
+    clean_dir = tmp_path / "clean"
+    clean = await asyncio.to_thread(
+        train,
+        train_config(cmd),
+        settings.corpus_dir(cmd.corpus_id),
+        settings.tokenizer_dir(cmd.tokenizer_id),
+        clean_dir,
+    )
+    assert clean.resumed_from_step is None
     assert same_weights(run_dir, clean_dir), "the resumed run's weights differ"
     assert train_curve(run_dir) == train_curve(clean_dir)
 
