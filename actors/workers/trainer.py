@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import importlib
 import math
 import multiprocessing
 import os
@@ -38,6 +39,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.queues import Queue
 from pathlib import Path
@@ -134,9 +136,9 @@ def train_child(jobs: Queue[TrainJob | None], out: Queue[bytes]) -> None:
     # torch.compile's cache (inside the data dir) is set by trainer.train from job.cache_dir.
     from trainer.distributed import check_world, procs_per_node
     from trainer.evaluate import import_model_code
-    from trainer.train import train
 
     import_model_code()  # seconds that the job no longer waits for
+    importlib.import_module("trainer.train")  # likewise: train_and_report imports it
     job = jobs.get()
     if job is None:
         return
@@ -153,23 +155,32 @@ def train_child(jobs: Queue[TrainJob | None], out: Queue[bytes]) -> None:
     if nproc * job.config.nnodes > 1:
         launch_group(job, out, nproc)
         return
-    cancel, stop = CancelFlag(Path(job.cancel_path)), CancelFlag(Path(job.stop_path))
     try:
-        result = train(
-            job.config,
-            Path(job.corpus_dir),
-            Path(job.tokenizer_dir),
-            Path(job.run_dir),
-            on_progress=lambda p: send(ChildProgress(p)),
-            on_start=lambda info: send(ChildStarted(info)),
-            should_stop=lambda: cancel.is_set() or stop.is_set(),
-            cache_dir=Path(job.cache_dir),
-        )
-        send(ChildResult(msgspec.structs.replace(result, losses=[], val_history=[])))
+        train_and_report(job, send)
     except UserError as e:
         send(ChildUserError(str(e)))
     except BaseException as e:
         send(ChildError(f"{type(e).__name__}: {e}", traceback.format_exc()))
+
+
+def train_and_report(job: TrainJob, send: Callable[[ChildMessage], None]) -> None:
+    """Train the job's run here (one process, or one rank of a group), reporting its start,
+    progress and result through send; between steps it stops when the run's cancel or stop
+    flag is set."""
+    from trainer.train import train
+
+    cancel, stop = CancelFlag(Path(job.cancel_path)), CancelFlag(Path(job.stop_path))
+    result = train(
+        job.config,
+        Path(job.corpus_dir),
+        Path(job.tokenizer_dir),
+        Path(job.run_dir),
+        on_progress=lambda p: send(ChildProgress(p)),
+        on_start=lambda info: send(ChildStarted(info)),
+        should_stop=lambda: cancel.is_set() or stop.is_set(),
+        cache_dir=Path(job.cache_dir),
+    )
+    send(ChildResult(msgspec.structs.replace(result, losses=[], val_history=[])))
 
 
 def launch_group(job: TrainJob, out: Queue[bytes], nproc: int) -> None:
@@ -207,27 +218,15 @@ def train_rank(job: TrainJob, out: Queue[bytes]) -> None:
     the agent restarts the group."""
     exit_with_parent()  # the agent is gone: nobody would stop this rank
     from trainer.distributed import close_rank, init_rank
-    from trainer.train import train
 
     world = init_rank(job.config)
-    cancel, stop = CancelFlag(Path(job.cancel_path)), CancelFlag(Path(job.stop_path))
 
     def send(msg: ChildMessage) -> None:
         if world.leader:
             out.put(encode_message(msg))
 
     try:
-        result = train(
-            job.config,
-            Path(job.corpus_dir),
-            Path(job.tokenizer_dir),
-            Path(job.run_dir),
-            on_progress=lambda p: send(ChildProgress(p)),
-            on_start=lambda info: send(ChildStarted(info)),
-            should_stop=lambda: cancel.is_set() or stop.is_set(),
-            cache_dir=Path(job.cache_dir),
-        )
-        send(ChildResult(msgspec.structs.replace(result, losses=[], val_history=[])))
+        train_and_report(job, send)
     except UserError as e:
         send(ChildUserError(str(e)))
     finally:
