@@ -165,9 +165,10 @@ async def test_a_node_killed_mid_run_restarts_the_group_on_the_node_that_takes_i
     redis_url: str, redis: aioredis.Redis, keys: Keys, tmp_path: Path, s3_server: SeaweedS3
 ) -> None:
     """SIGKILL the joined node's trainer actor mid-run: its training processes die with it,
-    node 0's group fails and waits at the rendezvous; the join command, left pending by the
-    dead actor, is taken over by a third trainer, and the group restarts there from the
-    latest checkpoint. The run completes once; nothing of the dead node lives on."""
+    node 0's group fails; its agent's restart waits at most the rendezvous timeout, then
+    model.train is retried with a new rendezvous, whose join a third trainer takes, and the
+    group starts again from the latest checkpoint. The run completes once; nothing of the
+    dead node lives on."""
     timeout = {"MT_RENDEZVOUS_TIMEOUT_S": "30"}
     first = replace(machine(tmp_path / "a", s3_server, keys), rendezvous_timeout_s=30)
     second, third = (machine(tmp_path / n, s3_server, keys) for n in ("b", "c"))
