@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from actors.runtime.seaweed import SeaweedS3
 from protocol.events import TrainCompleted, TrainProgress, TrainStarted, event_kind
 from protocol.keys import ActorName, Keys
 from tests.test_service import (
+    actor_process,
     alive,
     events_of,
     make_settings,
@@ -157,3 +159,64 @@ async def test_two_machines_train_one_run(
     assert any(r.get("event") == "this node's training processes ended" for r in joined)
     assert (second.corpus_dir(info.corpus_id) / "train.txt").is_file()  # from the store
     assert not (second.run_dir(info.run_id) / "manifest.json").exists()  # node 0 writes
+
+
+async def test_a_node_killed_mid_run_restarts_the_group_on_the_node_that_takes_its_place(
+    redis_url: str, redis: aioredis.Redis, keys: Keys, tmp_path: Path, s3_server: SeaweedS3
+) -> None:
+    """SIGKILL the joined node's trainer actor mid-run: its training processes die with it,
+    node 0's group fails; its agent's restart waits at most the rendezvous timeout, then
+    model.train is retried with a new rendezvous, whose join a third trainer takes, and the
+    group starts again from the latest checkpoint. The run completes once; nothing of the
+    dead node lives on."""
+    timeout = {"MT_RENDEZVOUS_TIMEOUT_S": "30"}
+    first = replace(machine(tmp_path / "a", s3_server, keys), rendezvous_timeout_s=30)
+    second, third = (machine(tmp_path / n, s3_server, keys) for n in ("b", "c"))
+    env = {**s3_server.env(prefix=keys.prefix), **timeout}
+    request = tiny(max_steps=30, checkpoint_every=5, eval_every=30, nnodes=2, threads=1)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        async with running(first, redis_url, ACTORS):
+            info = await submit(redis, keys, plan_train(request))
+            # Node 0 is this service's trainer: the second machine comes once it has the run.
+            await wait_for_event(redis, keys, info.run_id, "step.started", at_least=3)
+            procs.append(actor_process(redis_url, second, "trainer", "b", env))
+            run_dir = first.run_dir(info.run_id)
+            deadline = time.monotonic() + 180
+            while not list((run_dir / "checkpoints").glob("step-*")):
+                assert time.monotonic() < deadline, "no checkpoint was written"
+                await asyncio.sleep(0.2)
+            [child] = training_children(second.run_dir(info.run_id))
+            dead = [procs[0].pid, child, *descendants(child)]
+            assert len(dead) >= 3, "the joined actor, its training child and its rank"
+            killed = time.monotonic()
+            procs[0].send_signal(signal.SIGKILL)
+            procs[0].wait()
+            deadline = time.monotonic() + 5
+            while any(alive(p) for p in dead):
+                assert time.monotonic() < deadline, "the dead node's training lives on"
+                await asyncio.sleep(0.05)
+            procs.append(actor_process(redis_url, third, "trainer", "c", env))
+            await wait_for_event(redis, keys, info.run_id, "train.completed", timeout=180)
+            took = time.monotonic() - killed
+            joined = training_children(third.run_dir(info.run_id))
+            deadline = time.monotonic() + 10
+            while any(map(alive, joined)):  # the run is over: the third node's processes end
+                assert time.monotonic() < deadline, "the third node's training lives on"
+                await asyncio.sleep(0.1)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    print(f"killed to completed: {took:.1f}s")
+    events = await events_of(redis, keys, info.run_id)
+    kinds = [event_kind(e) for e in events]
+    assert kinds.count("train.completed") == 1
+    starts = [e for e in events if isinstance(e, TrainStarted)]
+    assert starts[0].resumed_from_step == 0 and starts[-1].resumed_from_step >= 5
+    steps = [e.step for e in events if isinstance(e, TrainProgress)]
+    assert steps[-1] == 30
+    [done] = [e for e in events if isinstance(e, TrainCompleted)]
+    assert done.steps == 30
+    assert not any(alive(p) for p in dead)

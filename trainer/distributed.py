@@ -167,12 +167,13 @@ def launch(
     endpoint: str = "",
     host: bool = True,
     local_addr: str = "127.0.0.1",
+    rendezvous_timeout_s: int = RENDEZVOUS_TIMEOUT_S,
 ) -> dict[int, R]:
     """Run entry(*args) in nproc processes here (one node of nnodes) under an elastic agent;
     the return values of this machine's ranks by rank. endpoint: the c10d rendezvous
     (host:port; default a free port on loopback, for one node), which node 0 hosts (host)
     and the other nodes join; local_addr: where the other nodes reach this one. Nodes that
-    do not all arrive within RENDEZVOUS_TIMEOUT_S fail the launch. Raises the launcher's
+    do not all arrive within rendezvous_timeout_s fail the launch. Raises the launcher's
     ChildFailedError when the group failed more than max_restarts times."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -187,8 +188,11 @@ def launch(
         rdzv_endpoint=endpoint or f"127.0.0.1:{free_port()}",
         rdzv_configs={
             "is_host": host,
-            "timeout": RENDEZVOUS_TIMEOUT_S,
-            "join_timeout": RENDEZVOUS_TIMEOUT_S,
+            "timeout": rendezvous_timeout_s,
+            "join_timeout": rendezvous_timeout_s,
+            # How long an agent waits on the rendezvous store (e.g. for a peer's rank info
+            # when a group restarts without a node that died): bounded the same.
+            "read_timeout": rendezvous_timeout_s,
         },
         max_restarts=max_restarts,
         monitor_interval=0.2,
@@ -200,9 +204,11 @@ def launch(
     return results
 
 
-def init_rank(cfg: TrainConfig) -> World:
+def init_rank(cfg: TrainConfig, host: bool = True) -> World:
     """First thing in a launched process: join the process group and take this rank's share
-    of the machine (its GPU, its threads)."""
+    of the machine (its GPU, its threads). host: this process runs on node 0, the machine
+    that reports the run; its processes take ranks 0.. whatever order the rendezvous gave
+    the nodes (it sorts them by address and pid, so another node may come first)."""
     from torch._C._distributed_c10d import PrefixStore, TCPStore  # where their types live
 
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -222,10 +228,16 @@ def init_rank(cfg: TrainConfig) -> World:
         timeout=COLLECTIVE_TIMEOUT,
     )
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    prefixed = PrefixStore(f"mt/attempt-{attempt}", store)
+    # Node 0's first process tells the others its rank; every rank shifts by it (the ranks
+    # of a node are consecutive), so that node 0's processes are ranks 0...
+    if host and local_rank == 0:
+        prefixed.set("host_base_rank", str(rank))
+    base = int(prefixed.get("host_base_rank"))
     dist.init_process_group(
         backend,
-        store=PrefixStore(f"mt/attempt-{attempt}", store),
-        rank=rank,
+        store=prefixed,
+        rank=(rank - base) % size,
         world_size=size,
         timeout=COLLECTIVE_TIMEOUT,
     )

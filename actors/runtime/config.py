@@ -37,6 +37,9 @@ class Settings:
     # The address other machines reach this one at: a run on several machines (nnodes > 1)
     # whose model.train this trainer takes opens its rendezvous there.
     advertise_host: str = "127.0.0.1"
+    # How long a run on several machines waits for all its nodes to (re)join its rendezvous,
+    # at the start and after a node died, before it fails: a lost node never hangs a run.
+    rendezvous_timeout_s: int = 120
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -66,6 +69,7 @@ class Settings:
             aws_region=e.get("AWS_REGION") or e.get("AWS_DEFAULT_REGION") or None,
             cache_gb=float(e.get("MT_CACHE_GB") or 20.0),
             advertise_host=e.get("MT_ADVERTISE_HOST") or "127.0.0.1",
+            rendezvous_timeout_s=int(e.get("MT_RENDEZVOUS_TIMEOUT_S") or 120),
         )
 
     def consumer_name(self, actor: str, index: int = 0) -> str:

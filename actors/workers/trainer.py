@@ -121,6 +121,7 @@ class TrainJob:
     endpoint: str = ""
     host: bool = True
     advertise_host: str = "127.0.0.1"
+    rendezvous_timeout_s: int = 120  # Settings.rendezvous_timeout_s
 
 
 # A child ended by one of these was stopped, not broken: its command is resumed, not retried.
@@ -187,7 +188,9 @@ def launch_group(job: TrainJob, out: Queue[bytes], nproc: int) -> None:
     """A run on several processes: this child becomes the elastic agent of nproc ranks
     (train_rank), which restarts the group from the latest checkpoint when one fails, up to
     max_restarts times; past them, the launcher's account of the failure is the error."""
+    from torch.distributed import DistStoreError
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
 
     from trainer.distributed import launch, start_method
 
@@ -203,9 +206,19 @@ def launch_group(job: TrainJob, out: Queue[bytes], nproc: int) -> None:
             endpoint=job.endpoint,
             host=job.host,
             local_addr=job.advertise_host,
+            rendezvous_timeout_s=job.rendezvous_timeout_s,
         )
     except ChildFailedError as e:
         out.put(encode_message(ChildError(f"training processes failed: {e}", str(e))))
+    except (RendezvousError, DistStoreError) as e:
+        # A node died (the group's restart waits for it at the rendezvous) or never came:
+        # say so, rather than the launcher's bare timeout.
+        message = (
+            f"the run's {job.config.nnodes} nodes did not all meet at the rendezvous "
+            f"{job.endpoint} within {job.rendezvous_timeout_s} s (a node died, or no trainer "
+            f"took its join command): {type(e).__name__}: {e}"
+        )
+        out.put(encode_message(ChildError(message, traceback.format_exc())))
     except BaseException as e:
         out.put(encode_message(ChildError(f"{type(e).__name__}: {e}", traceback.format_exc())))
 
@@ -219,7 +232,7 @@ def train_rank(job: TrainJob, out: Queue[bytes]) -> None:
     exit_with_parent()  # the agent is gone: nobody would stop this rank
     from trainer.distributed import close_rank, init_rank
 
-    world = init_rank(job.config)
+    world = init_rank(job.config, job.host)
 
     def send(msg: ChildMessage) -> None:
         if world.leader:
@@ -639,6 +652,7 @@ class TrainerActor(Actor):
             cache_dir=str(s.data_dir / "cache"),
             run_id=cmd.run_id,
             advertise_host=s.advertise_host,
+            rendezvous_timeout_s=s.rendezvous_timeout_s,
         )
 
     async def fetch_inputs(self, cmd: ModelTrain, ctx: Context) -> None:
@@ -706,11 +720,14 @@ class TrainerActor(Actor):
         port of the advertised host (node 0's agent hosts it), and one join command per
         other node goes on the trainer stream for the other trainers to take."""
         host = self.settings.advertise_host
-        endpoint = f"{host}:{await asyncio.to_thread(free_port, host)}"
+        port = await asyncio.to_thread(free_port, host)
+        endpoint = f"{host}:{port}"
         single = msgspec.structs.replace(cmd, rest=[])
         joins: list[Base] = [
             ModelTrainJoin(
-                command_id=f"{cmd.command_id}.join-{ctx.attempt}-{node}",
+                # The port names this opening: a retry of the command (same attempt) opens
+                # another rendezvous, whose joins must not be dropped as duplicates.
+                command_id=f"{cmd.command_id}.join-{port}-{node}",
                 user_id=cmd.user_id,
                 requested_at=time.time(),
                 run_id=cmd.run_id,
