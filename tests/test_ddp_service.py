@@ -29,6 +29,7 @@ from tests.test_service import (
     running,
     tiny,
     training_children,
+    until_checkpoint,
     wait_for_end,
     wait_for_event,
 )
@@ -75,10 +76,7 @@ async def test_a_killed_rank_restarts_the_group_and_a_cancel_stops_every_rank(
     async with running(settings, redis_url, ACTORS):
         info = await submit(redis, keys, plan_train(tiny(max_steps=40, **ddp)))
         run_dir = settings.run_dir(info.run_id)
-        deadline = time.monotonic() + 180
-        while not list((run_dir / "checkpoints").glob("step-*")):
-            assert time.monotonic() < deadline, "no checkpoint was written"
-            await asyncio.sleep(0.2)
+        await until_checkpoint(run_dir)
         [agent] = training_children(run_dir)
         group = ranks(agent)
         assert len(group) == 2, "2 training processes below the training child"
@@ -182,10 +180,7 @@ async def test_a_node_killed_mid_run_restarts_the_group_on_the_node_that_takes_i
             await wait_for_event(redis, keys, info.run_id, "step.started", at_least=3)
             procs.append(actor_process(redis_url, second, "trainer", "b", env))
             run_dir = first.run_dir(info.run_id)
-            deadline = time.monotonic() + 180
-            while not list((run_dir / "checkpoints").glob("step-*")):
-                assert time.monotonic() < deadline, "no checkpoint was written"
-                await asyncio.sleep(0.2)
+            await until_checkpoint(run_dir)
             [child] = training_children(second.run_dir(info.run_id))
             dead = [procs[0].pid, child, *descendants(child)]
             assert len(dead) >= 3, "the joined actor, its training child and its rank"

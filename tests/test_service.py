@@ -580,6 +580,14 @@ def actor_process(
         )
 
 
+async def until_checkpoint(run_dir: Path, timeout: float = 180) -> None:
+    """Until the run has written a checkpoint here."""
+    deadline = time.monotonic() + timeout
+    while not list((run_dir / "checkpoints").glob("step-*")):
+        assert time.monotonic() < deadline, "no checkpoint was written"
+        await asyncio.sleep(0.2)
+
+
 def training_children(run_dir: Path) -> list[int]:
     """Pids of the run's training children, in the order their trainers started them."""
     lines = map(json.loads, (run_dir / "logs.jsonl").open())
@@ -607,10 +615,7 @@ async def test_a_killed_trainer_is_taken_over_and_resumes_from_its_checkpoint(
         async with running(settings, redis_url, others):
             info = await submit(redis, keys, plan_train(request))
             run_dir = settings.run_dir(info.run_id)
-            deadline = time.monotonic() + 180
-            while not list((run_dir / "checkpoints").glob("step-*")):
-                assert time.monotonic() < deadline, "no checkpoint was written"
-                await asyncio.sleep(0.2)
+            await until_checkpoint(run_dir)
             [orphan] = training_children(run_dir)
             first.send_signal(signal.SIGKILL)
             first.wait()
