@@ -78,6 +78,37 @@ def test_a_pool_child_exits_when_its_parent_is_killed() -> None:
         time.sleep(0.05)
 
 
+def test_a_child_whose_parent_died_while_it_started_exits(tmp_path: Path) -> None:
+    """The parent is killed before the child gets to watch it (a trainer killed while its
+    spare training child still imports): the child, adopted by now, exits all the same."""
+    script = (
+        "import multiprocessing as mp, os, sys, time\n"
+        "from actors.runtime.pool import exit_with_parent\n"
+        "def child() -> None:\n"
+        "    time.sleep(1.0)\n"
+        "    print('started', flush=True)\n"
+        "    exit_with_parent()\n"
+        "    time.sleep(60)\n"
+        "if __name__ == '__main__':\n"
+        "    p = mp.get_context('spawn').Process(target=child)\n"
+        "    p.start()\n"
+        "    print(p.pid, flush=True)\n"
+        "    os._exit(0)\n"
+    )
+    main = tmp_path / "parent.py"  # a file: the spawned child imports its target from it
+    main.write_text(script)
+    parent = subprocess.Popen([sys.executable, str(main)], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    parent.wait()
+    # It started well, after its parent was gone; then it saw that its parent was gone.
+    assert parent.stdout.readline().strip() == "started"
+    deadline = time.monotonic() + 10
+    while alive(child):
+        assert time.monotonic() < deadline, "the child outlived its parent"
+        time.sleep(0.05)
+
+
 class Up:
     """One `python -m actors.cli.main up` in its own process group, its output in a file."""
 

@@ -72,8 +72,11 @@ def detach() -> None:
 
 def exit_with_parent() -> None:
     """A child whose parent died (SIGKILL) has no one to report to, and a training child must
-    not go on writing the run dir that the next trainer resumes from: it exits at once."""
-    parent = os.getppid()
+    not go on writing the run dir that the next trainer resumes from: it exits at once.
+    The parent is the one that started this process, not whoever adopted it: a parent killed
+    while this child was still starting up must not leave it waiting forever."""
+    starter = multiprocessing.parent_process()
+    parent = starter.pid if starter is not None and starter.pid else os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
