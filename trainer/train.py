@@ -398,20 +398,19 @@ def train(
     machine = machine_id(str(device), threads)
     kept = read_meta(ckpt).recipe if ckpt is not None else None
     recipe: Recipe | None = None
-    if not world.leader:
-        pass
-    elif kept is not None:
+    if world.leader and kept is not None:
         recipe = msgspec.structs.replace(kept, measured=False)
-    else:
+    elif world.leader:  # the other ranks take rank 0's decision (broadcast below)
         shape = repr((model_cfg.to_dict(), cfg.batch_size, cfg.optimizer))
         if cfg.lora_r:  # adapters alone train at another speed than the whole model
             shape += repr(lora.describe(cfg))
         known = read_trials(cache_dir, machine, shape)
-        probe_batches = [train_w.batch(0, i % bpe) for i in range(PROBE_STEPS)]
         held_out = (val_w, val_batches[:1]) if val_batches else (train_w, [])
 
         def measure(precision: Precision, compiled: bool) -> Trial:
-            return _probe(cfg, model_cfg, device, precision, compiled, probe_batches, held_out)
+            # Built per trial, only when a probe runs: a short run never reads them.
+            batches = [train_w.batch(0, i % bpe) for i in range(PROBE_STEPS)]
+            return _probe(cfg, model_cfg, device, precision, compiled, batches, held_out)
 
         may_probe = total_steps >= PROBE_MIN_STEPS
         recipe = decide(candidates, cfg.compile, total_steps, known, measure if may_probe else None)
